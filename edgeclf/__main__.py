@@ -1,0 +1,5 @@
+import sys
+
+from edgeclf.cli import main
+
+sys.exit(main())

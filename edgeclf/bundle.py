@@ -1,0 +1,94 @@
+"""The bundle: the directory contract between train, export and runtime.
+
+``bundle.json`` describes one trained model: its labels (class index -> integer), the
+input it takes, the preprocessing, the backbone, how it was trained, its metrics and
+(after export) its artifacts. This module reads and writes it and imports nothing
+heavy, so the device runtime can use it too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeclf.errors import BundleError
+from edgeclf.fsio import atomic_write_json
+
+BUNDLE_FORMAT = "edgeclf-bundle/1"
+BUNDLE_FILE = "bundle.json"
+MODEL_FILE = "model.keras"
+CONFUSION_PNG = "confusion_matrix.png"
+
+_REQUIRED_KEYS = ("format", "labels", "input", "preprocessing", "backbone")
+
+
+@dataclass
+class Bundle:
+    """A bundle directory and its parsed ``bundle.json``."""
+
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[int]:
+        """Class index -> integer; decoding is ``labels[argmax(logits)]``."""
+        return list(self.meta["labels"])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) the model takes."""
+        return int(self.meta["input"]["height"]), int(self.meta["input"]["width"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Bundle":
+        """Read and check a bundle directory.
+
+        Raises:
+            BundleError: the directory or its ``bundle.json`` is missing, not JSON, of
+                another format version, or lacks a required key.
+        """
+        path = Path(path)
+        meta_path = path / BUNDLE_FILE
+        if not path.is_dir():
+            raise BundleError(f"bundle directory not found. Received: {path}")
+        if not meta_path.is_file():
+            raise BundleError(
+                f"{path} is not an edgeclf bundle: it has no {BUNDLE_FILE}. "
+                "Create one with `edgeclf train DATA --out DIR`."
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{meta_path} is corrupt (not valid JSON: {exc}).") from None
+        if not isinstance(meta, dict):
+            raise BundleError(f"{meta_path} must hold a JSON object. Received: {type(meta).__name__}")
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise BundleError(
+                f"{meta_path} has format {meta.get('format')!r}; this edgeclf reads "
+                f"{BUNDLE_FORMAT!r}. Re-create the bundle with this version of edgeclf."
+            )
+        missing = [k for k in _REQUIRED_KEYS if k not in meta]
+        if missing:
+            raise BundleError(f"{meta_path} lacks required keys {missing}.")
+        labels = meta["labels"]
+        if (
+            not isinstance(labels, list)
+            or len(labels) < 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
+            or len(set(labels)) != len(labels)
+        ):
+            raise BundleError(
+                f"{meta_path}: 'labels' must be a list of at least two distinct integers. "
+                f"Received: {labels!r}"
+            )
+        return cls(path=path, meta=meta)
+
+    def save(self) -> None:
+        """Write ``bundle.json`` atomically."""
+        atomic_write_json(self.path / BUNDLE_FILE, self.meta)

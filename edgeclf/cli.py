@@ -1,0 +1,193 @@
+"""The ``edgeclf`` command line: thin argparse over the library functions.
+
+Subcommand handlers import their modules lazily, so ``edgeclf --help`` and every
+``edgeclf X --help`` answer without importing TensorFlow. Errors of the project's own
+types print as one ``error: ...`` line with exit status 1; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import warnings
+from typing import Callable, Sequence
+
+from edgeclf import __version__
+from edgeclf.errors import EdgeclfError
+
+_RANGE = re.compile(r"^\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*$")
+
+
+def parse_labels(text: str) -> list[int]:
+    """"3,4,5", "3..7" or "-2,3,10" -> a list of integers."""
+    labels: list[int] = []
+    for part in text.split(","):
+        match = _RANGE.match(part)
+        try:
+            if match:
+                lo, hi = int(match.group(1)), int(match.group(2))
+                labels.extend(range(lo, hi + 1))
+            else:
+                labels.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"labels must be integers separated by commas, or a range like 3..7. Received: {text!r}"
+            ) from None
+    return labels
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """"299" or "224x320" (height x width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW. Received: {text!r}") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise argparse.ArgumentTypeError(f"image size must be N or HxW. Received: {text!r}")
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ start-up chatter hides the progress a user is looking for.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from edgeclf.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data, out=args.out, labels=args.labels, image_size=args.image_size,
+        backbone=args.backbone, weights=args.weights, epochs_frozen=args.epochs_frozen,
+        epochs_finetune=args.epochs_finetune, batch_size=args.batch_size,
+        lr_frozen=args.lr_frozen, lr_finetune=args.lr_finetune, unfreeze_at=args.unfreeze_at,
+        val_split=args.val_split, val_data=args.val_dir, seed=args.seed, strategy=args.strategy,
+        class_weights=args.class_weights, augment=args.augment, augment_flip=args.augment_flip,
+        train_batchnorm=args.train_batchnorm,
+        cache_features=not args.no_feature_cache, patience=args.patience,
+        overwrite=args.overwrite, strict=args.strict,
+    )
+    bundle = train(cfg)
+    m = bundle.meta["metrics"]["validation"]
+    print(json.dumps({"bundle": str(bundle.path), "accuracy": m["accuracy"], "f1": m["f1"],
+                      "mae": m["mae"], "rmse": m["rmse"],
+                      "wall_seconds": bundle.meta["training"]["wall_seconds"]}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from edgeclf.train import evaluate_bundle
+    from edgeclf.train.metrics import format_metrics
+
+    metrics = evaluate_bundle(args.bundle, args.data, report_dir=args.report, strict=args.strict)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_metrics(metrics))
+        labels = metrics["confusion_matrix"]["labels"]
+        for label in labels:
+            row = metrics["per_class"][str(label)]
+            print(f"  label {label:>4}: precision={row['precision']:.3f} recall={row['recall']:.3f} "
+                  f"f1={row['f1-score']:.3f} support={row['support']}")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from edgeclf.train.data import write_digits_folder
+
+    write_digits_folder(args.out, holdout=args.holdout, seed=args.seed, size=args.size,
+                        overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgeclf.train.backbones import BACKBONES  # plain data, no TensorFlow
+
+    parser = argparse.ArgumentParser(
+        prog="edgeclf",
+        description="Train, export, verify and run Keras integer image classifiers on edge devices.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeclf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model and write a bundle directory",
+                       description="Two-phase fine-tuning: frozen backbone (head on cached features), "
+                                   "then the top backbone blocks at a low learning rate.")
+    p.add_argument("data", help="directory with one subfolder per integer label, a CSV of path,label, or 'digits'")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--labels", type=parse_labels, default=None,
+                   help="the integer labels, e.g. 3..7 or --labels=-2,3,10 (default: those in the data)")
+    p.add_argument("--image-size", type=parse_image_size, default=(299, 299), help="N or HxW (default 299)")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default="inception_v3")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (downloaded once by Keras), 'none', or a local weights file (default imagenet)")
+    p.add_argument("--epochs-frozen", type=int, default=10, help="phase 1 epochs, backbone frozen (default 10)")
+    p.add_argument("--epochs-finetune", type=int, default=5, help="phase 2 epochs, top unfrozen (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    p.add_argument("--lr-frozen", type=float, default=1e-3, help="phase 1 learning rate (default 1e-3)")
+    p.add_argument("--lr-finetune", type=float, default=1e-5, help="phase 2 learning rate (default 1e-5)")
+    p.add_argument("--unfreeze-at", type=int, default=None,
+                   help="first backbone layer index trained in phase 2 (default: the backbone's; 249 for InceptionV3)")
+    p.add_argument("--val-split", type=float, default=0.2, help="stratified validation fraction (default 0.2)")
+    p.add_argument("--val-dir", default=None, help="explicit validation data instead of a split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", choices=["default", "mirrored", "multiworker"], default="default",
+                   help="tf.distribute strategy: mirrored = all GPUs of this host; multiworker = hosts in TF_CONFIG")
+    p.add_argument("--class-weights", choices=["balanced"], default=None, help="weight classes inversely to their size")
+    p.add_argument("--augment", action="store_true", help="random rotation, zoom and shift (no flips)")
+    p.add_argument("--augment-flip", action="store_true", help="with --augment, also flip horizontally")
+    p.add_argument("--train-batchnorm", action="store_true",
+                   help="phase 2 trains BatchNormalization on batch statistics, re-estimated each epoch "
+                        "(for training from scratch: --weights none --unfreeze-at 0)")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="run the frozen backbone every phase-1 epoch instead of caching its features")
+    p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default 3)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a bundle's Keras model on labelled data")
+    p.add_argument("bundle", help="bundle directory written by 'edgeclf train'")
+    p.add_argument("data", help="directory of label folders, a CSV of path,label, or 'digits'")
+    p.add_argument("--report", default=None, help="directory to write metrics.json and confusion_matrix.png")
+    p.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("dataset", help="write a bundled real dataset as image files",
+                       description="Write scikit-learn's handwritten digits as PNG files in "
+                                   "OUT/train/<label>/ and OUT/test/<label>/.")
+    p.add_argument("name", choices=["digits"])
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction written to test/ (default 0.2)")
+    p.add_argument("--size", type=int, default=32, help="side of the written PNGs in pixels (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_dataset)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except EdgeclfError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The project's typed errors.
+
+Every error a user can cause derives from :class:`EdgeclfError` and also from the
+matching built-in, so ``except ValueError`` keeps working for callers that do not know
+edgeclf. The CLI prints ``error: <message>`` for these and exits non-zero; any other
+exception is a bug and keeps its traceback.
+
+Messages say what was wrong, what was received and what would work.
+"""
+
+from __future__ import annotations
+
+
+class EdgeclfError(Exception):
+    """Base class of every error edgeclf raises on purpose."""
+
+
+class InvalidInputError(EdgeclfError, ValueError):
+    """An argument or input value is not acceptable."""
+
+
+class DataError(InvalidInputError):
+    """A dataset (directory, CSV, arrays) cannot be used for training or evaluation."""
+
+
+class ImageDecodeError(InvalidInputError):
+    """An image file or buffer could not be decoded."""
+
+
+class WeightsError(EdgeclfError, ValueError):
+    """Backbone weights are missing, unreadable or for another architecture."""
+
+
+class WeightsUnavailableError(EdgeclfError, OSError):
+    """Pretrained weights could not be downloaded."""
+
+
+class OutputExistsError(EdgeclfError, FileExistsError):
+    """An output directory exists and is not empty, and overwriting was not asked for."""
+
+
+class BundleError(EdgeclfError, ValueError):
+    """A bundle directory is missing, corrupt or of an unsupported format version."""
+
+
+class BackendUnavailableError(EdgeclfError, ImportError):
+    """An optional library needed for the requested work is not installed."""
+
+
+class ValidationError(EdgeclfError):
+    """An exported artifact disagrees with the reference model beyond tolerance."""
+
+
+class IncompatibleArtifactError(EdgeclfError, ValueError):
+    """An artifact was built for another device, library version or bundle."""

@@ -1,0 +1,87 @@
+"""Shared fixtures: real digits images on disk and one small trained bundle.
+
+Everything is real: images are PNG files written from scikit-learn's handwritten
+digits, models are real Keras InceptionV3 networks at 75x75 (the smallest input it
+takes) with random initial weights, since ImageNet weights cannot be downloaded here.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeclf.train.data import write_digits_folder
+
+# Digit classes used for the non-contiguous label set: the folder named -2 holds
+# images of the digit 1, 3 holds 3s and 10 holds 7s.
+NONCONTIGUOUS = {-2: 1, 3: 3, 10: 7}
+SIZE = 75
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import tensorflow as tf  # noqa: F401
+
+        has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    except ImportError:
+        has_gpu = False
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none on this machine")
+    for item in items:
+        if not has_gpu and ("gpu" in item.keywords or "tensorrt" in item.keywords):
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's digits as real PNG files: train/<label>/ and test/<label>/."""
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    write_digits_folder(out, holdout=0.2, seed=0, size=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def noncontiguous_dir(digits_dir, tmp_path_factory) -> Path:
+    """Real digit images under the non-contiguous integer labels -2, 3 and 10."""
+    out = tmp_path_factory.mktemp("noncontig") / "data"
+    for label, digit in NONCONTIGUOUS.items():
+        shutil.copytree(digits_dir / "train" / str(digit), out / str(label))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(noncontiguous_dir, tmp_path_factory):
+    """A small InceptionV3 bundle trained in both phases on about 440 real images."""
+    from edgeclf.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bundles") / "noncontig"
+    return train(TrainConfig(
+        data=noncontiguous_dir, out=out, image_size=SIZE, weights=None, epochs_frozen=3,
+        epochs_finetune=1, batch_size=32, lr_finetune=1e-4, seed=0, verbose=0,
+    ))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
+    """Run the real ``edgeclf`` command line in a subprocess."""
+    import subprocess
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "edgeclf", *args], capture_output=True, text=True,
+        env=full_env, timeout=timeout,
+    )
+
+
+def first_images(folder: Path, n: int) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.png"))[:n]
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)

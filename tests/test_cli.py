@@ -1,0 +1,108 @@
+"""The command line: help without TensorFlow, and one-line typed errors for bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edgeclf.cli import main, parse_labels
+from tests.conftest import run_cli
+
+
+def test_help_does_not_import_tensorflow():
+    code = (
+        "import sys, contextlib, io\n"
+        "from edgeclf.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['evaluate', '--help'], ['dataset', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit as e:\n"
+        "            assert e.code == 0, argv\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_parse_labels():
+    assert parse_labels("3..7") == [3, 4, 5, 6, 7]
+    assert parse_labels("-2,3,10") == [-2, 3, 10]
+    assert parse_labels("-3..-1,5") == [-3, -2, -1, 5]
+
+
+def _error_line(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: "), err
+    return err[-1]
+
+
+def test_missing_data_directory(capsys, tmp_path):
+    line = _error_line(capsys, ["train", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                                "--weights", "none", "--image-size", "75"])
+    assert "data directory not found" in line and "nope" in line
+
+
+def test_empty_data_directory(capsys, tmp_path):
+    (tmp_path / "d").mkdir()
+    line = _error_line(capsys, ["train", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+                                "--weights", "none", "--image-size", "75"])
+    assert "is empty" in line
+
+
+def test_non_integer_folder(capsys, tmp_path, digits_dir):
+    shutil.copytree(digits_dir / "test" / "1", tmp_path / "d" / "one")
+    line = _error_line(capsys, ["train", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+                                "--weights", "none", "--image-size", "75"])
+    assert "'one'" in line
+
+
+def test_image_size_too_small(capsys, tmp_path, digits_dir):
+    line = _error_line(capsys, ["train", str(digits_dir / "test"), "--out", str(tmp_path / "o"),
+                                "--weights", "none", "--image-size", "64"])
+    assert "at least 75x75" in line and "(64, 64)" in line
+
+
+def test_weights_file_missing(capsys, tmp_path, digits_dir):
+    line = _error_line(capsys, ["train", str(digits_dir / "test"), "--out", str(tmp_path / "o"),
+                                "--weights", str(tmp_path / "w.h5"), "--image-size", "75"])
+    assert "weights file not found" in line
+
+
+def test_output_directory_not_empty(capsys, tmp_path, digits_dir):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("precious")
+    line = _error_line(capsys, ["train", str(digits_dir / "test"), "--out", str(tmp_path / "o"),
+                                "--weights", "none", "--image-size", "75"])
+    assert "not empty" in line and "--overwrite" in line
+    assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
+
+
+def test_evaluate_missing_bundle(capsys, tmp_path, digits_dir):
+    line = _error_line(capsys, ["evaluate", str(tmp_path / "nobundle"), str(digits_dir / "test")])
+    assert "bundle directory not found" in line
+
+
+def test_real_cli_prints_one_error_line_without_traceback(tmp_path):
+    out = run_cli("train", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--weights", "none",
+                  "--image-size", "75")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: data directory not found")
+
+
+@pytest.mark.slow
+def test_cli_train_and_evaluate(tmp_path, noncontiguous_dir):
+    out = run_cli("train", str(noncontiguous_dir), "--out", str(tmp_path / "b"), "--weights", "none",
+                  "--image-size", "75", "--epochs-frozen", "2", "--epochs-finetune", "0",
+                  timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "phase 1" in out.stderr  # progress is shown
+    out = run_cli("evaluate", str(tmp_path / "b"), str(noncontiguous_dir), "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"accuracy"' in out.stdout

@@ -1,0 +1,140 @@
+"""Two-phase training end to end on real digit images, and the bundle it writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from edgeclf.bundle import BUNDLE_FORMAT, Bundle
+from edgeclf.errors import BundleError, DataError, OutputExistsError
+from edgeclf.train import TrainConfig, evaluate_bundle, train
+from edgeclf.train.data import load_folder
+
+
+def test_bundle_json_contents(trained_bundle):
+    meta = json.loads((trained_bundle.path / "bundle.json").read_text())
+    assert meta["format"] == BUNDLE_FORMAT
+    assert meta["labels"] == [-2, 3, 10]
+    assert meta["input"] == {
+        "name": "pixels", "height": 75, "width": 75, "channels": 3, "color": "RGB",
+        "layout": "NHWC", "dtype": "float32", "range": [0, 255],
+    }
+    assert meta["preprocessing"]["inside_model"] is True
+    assert meta["preprocessing"]["in_graph"] == "float32(pixels) / 127.5 - 1"
+    assert meta["backbone"]["name"] == "inception_v3" and meta["backbone"]["unfreeze_at"] == 249
+    assert meta["backbone"]["weights"] == "none"
+    assert meta["training"]["loss"] == "SparseCategoricalCrossentropy(from_logits=True)"
+    frozen, finetune = meta["training"]["phases"]
+    assert frozen["name"] == "frozen" and frozen["feature_cache"] is True and frozen["epochs_run"] >= 1
+    assert finetune["name"] == "finetune" and finetune["unfreeze_at"] == 249
+    settings = meta["training"]["settings"]
+    assert settings["lr_frozen"] == 1e-3 and settings["lr_finetune"] == 1e-4 and settings["seed"] == 0
+    data = meta["training"]["data"]
+    assert data["train_images"] == sum(data["class_counts"].values())
+    assert set(data["class_counts"]) == {"-2", "3", "10"}
+    m = meta["metrics"]["validation"]
+    for key in ("accuracy", "precision", "recall", "f1", "mae", "rmse"):
+        assert 0.0 <= m[key] < 100
+    assert m["confusion_matrix"]["labels"] == [-2, 3, 10]
+    assert np.sum(m["confusion_matrix"]["matrix"]) == m["n"] == data["val_images"]
+    assert meta["artifacts"] == {}
+    digest = hashlib.sha256((trained_bundle.path / "model.keras").read_bytes()).hexdigest()
+    assert meta["model"]["sha256"] == digest
+    png = (trained_bundle.path / "confusion_matrix.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert not [p for p in trained_bundle.path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_saved_model_decodes_to_the_integer_labels(trained_bundle, noncontiguous_dir):
+    model = keras.saving.load_model(trained_bundle.model_path)
+    assert model.output_shape == (None, 3)
+    data = load_folder(noncontiguous_dir, (75, 75))
+    logits = model.predict(data.images.astype("float32"), verbose=0)
+    predicted = np.asarray(trained_bundle.labels)[logits.argmax(axis=1)]
+    assert set(predicted.tolist()) <= {-2, 3, 10}
+    # Trained on these images: far better than the 1/3 of chance.
+    assert np.mean(predicted == data.values) > 0.6
+
+
+def test_evaluate_bundle_writes_a_report(trained_bundle, noncontiguous_dir, tmp_path):
+    metrics = evaluate_bundle(trained_bundle.path, noncontiguous_dir, report_dir=tmp_path / "report")
+    assert metrics["n"] == len(load_folder(noncontiguous_dir, (75, 75)))
+    assert set(metrics["per_class"]) == {"-2", "3", "10"}
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["accuracy"] == metrics["accuracy"]
+    assert (tmp_path / "report" / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_refuses_labels_the_model_does_not_know(trained_bundle, digits_dir):
+    with pytest.raises(DataError, match="not labels"):
+        evaluate_bundle(trained_bundle.path, digits_dir / "test")
+
+
+def test_bundle_errors(tmp_path, trained_bundle):
+    with pytest.raises(BundleError, match="not found"):
+        Bundle.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="no bundle.json"):
+        Bundle.load(tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="corrupt"):
+        Bundle.load(tmp_path / "corrupt")
+    meta = dict(trained_bundle.meta, format="edgeclf-bundle/99")
+    (tmp_path / "future").mkdir()
+    (tmp_path / "future" / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="edgeclf-bundle/99"):
+        Bundle.load(tmp_path / "future")
+
+
+def test_output_directory_not_empty_is_refused_before_training(trained_bundle, noncontiguous_dir):
+    before = sorted(p.name for p in trained_bundle.path.iterdir())
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        train(TrainConfig(noncontiguous_dir, trained_bundle.path, image_size=75, weights=None))
+    assert sorted(p.name for p in trained_bundle.path.iterdir()) == before
+
+
+def test_class_with_one_image_fails_before_training(noncontiguous_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(noncontiguous_dir / "3", data / "3")
+    (data / "4").mkdir()
+    shutil.copy(next((noncontiguous_dir / "10").iterdir()), data / "4")
+    with pytest.raises(DataError, match="label 4: 1"):
+        train(TrainConfig(data, tmp_path / "out", image_size=75, weights=None))
+    assert not (tmp_path / "out").exists()
+
+
+def test_declared_labels_may_exceed_the_data_only_with_images(noncontiguous_dir, tmp_path):
+    with pytest.raises(DataError, match="label 4: 0"):
+        train(TrainConfig(noncontiguous_dir, tmp_path / "out", labels=[-2, 3, 4, 10],
+                          image_size=75, weights=None))
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(noncontiguous_dir, tmp_path):
+    # Logical devices must be configured before TensorFlow initialises: own process.
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+        from edgeclf.train import TrainConfig, train
+        bundle = train(TrainConfig({str(noncontiguous_dir)!r}, {str(tmp_path / "b")!r}, image_size=75,
+                                   weights=None, epochs_frozen=1, epochs_finetune=1, strategy="mirrored",
+                                   verbose=0))
+        print("REPLICAS", bundle.meta["training"]["replicas"])
+        print("ACCURACY", bundle.meta["metrics"]["validation"]["accuracy"])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REPLICAS 2" in out.stdout
+    assert (tmp_path / "b" / "model.keras").is_file()

@@ -1,0 +1,329 @@
+"""Labelled image data: loaders, the label mapping and the train/validation split.
+
+Every loader returns an :class:`ImageSet` of decoded uint8 RGB images at the model's
+input size. Images are decoded once, up front and in parallel, with the same decoder
+as the device runtime (:mod:`edgeclf.images`); a corrupt file is therefore found
+before training starts, never mid-epoch.
+
+Unreadable images: by default they are skipped, listed in a warning and recorded in
+the bundle (``training.skipped_images``); with ``strict=True`` (CLI ``--strict``)
+the first one fails the run. A class left with fewer than two images is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from edgeclf.errors import DataError, ImageDecodeError
+from edgeclf.images import IMAGE_EXTENSIONS, load_image
+
+_INT_NAME = re.compile(r"^[+-]?\d+$")
+BUILTIN_DATASETS = ("digits",)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Class index <-> integer label. ``labels`` is sorted; index ``i`` means ``labels[i]``."""
+
+    labels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        labels = tuple(int(v) for v in self.labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise DataError(f"labels must be at least two distinct integers. Received: {list(self.labels)}")
+        object.__setattr__(self, "labels", tuple(sorted(labels)))
+
+    @classmethod
+    def from_values(cls, values: Iterable[int], labels: Sequence[int] | None = None) -> "LabelMap":
+        """The map for ``values``: the declared ``labels`` if given, else the values seen."""
+        seen = sorted({int(v) for v in values})
+        if labels is None:
+            return cls(tuple(seen))
+        label_map = cls(tuple(labels))
+        unknown = sorted(set(seen) - set(label_map.labels))
+        if unknown:
+            raise DataError(
+                f"the data holds labels {unknown} that are not in the declared labels "
+                f"{list(label_map.labels)}. Received values: {seen}"
+            )
+        return label_map
+
+    def encode(self, values: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Integer labels -> class indices (int64)."""
+        values = np.asarray(values, dtype=np.int64)
+        table = np.asarray(self.labels, dtype=np.int64)
+        idx = np.searchsorted(table, values)
+        idx_clipped = np.minimum(idx, len(table) - 1)
+        bad = table[idx_clipped] != values
+        if np.any(bad):
+            raise DataError(f"values {sorted(set(values[bad].tolist()))} are not labels {list(self.labels)}.")
+        return idx_clipped.astype(np.int64)
+
+    def decode(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Class indices -> integer labels (int64)."""
+        return np.asarray(self.labels, dtype=np.int64)[np.asarray(indices, dtype=np.int64)]
+
+
+@dataclass
+class ImageSet:
+    """Decoded images with their integer labels.
+
+    Attributes:
+        images: uint8 array [N, H, W, 3], RGB.
+        values: int64 array [N] of integer labels (not class indices).
+        sources: where each image came from (file path or a synthetic name).
+        skipped: (source, reason) for each image that could not be decoded.
+    """
+
+    images: np.ndarray
+    values: np.ndarray
+    sources: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def subset(self, idx: np.ndarray) -> "ImageSet":
+        return ImageSet(self.images[idx], self.values[idx], [self.sources[i] for i in idx], [])
+
+    def check_classes(self, label_map: LabelMap, what: str = "the data") -> None:
+        """Every class must have at least two images (one to train on, one to check)."""
+        counts = {label: int(np.sum(self.values == label)) for label in label_map.labels}
+        few = {label: n for label, n in counts.items() if n < 2}
+        if few:
+            raise DataError(
+                f"every class needs at least 2 images; in {what} these have fewer: "
+                + ", ".join(f"label {k}: {v}" for k, v in few.items())
+            )
+
+
+def parse_label(text: str, where: str) -> int:
+    """Parse an integer label (folder name or CSV cell), with a clear error."""
+    if not _INT_NAME.match(text.strip()):
+        raise DataError(f"label must be an integer (e.g. 0, 3, -1, 12). Received: {text!r} in {where}")
+    return int(text.strip())
+
+
+def _decode_all(
+    items: list[tuple[str, int]], image_size: tuple[int, int], strict: bool
+) -> ImageSet:
+    """Decode (path, label) pairs in parallel; skip or fail on unreadable files."""
+
+    def decode(path: str) -> np.ndarray | str:
+        try:
+            return load_image(path, image_size)
+        except ImageDecodeError as exc:
+            if strict:
+                raise
+            return str(exc)
+
+    # Pillow releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        decoded = list(pool.map(decode, [p for p, _ in items]))
+    keep = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+    skipped = [(items[i][0], decoded[i]) for i, d in enumerate(decoded) if not isinstance(d, np.ndarray)]
+    if skipped:
+        listing = "\n".join(f"  {src}: {reason}" for src, reason in skipped)
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s):\n{listing}", stacklevel=3)
+    if not keep:
+        raise DataError(f"none of the {len(items)} image files could be read (first: {skipped[0][0]}).")
+    return ImageSet(
+        images=np.stack([decoded[i] for i in keep]),
+        values=np.asarray([items[i][1] for i in keep], dtype=np.int64),
+        sources=[items[i][0] for i in keep],
+        skipped=skipped,
+    )
+
+
+def load_folder(root: str | Path, image_size: tuple[int, int], strict: bool = False) -> ImageSet:
+    """Load a directory with one subfolder per integer label (``0/``, ``-1/``, ``12/``).
+
+    Files with extensions JPEG/PNG/BMP/GIF are read, recursively inside each label
+    folder; hidden files and other extensions are ignored.
+
+    Raises:
+        DataError: the directory is missing or holds no label folders or no images, a
+            subfolder name is not an integer, or every file is unreadable.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data directory not found. Received: {root}")
+    if not root.is_dir():
+        raise DataError(f"expected a directory of label folders, a .csv file or 'digits'. Received: {root}")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise DataError(
+            f"data directory {root} is empty: expected one subfolder per integer label "
+            "(e.g. 0/, 3/, -1/) holding JPEG/PNG/BMP/GIF images."
+        )
+    items: list[tuple[str, int]] = []
+    for sub in subdirs:
+        label = parse_label(sub.name, f"folder {sub}")
+        files = sorted(
+            p for p in sub.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        items.extend((str(p), label) for p in files)
+    if not items:
+        raise DataError(f"data directory {root} has label folders but no JPEG/PNG/BMP/GIF images.")
+    return _decode_all(items, image_size, strict)
+
+
+def load_csv(path: str | Path, image_size: tuple[int, int], strict: bool = False) -> ImageSet:
+    """Load a CSV of ``path,label`` rows (an optional header row is skipped).
+
+    Relative image paths are taken relative to the CSV file's directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"CSV file not found. Received: {path}")
+    items: list[tuple[str, int]] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for lineno, row in enumerate(csv.reader(fh), start=1):
+            if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+                continue
+            if len(row) < 2:
+                raise DataError(f"{path}:{lineno}: expected 'path,label'. Received: {row!r}")
+            if lineno == 1 and not _INT_NAME.match(row[1].strip()):
+                continue  # header row such as "path,label"
+            image_path = Path(row[0].strip())
+            if not image_path.is_absolute():
+                image_path = path.parent / image_path
+            items.append((str(image_path), parse_label(row[1], f"{path}:{lineno}")))
+    if not items:
+        raise DataError(f"CSV file {path} lists no images; expected rows of 'path,label'.")
+    return _decode_all(items, image_size, strict)
+
+
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's handwritten digits as uint8 8x8 grayscale (ink bright) and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    gray = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return gray, digits.target.astype(np.int64)
+
+
+def load_digits_set(image_size: tuple[int, int]) -> ImageSet:
+    """The 1,797 real handwritten digits shipped inside scikit-learn, upscaled to RGB."""
+    gray, values = _digits_raw()
+    return from_arrays(gray, values, image_size, source_prefix="digits")
+
+
+def from_arrays(
+    images: np.ndarray,
+    values: Sequence[int] | np.ndarray,
+    image_size: tuple[int, int] | None = None,
+    source_prefix: str = "array",
+) -> ImageSet:
+    """Wrap numpy images and integer labels, converting to uint8 RGB at ``image_size``.
+
+    Args:
+        images: [N, H, W] grayscale or [N, H, W, C] with C in {1, 3, 4}; uint8, or
+            floats already in 0..255.
+        values: N integer labels.
+    """
+    from PIL import Image
+
+    from edgeclf.images import to_rgb
+
+    images = np.asarray(images)
+    values = np.asarray(values)
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise DataError(
+            f"images must be [N, H, W] or [N, H, W, C] with C in 1, 3, 4. Received: shape={images.shape}"
+        )
+    if values.ndim != 1 or values.shape[0] != images.shape[0]:
+        raise DataError(
+            f"need one label per image. Received: {images.shape[0]} images, labels shape={values.shape}"
+        )
+    if not np.issubdtype(values.dtype, np.integer):
+        raise DataError(f"labels must be integers. Received: dtype={values.dtype}")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating) or not np.all(np.isfinite(images)):
+            raise DataError(f"images must be uint8 or finite floats in 0..255. Received: dtype={images.dtype}")
+        if images.min() < 0 or images.max() > 255:
+            raise DataError(
+                f"float images must be in 0..255. Received: range {images.min():.3g}..{images.max():.3g}"
+            )
+        images = np.rint(images).astype(np.uint8)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    target = tuple(image_size) if image_size is not None else images.shape[1:3]
+    if images.shape[1:3] == target and images.ndim == 4 and images.shape[-1] == 3:
+        out = images
+    else:
+        out = np.stack([
+            np.asarray(
+                to_rgb(Image.fromarray(img)).resize((target[1], target[0]), Image.Resampling.BILINEAR)
+                if img.shape[:2] != target else to_rgb(Image.fromarray(img)),
+                dtype=np.uint8,
+            )
+            for img in images
+        ])
+    return ImageSet(out, values.astype(np.int64), [f"{source_prefix}[{i}]" for i in range(len(values))])
+
+
+def load_dataset(source: str | Path, image_size: tuple[int, int], strict: bool = False) -> ImageSet:
+    """Load ``digits``, a ``.csv`` of path,label, or a directory of label folders."""
+    if str(source) in BUILTIN_DATASETS:
+        return load_digits_set(image_size)
+    path = Path(source)
+    if path.suffix.lower() == ".csv":
+        return load_csv(path, image_size, strict)
+    return load_folder(path, image_size, strict)
+
+
+def split_stratified(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Stratified train/validation split, reproducible through ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"validation split must be between 0 and 1 (exclusive). Received: {val_fraction}")
+    idx = np.arange(len(data))
+    try:
+        train_idx, val_idx = train_test_split(
+            idx, test_size=val_fraction, random_state=seed, stratify=data.values
+        )
+    except ValueError as exc:
+        raise DataError(f"cannot split {len(data)} images stratified by class: {exc}") from None
+    return data.subset(np.sort(train_idx)), data.subset(np.sort(val_idx))
+
+
+def write_digits_folder(
+    out: str | Path, holdout: float = 0.2, seed: int = 0, size: int = 32, overwrite: bool = False
+) -> dict[str, int]:
+    """Write scikit-learn's digits as real PNG files: ``out/train/<label>/`` and ``out/test/<label>/``.
+
+    The result is an ordinary folder dataset, so the main job exercises the same
+    file-reading path as a user's own images. Returns the number of files per split.
+    """
+    from PIL import Image
+    from sklearn.model_selection import train_test_split
+
+    from edgeclf.fsio import staged_directory
+
+    gray, values = _digits_raw()
+    idx = np.arange(len(values))
+    train_idx, test_idx = train_test_split(idx, test_size=holdout, random_state=seed, stratify=values)
+    counts = {}
+    with staged_directory(out, overwrite=overwrite) as stage:
+        for split, split_idx in (("train", train_idx), ("test", test_idx)):
+            for i in np.sort(split_idx):
+                folder = stage / split / str(int(values[i]))
+                folder.mkdir(parents=True, exist_ok=True)
+                img = Image.fromarray(gray[i]).resize((size, size), Image.Resampling.BICUBIC)
+                img.save(folder / f"digit_{i:04d}.png")
+            counts[split] = int(len(split_idx))
+    print(f"wrote {counts['train']} train and {counts['test']} test PNG images to {out}", file=sys.stderr)
+    return counts

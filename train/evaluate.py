@@ -1,0 +1,57 @@
+"""Evaluate a trained bundle on labelled data with the Keras model (the reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclf.bundle import Bundle
+from edgeclf.errors import BundleError
+from edgeclf.fsio import atomic_write_json
+from edgeclf.train.data import LabelMap, load_dataset
+from edgeclf.train.metrics import classification_metrics, save_confusion_png
+
+
+def load_keras_model(bundle: Bundle):
+    """Load the bundle's ``model.keras``, with a typed error if it is missing or corrupt."""
+    import keras
+
+    if not bundle.model_path.is_file():
+        raise BundleError(f"bundle {bundle.path} has no {bundle.model_path.name}.")
+    try:
+        return keras.saving.load_model(bundle.model_path, compile=False)
+    except Exception as exc:  # zip/h5/deserialisation errors come in many types
+        raise BundleError(f"cannot load {bundle.model_path}: {exc}") from None
+
+
+def evaluate_bundle(
+    bundle_path: str | Path, data: str | Path, report_dir: str | Path | None = None,
+    strict: bool = False, batch_size: int = 64,
+) -> dict[str, Any]:
+    """Evaluate the bundle's Keras model on ``data`` (directory, .csv or ``digits``).
+
+    Writes ``metrics.json`` and ``confusion_matrix.png`` to ``report_dir`` if given.
+
+    Raises:
+        BundleError: the bundle is missing or corrupt.
+        DataError: the data cannot be read or holds labels the model does not know.
+    """
+    from edgeclf.train.trainer import predict_logits
+
+    bundle = Bundle.load(bundle_path)
+    model = load_keras_model(bundle)
+    images = load_dataset(data, bundle.image_size, strict)
+    label_map = LabelMap(tuple(bundle.labels))
+    label_map.encode(images.values)  # unknown labels are an error, not a silent miss
+    logits = predict_logits(model, images.images, batch_size)
+    predicted = label_map.decode(np.argmax(logits, axis=1))
+    metrics = classification_metrics(images.values, predicted, label_map.labels)
+    metrics["data"] = str(data)
+    metrics["skipped_images"] = [{"source": s, "reason": r} for s, r in images.skipped]
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        atomic_write_json(report_dir / "metrics.json", metrics)
+        save_confusion_png(metrics["confusion_matrix"], report_dir / "confusion_matrix.png", str(data))
+    return metrics

@@ -1,0 +1,378 @@
+"""Two-phase fine-tuning of the integer classifier, ending in a bundle directory.
+
+Phase 1 trains the head with the backbone frozen. Without augmentation the backbone's
+output cannot change between epochs, so its pooled features are computed once and
+the head is trained on them (the cost of an epoch drops from a full forward pass of
+the backbone to a few matrix products). Phase 2 unfreezes the top of the backbone
+(InceptionV3: layer 249 on, i.e. mixed9 and mixed10) at a low learning rate, with
+BatchNormalization kept in inference mode. Both phases stop early on validation loss
+and restore the best weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import edgeclf
+from edgeclf.bundle import BUNDLE_FORMAT, CONFUSION_PNG, MODEL_FILE, Bundle
+from edgeclf.errors import DataError, InvalidInputError
+from edgeclf.fsio import check_output_dir, staged_directory
+from edgeclf.images import DECODE_SPEC
+from edgeclf.train import model as model_lib
+from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
+from edgeclf.train.data import ImageSet, LabelMap, load_dataset, split_stratified
+from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
+from edgeclf.train.strategy import make_strategy
+
+#: Training images used to (re-)estimate BatchNormalization statistics.
+BN_CALIBRATION_IMAGES = 512
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train`` needs; the CLI maps its options one to one onto these fields.
+
+    ``data`` and ``val_data`` are a directory of label folders, a ``.csv`` of
+    path,label, ``"digits"``, or an :class:`ImageSet` (e.g. from ``from_arrays``).
+    """
+
+    data: Any
+    out: str | Path
+    labels: Sequence[int] | None = None
+    image_size: int | tuple[int, int] = 299
+    backbone: str = "inception_v3"
+    weights: str | Path | None = "imagenet"
+    epochs_frozen: int = 10
+    epochs_finetune: int = 5
+    batch_size: int = 32
+    lr_frozen: float = 1e-3
+    lr_finetune: float = 1e-5
+    unfreeze_at: int | None = None
+    val_split: float = 0.2
+    val_data: Any = None
+    seed: int = 0
+    strategy: str = "default"
+    class_weights: str | None = None  # None or "balanced"
+    augment: bool = False
+    augment_flip: bool = False
+    train_batchnorm: bool = False  # phase 2 BatchNormalization on batch statistics (from scratch)
+    cache_features: bool = True
+    patience: int = 3
+    overwrite: bool = False
+    strict: bool = False
+    verbose: int | None = None  # Keras verbosity; None: bars on a terminal, one line per epoch otherwise
+
+    @property
+    def size(self) -> tuple[int, int]:
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        return (int(self.image_size[0]), int(self.image_size[1]))
+
+    def check(self) -> None:
+        """Reject bad settings before any expensive work starts."""
+        spec = get_backbone(self.backbone)
+        model_lib.check_image_size(self.size, spec)
+        model_lib.resolve_weights(self.weights)
+        for name in ("epochs_frozen", "epochs_finetune", "patience"):
+            if getattr(self, name) < 0:
+                raise InvalidInputError(f"{name} must be >= 0. Received: {getattr(self, name)}")
+        if self.epochs_frozen + self.epochs_finetune == 0:
+            raise InvalidInputError("at least one epoch is needed (epochs_frozen + epochs_finetune > 0).")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"batch size must be >= 1. Received: {self.batch_size}")
+        for name in ("lr_frozen", "lr_finetune"):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"{name} must be > 0. Received: {getattr(self, name)}")
+        if self.class_weights not in (None, "balanced"):
+            raise InvalidInputError(f"class_weights must be None or 'balanced'. Received: {self.class_weights!r}")
+        check_output_dir(self.out, self.overwrite)
+
+
+def _log(message: str) -> None:
+    print(f"[edgeclf] {message}", file=sys.stderr, flush=True)
+
+
+def _load(source: Any, size: tuple[int, int], strict: bool) -> ImageSet:
+    if isinstance(source, ImageSet):
+        if source.images.shape[1:3] != size:
+            raise DataError(f"ImageSet images are {source.images.shape[1:3]}; the model takes {size}.")
+        return source
+    return load_dataset(source, size, strict)
+
+
+def _pixels(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """uint8 images -> batches of float32 pixels, cast per batch to keep memory small."""
+    return (
+        tf.data.Dataset.from_tensor_slices(images)
+        .batch(batch_size)
+        .map(lambda x: tf.cast(x, tf.float32), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def _augmenter(flip: bool) -> keras.Sequential:
+    """Small geometric jitter; flips only on request (a flipped 2 is not a 2)."""
+    layers = [
+        keras.layers.RandomRotation(0.04, fill_mode="nearest"),
+        keras.layers.RandomZoom(0.1, fill_mode="nearest"),
+        keras.layers.RandomTranslation(0.08, 0.08, fill_mode="nearest"),
+    ]
+    if flip:
+        layers.insert(0, keras.layers.RandomFlip("horizontal"))
+    return keras.Sequential(layers, name="augment")
+
+
+def _training_data(
+    images: np.ndarray, y: np.ndarray, cfg: TrainConfig, augment: keras.Sequential | None
+) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((images, y)).shuffle(
+        len(y), seed=cfg.seed, reshuffle_each_iteration=True
+    ).batch(cfg.batch_size)
+    ds = ds.map(lambda x, t: (tf.cast(x, tf.float32), t), num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:
+        ds = ds.map(lambda x, t: (augment(x, training=True), t), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _validation_data(images: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((images, y)).batch(batch_size)
+    return ds.map(lambda x, t: (tf.cast(x, tf.float32), t)).prefetch(tf.data.AUTOTUNE)
+
+
+def _early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
+    return keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=patience, restore_best_weights=True, verbose=0
+    )
+
+
+class _CalibrateThenValidate(keras.callbacks.Callback):
+    """At each epoch end: re-estimate BatchNormalization statistics, then validate.
+
+    Runs before EarlyStopping and the progress bar, which read the ``val_*`` it adds.
+    """
+
+    def __init__(self, calibration_images: np.ndarray, val_ds: tf.data.Dataset, batch_size: int):
+        super().__init__()
+        self.calibration_images = calibration_images
+        self.val_ds = val_ds
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        model_lib.calibrate_batchnorm(self.model, self.calibration_images, self.batch_size)
+        results = self.model.evaluate(self.val_ds, verbose=0, return_dict=True)
+        if logs is not None:
+            logs["val_loss"] = float(results["loss"])
+            logs["val_accuracy"] = float(results["accuracy"])
+
+
+def _phase_record(history: keras.callbacks.History, seconds: float, **extra: Any) -> dict[str, Any]:
+    h = history.history
+    best = int(np.argmin(h["val_loss"])) if h.get("val_loss") else None
+    record = {
+        "epochs_run": len(h.get("loss", [])),
+        "seconds": round(seconds, 2),
+        "best_epoch": None if best is None else best + 1,
+        "best_val_loss": None if best is None else float(h["val_loss"][best]),
+        "best_val_accuracy": None if best is None else float(h["val_accuracy"][best]),
+    }
+    record.update(extra)
+    return record
+
+
+def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits for uint8 images (the Keras reference path)."""
+    return np.asarray(model.predict(_pixels(images, batch_size), verbose=0))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def train(cfg: TrainConfig) -> Bundle:
+    """Train, evaluate and write a bundle. Returns the written :class:`Bundle`.
+
+    Raises:
+        InvalidInputError, DataError, WeightsError, WeightsUnavailableError,
+        OutputExistsError: bad settings or data, found before training starts.
+
+    Example:
+        >>> bundle = train(TrainConfig("digits", "runs/digits", image_size=75, weights=None))
+        >>> bundle.meta["metrics"]["accuracy"]
+    """
+    started = time.perf_counter()
+    cfg.check()
+    verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    spec = get_backbone(cfg.backbone)
+    size = cfg.size
+
+    _log(f"loading data from {cfg.data if not isinstance(cfg.data, ImageSet) else 'arrays'} at {size[0]}x{size[1]}")
+    data = _load(cfg.data, size, cfg.strict)
+    if cfg.val_data is None:
+        data.check_classes(LabelMap.from_values(data.values, cfg.labels))
+        train_set, val_set = split_stratified(data, cfg.val_split, cfg.seed)
+        label_map = LabelMap.from_values(data.values, cfg.labels)
+    else:
+        train_set, val_set = data, _load(cfg.val_data, size, cfg.strict)
+        label_map = LabelMap.from_values(np.concatenate([train_set.values, val_set.values]), cfg.labels)
+        train_set.check_classes(label_map, "the training data")
+    y_train, y_val = label_map.encode(train_set.values), label_map.encode(val_set.values)
+    _log(f"{len(train_set)} training and {len(val_set)} validation images; labels {list(label_map.labels)}")
+
+    keras.utils.set_random_seed(cfg.seed)
+    strategy = make_strategy(cfg.strategy)
+    class_weight = None
+    if cfg.class_weights == "balanced":
+        from sklearn.utils.class_weight import compute_class_weight
+
+        weights = compute_class_weight("balanced", classes=np.arange(len(label_map.labels)), y=y_train)
+        class_weight = {i: float(w) for i, w in enumerate(weights)}
+
+    augment = _augmenter(cfg.augment_flip) if cfg.augment else None
+    val_ds = _validation_data(val_set.images, y_val, cfg.batch_size)
+    phases: list[dict[str, Any]] = []
+    with strategy.scope():
+        model = model_lib.build_model(len(label_map.labels), size, cfg.backbone, cfg.weights)
+        base = model_lib.backbone_of(model)
+        unfreeze_index = model_lib.resolve_unfreeze_index(base, spec, cfg.unfreeze_at)
+        n_calib = min(len(train_set), BN_CALIBRATION_IMAGES)
+        calib = train_set.images[np.sort(np.random.default_rng(cfg.seed).choice(len(train_set), n_calib, replace=False))]
+        if model_lib.resolve_weights(cfg.weights) is None:
+            _log(f"random backbone: estimating BatchNormalization statistics from {n_calib} training images")
+            model_lib.calibrate_batchnorm(model, calib, cfg.batch_size)
+
+        if cfg.epochs_frozen > 0:
+            model_lib.freeze_backbone(model)
+            t0 = time.perf_counter()
+            if cfg.cache_features and augment is None:
+                _log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images")
+                extractor = model_lib.feature_extractor(model)
+                f_train = extractor.predict(_pixels(train_set.images, cfg.batch_size), verbose=verbose)
+                f_val = extractor.predict(_pixels(val_set.images, cfg.batch_size), verbose=0)
+                t_features = time.perf_counter() - t0
+                head = model_lib.head_model(model)
+                model_lib.compile_model(head, cfg.lr_frozen)
+                _log(f"phase 1: training the head on cached features (lr={cfg.lr_frozen})")
+                history = head.fit(
+                    f_train, y_train, validation_data=(f_val, y_val), epochs=cfg.epochs_frozen,
+                    batch_size=cfg.batch_size, class_weight=class_weight,
+                    callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
+                )
+                extra = {"feature_cache": True, "feature_seconds": round(t_features, 2)}
+            else:
+                model_lib.compile_model(model, cfg.lr_frozen)
+                _log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
+                history = model.fit(
+                    _training_data(train_set.images, y_train, cfg, augment), validation_data=val_ds,
+                    epochs=cfg.epochs_frozen, class_weight=class_weight, shuffle=False,
+                    callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
+                )
+                extra = {"feature_cache": False}
+            phases.append(_phase_record(history, time.perf_counter() - t0, name="frozen",
+                                        learning_rate=cfg.lr_frozen, **extra))
+
+        if cfg.epochs_finetune > 0:
+            model_lib.unfreeze_top(model, unfreeze_index, cfg.train_batchnorm)
+            model_lib.compile_model(model, cfg.lr_finetune)
+            bn_mode = "on batch statistics" if cfg.train_batchnorm else "in inference mode"
+            _log(f"phase 2: fine-tuning backbone layers {unfreeze_index}..{len(base.layers) - 1} "
+                 f"(lr={cfg.lr_finetune}, BatchNormalization {bn_mode})")
+            callbacks = [_early_stopping(cfg.patience)]
+            if cfg.train_batchnorm:
+                # Moving averages lag the changing weights: validate on fresh statistics.
+                callbacks.insert(0, _CalibrateThenValidate(calib, val_ds, cfg.batch_size))
+            t0 = time.perf_counter()
+            history = model.fit(
+                _training_data(train_set.images, y_train, cfg, augment),
+                validation_data=None if cfg.train_batchnorm else val_ds,
+                epochs=cfg.epochs_finetune, class_weight=class_weight, callbacks=callbacks,
+                shuffle=False, verbose=verbose,  # the dataset shuffles itself, seeded
+            )
+            phases.append(_phase_record(history, time.perf_counter() - t0, name="finetune",
+                                        learning_rate=cfg.lr_finetune, unfreeze_at=unfreeze_index,
+                                        batchnorm="batch statistics, re-estimated each epoch"
+                                        if cfg.train_batchnorm else "inference mode"))
+        model_lib.freeze_backbone(model)  # the saved model is for inference
+
+    logits = predict_logits(model, val_set.images, cfg.batch_size)
+    metrics = classification_metrics(val_set.values, label_map.decode(logits.argmax(axis=1)), label_map.labels)
+    _log(f"validation: {format_metrics(metrics)}")
+
+    meta = _bundle_meta(cfg, spec, model, label_map, train_set, val_set, data, unfreeze_index, phases,
+                        metrics, strategy)
+    with staged_directory(cfg.out, overwrite=cfg.overwrite) as stage:
+        model.save(stage / MODEL_FILE)
+        save_confusion_png(metrics["confusion_matrix"], stage / CONFUSION_PNG, "validation")
+        meta["model"]["sha256"] = _sha256(stage / MODEL_FILE)
+        meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 2)
+        Bundle(stage, meta).save()
+    _log(f"wrote bundle {cfg.out} in {meta['training']['wall_seconds']:.1f} s")
+    return Bundle.load(cfg.out)
+
+
+def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, data, unfreeze_index, phases,
+                 metrics, strategy) -> dict[str, Any]:
+    height, width = cfg.size
+    weights = model_lib.resolve_weights(cfg.weights)
+    if weights not in (None, "imagenet"):
+        weights = {"file": Path(weights).name, "sha256": _sha256(Path(weights))}
+    settings = {
+        k: v for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("data", "val_data", "out", "weights", "verbose", "image_size")
+    }
+    settings["labels"] = list(label_map.labels)
+    return {
+        "format": BUNDLE_FORMAT,
+        "edgeclf_version": edgeclf.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "labels": list(label_map.labels),
+        "input": {
+            "name": "pixels", "height": height, "width": width, "channels": 3,
+            "color": "RGB", "layout": "NHWC", "dtype": "float32", "range": [0, 255],
+        },
+        "preprocessing": {
+            "inside_model": True,
+            "model_input": "RGB pixel values 0..255 as float32",
+            "in_graph": PREPROCESSING_DESCRIPTIONS[spec.preprocessing],
+            "decode": DECODE_SPEC,
+        },
+        "backbone": {
+            "name": spec.name, "keras_application": spec.constructor,
+            "weights": weights or "none", "layers": len(model_lib.backbone_of(model).layers),
+            "unfreeze_at": unfreeze_index,
+        },
+        "head": {"pooling": "global_average", "dense_units": 1024, "dropout": 0.5, "output": "logits"},
+        "model": {
+            "file": MODEL_FILE, "params": int(model.count_params()),
+            "keras_version": keras.__version__, "tensorflow_version": tf.__version__,
+        },
+        "training": {
+            "settings": settings,
+            "replicas": int(strategy.num_replicas_in_sync),
+            "loss": "SparseCategoricalCrossentropy(from_logits=True)",
+            "phases": phases,
+            "data": {
+                "source": "arrays" if isinstance(cfg.data, ImageSet) else str(cfg.data),
+                "validation": "split" if cfg.val_data is None else str(cfg.val_data),
+                "train_images": len(train_set), "val_images": len(val_set),
+                "class_counts": {str(v): int(np.sum(train_set.values == v)) for v in label_map.labels},
+                "skipped_images": [{"source": s, "reason": r} for s, r in data.skipped + val_set.skipped],
+            },
+        },
+        "metrics": {"validation": metrics},
+        "artifacts": {},
+    }
