@@ -67,7 +67,7 @@ def test_csv_bad_label_names_the_line(tmp_path, digits_dir):
     path = tmp_path / "bad.csv"
     png = next((digits_dir / "test" / "0").iterdir())
     path.write_text(f"{png},0\n{png},seven\n")
-    with pytest.raises(DataError, match=r"bad.csv:2.*'seven'"):
+    with pytest.raises(DataError, match=r"'seven' in .*bad.csv:2"):
         load_csv(path, SIZE)
 
 
@@ -168,7 +168,7 @@ def test_corrupt_images_are_skipped_and_listed(digits_dir, tmp_path):
     for name in ("corrupt.png", "empty.jpg", "truncated.png"):
         assert name in message
     assert sorted(s.rsplit("/", 1)[-1] for s, _ in data.skipped) == ["corrupt.png", "empty.jpg", "truncated.png"]
-    assert not any("corrupt" in s for s in data.sources)
+    assert not any(s.endswith(("corrupt.png", "empty.jpg", "truncated.png")) for s in data.sources)
 
 
 def test_corrupt_images_fail_in_strict_mode(digits_dir, tmp_path):

@@ -306,7 +306,10 @@ def train(cfg: TrainConfig) -> Bundle:
                                         learning_rate=cfg.lr_finetune, unfreeze_at=unfreeze_index,
                                         batchnorm="batch statistics, re-estimated each epoch"
                                         if cfg.train_batchnorm else "inference mode"))
-        model_lib.freeze_backbone(model)  # the saved model is for inference
+        # The saved model is for inference: frozen, and compiled afresh so that it does
+        # not carry the optimizer's moments (twice the weights' size) into the bundle.
+        model_lib.freeze_backbone(model)
+        model_lib.compile_model(model, cfg.lr_finetune)
 
     logits = predict_logits(model, val_set.images, cfg.batch_size)
     metrics = classification_metrics(val_set.values, label_map.decode(logits.argmax(axis=1)), label_map.labels)
