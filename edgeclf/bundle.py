@@ -59,13 +59,13 @@ class Bundle:
             raise BundleError(f"bundle directory not found. Received: {path}")
         if not meta_path.is_file():
             raise BundleError(
-                f"{path} is not an edgeclf bundle: it has no {BUNDLE_FILE}. "
-                "Create one with `edgeclf train DATA --out DIR`."
+                f"not an edgeclf bundle: the directory has no {BUNDLE_FILE} "
+                f"(create one with `edgeclf train DATA --out DIR`). Received: {path}"
             )
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{meta_path} is corrupt (not valid JSON: {exc}).") from None
+            raise BundleError(f"bundle.json is corrupt (not valid JSON: {exc}). Received: {meta_path}") from None
         if not isinstance(meta, dict):
             raise BundleError(f"{meta_path} must hold a JSON object. Received: {type(meta).__name__}")
         if meta.get("format") != BUNDLE_FORMAT:
@@ -75,17 +75,25 @@ class Bundle:
             )
         missing = [k for k in _REQUIRED_KEYS if k not in meta]
         if missing:
-            raise BundleError(f"{meta_path} lacks required keys {missing}.")
+            raise BundleError(f"{meta_path} lacks required keys {missing}. Received keys: {sorted(meta)}")
         labels = meta["labels"]
         if (
             not isinstance(labels, list)
             or len(labels) < 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
-            or len(set(labels)) != len(labels)
+            or labels != sorted(set(labels))
         ):
             raise BundleError(
-                f"{meta_path}: 'labels' must be a list of at least two distinct integers. "
+                f"{meta_path}: 'labels' must be a sorted list of at least two distinct integers. "
                 f"Received: {labels!r}"
+            )
+        spec = meta["input"]
+        if not isinstance(spec, dict) or not all(
+            isinstance(spec.get(k), int) and spec[k] > 0 for k in ("height", "width", "channels")
+        ):
+            raise BundleError(
+                f"{meta_path}: 'input' must give positive integer height, width and channels. "
+                f"Received: {spec!r}"
             )
         return cls(path=path, meta=meta)
 

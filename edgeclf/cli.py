@@ -109,6 +109,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from edgeclf.train.backbones import BACKBONES  # plain data, no TensorFlow
+    from edgeclf.train.strategy import STRATEGIES  # imports TensorFlow only when called
 
     parser = argparse.ArgumentParser(
         prog="edgeclf",
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", type=float, default=0.2, help="stratified validation fraction (default 0.2)")
     p.add_argument("--val-dir", default=None, help="explicit validation data instead of a split")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", choices=["default", "mirrored", "multiworker"], default="default",
+    p.add_argument("--strategy", choices=STRATEGIES, default="default",
                    help="tf.distribute strategy: mirrored = all GPUs of this host; multiworker = hosts in TF_CONFIG")
     p.add_argument("--class-weights", choices=["balanced"], default=None, help="weight classes inversely to their size")
     p.add_argument("--augment", action="store_true", help="random rotation, zoom and shift (no flips)")
@@ -188,6 +189,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -18,16 +18,21 @@ from typing import Any, Iterator
 from edgeclf.errors import OutputExistsError
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; do it once, at import, before any
+    # threads (TensorFlow's, the decoder pool's) could create files meanwhile.
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _give_default_mode(path: Path, directory: bool) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries; final outputs get the
     permissions an ordinary ``open``/``mkdir`` would have given them."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 @contextlib.contextmanager
@@ -74,11 +79,11 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path exists and is not a directory. Received: {out}")
+        raise OutputExistsError(f"output path exists and is a file, not a directory. Received: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(
-            f"output directory exists and is not empty: {out}. "
-            "Choose another directory or pass --overwrite (overwrite=True) to replace it."
+            "output directory exists and is not empty; choose another directory or pass "
+            f"--overwrite (overwrite=True) to replace it. Received: {out}"
         )
     return out
 
@@ -87,8 +92,8 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it in when the block succeeds.
 
-    The existing directory (if ``overwrite``) is only removed after the new one is
-    complete, so a failure leaves the old contents untouched and no partial output.
+    The existing directory (if ``overwrite``) is only removed after the new one is in
+    place, so a failure leaves the old contents untouched and no partial output.
     """
     out = check_output_dir(out, overwrite).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,13 +101,19 @@ def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     try:
         yield stage
         _give_default_mode(stage, directory=True)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+        if not out.exists():
             os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        # Two renames cannot be one atomic step: park the old directory beside the
+        # new one, and put it back if the second rename fails.
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old)
+        try:
             os.replace(stage, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

@@ -43,6 +43,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Return ``img`` as RGB: grayscale expanded, alpha composited over white."""
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I"):
+        # 16-bit (or 32-bit integer) grayscale: scale to 8 bits instead of clipping.
+        values = np.asarray(img, dtype=np.float64)
+        depth = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
+        img = Image.fromarray(np.rint(values * (255.0 / depth)).clip(0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

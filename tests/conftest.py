@@ -15,7 +15,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgeclf.train.data import write_digits_folder
@@ -78,10 +77,3 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
         env=full_env, timeout=timeout,
     )
 
-
-def first_images(folder: Path, n: int) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.png"))[:n]
-
-
-def rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)

@@ -52,7 +52,7 @@ def test_empty_data_directory(capsys, tmp_path):
     (tmp_path / "d").mkdir()
     line = _error_line(capsys, ["train", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
                                 "--weights", "none", "--image-size", "75"])
-    assert "is empty" in line
+    assert "it is empty" in line
 
 
 def test_non_integer_folder(capsys, tmp_path, digits_dir):
@@ -81,6 +81,18 @@ def test_output_directory_not_empty(capsys, tmp_path, digits_dir):
                                 "--weights", "none", "--image-size", "75"])
     assert "not empty" in line and "--overwrite" in line
     assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
+
+
+def test_dataset_bad_holdout(capsys, tmp_path):
+    line = _error_line(capsys, ["dataset", "digits", str(tmp_path / "d"), "--holdout", "0"])
+    assert "holdout" in line and "Received: 0.0" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_augment_flip_needs_augment(capsys, tmp_path, digits_dir):
+    line = _error_line(capsys, ["train", str(digits_dir / "test"), "--out", str(tmp_path / "o"),
+                                "--weights", "none", "--image-size", "75", "--augment-flip"])
+    assert "needs augment" in line
 
 
 def test_evaluate_missing_bundle(capsys, tmp_path, digits_dir):

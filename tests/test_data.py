@@ -71,6 +71,27 @@ def test_csv_bad_label_names_the_line(tmp_path, digits_dir):
         load_csv(path, SIZE)
 
 
+def test_csv_with_bom_comment_and_header(tmp_path, digits_dir):
+    png = next((digits_dir / "test" / "4").iterdir())
+    path = tmp_path / "data.csv"
+    path.write_text(f"# exported from a spreadsheet\npath,label\n{png},4\n\n{png},4\n", encoding="utf-8-sig")
+    data = load_csv(path, SIZE)
+    assert data.values.tolist() == [4, 4]
+    path.write_bytes(b"\xff\xfe bad bytes,1\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_csv(path, SIZE)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    root = tmp_path / "data" / "0"
+    root.mkdir(parents=True)
+    values = np.full((10, 10), 32768, dtype=np.uint16)
+    Image.fromarray(values).save(root / "deep.png")
+    Image.fromarray(values).save(root / "deep2.png")
+    data = load_folder(tmp_path / "data", SIZE)
+    assert 120 <= int(data.images.mean()) <= 135  # half of full scale, not 255
+
+
 def test_grayscale_and_rgba_become_rgb(tmp_path):
     root = tmp_path / "data"
     for label, mode in ((0, "L"), (1, "RGBA"), (2, "P")):
@@ -103,6 +124,8 @@ def test_from_arrays_accepts_grayscale_float_and_checks_shapes():
         from_arrays(np.zeros((4, 8, 8, 2), np.uint8), [1, 2, 1, 2])
     with pytest.raises(DataError, match="0..255"):
         from_arrays(gray * 10, [1, 2, 1, 2])
+    with pytest.raises(DataError, match=r"at least one image.*shape=\(0, 8, 8\)"):
+        from_arrays(np.zeros((0, 8, 8)), np.zeros(0, np.int64))
     with pytest.raises(DataError, match="integers"):
         from_arrays(gray, [1.5, 2, 1, 2])
 
@@ -123,7 +146,7 @@ def test_missing_and_empty_directories(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_folder(tmp_path / "nope", SIZE)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="is empty"):
+    with pytest.raises(DataError, match="it is empty"):
         load_folder(tmp_path / "empty", SIZE)
     (tmp_path / "noimages" / "3").mkdir(parents=True)
     (tmp_path / "noimages" / "3" / "notes.txt").write_text("x")
@@ -137,6 +160,32 @@ def test_non_integer_subfolder(digits_dir, tmp_path):
     shutil.copytree(digits_dir / "test" / "2", root / "two")
     with pytest.raises(DataError, match=r"integer.*'two'"):
         load_folder(root, SIZE)
+
+
+def test_duplicate_label_folders(digits_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(digits_dir / "test" / "3", root / "3")
+    shutil.copytree(digits_dir / "test" / "3", root / "03")
+    with pytest.raises(DataError, match="both mean label 3"):
+        load_folder(root, SIZE)
+
+
+def test_top_level_files_without_label_folders(digits_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(digits_dir / "test" / "3", root)
+    with pytest.raises(DataError, match=r"no label folders \(it holds 3\d file\(s\) but no subfolders\)"):
+        load_folder(root, SIZE)
+
+
+def test_empty_label_folder_is_reported_not_dropped(digits_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(digits_dir / "test" / "1", root / "1")
+    shutil.copytree(digits_dir / "test" / "2", root / "2")
+    (root / "7").mkdir()
+    data = load_folder(root, SIZE)
+    assert data.all_labels == [1, 2, 7]
+    with pytest.raises(DataError, match="label 7: 0"):
+        data.check_classes(LabelMap.from_values(data.all_labels))
 
 
 def test_class_with_fewer_than_two_images(digits_dir, tmp_path):

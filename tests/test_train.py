@@ -87,11 +87,15 @@ def test_bundle_errors(tmp_path, trained_bundle):
     (tmp_path / "corrupt" / "bundle.json").write_text("{not json")
     with pytest.raises(BundleError, match="corrupt"):
         Bundle.load(tmp_path / "corrupt")
-    meta = dict(trained_bundle.meta, format="edgeclf-bundle/99")
-    (tmp_path / "future").mkdir()
-    (tmp_path / "future" / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="edgeclf-bundle/99"):
-        Bundle.load(tmp_path / "future")
+    for name, change, message in (
+        ("future", {"format": "edgeclf-bundle/99"}, "edgeclf-bundle/99"),
+        ("unsorted", {"labels": [3, -2, 10]}, r"sorted list.*\[3, -2, 10\]"),
+        ("noinput", {"input": {"height": 75}}, "positive integer height, width and channels"),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bundle.json").write_text(json.dumps(dict(trained_bundle.meta, **change)))
+        with pytest.raises(BundleError, match=message):
+            Bundle.load(tmp_path / name)
 
 
 def test_output_directory_not_empty_is_refused_before_training(trained_bundle, noncontiguous_dir):
@@ -117,6 +121,30 @@ def test_declared_labels_may_exceed_the_data_only_with_images(noncontiguous_dir,
     with pytest.raises(DataError, match="label 4: 0"):
         train(TrainConfig(noncontiguous_dir, tmp_path / "out", labels=[-2, 3, 4, 10],
                           image_size=75, weights=None))
+
+
+def test_val_dir_class_weights_augmentation_and_overwrite(noncontiguous_dir, trained_bundle, tmp_path):
+    import shutil
+
+    val = tmp_path / "val"
+    for label in ("-2", "3", "10"):
+        (val / label).mkdir(parents=True)
+        for path in sorted((noncontiguous_dir / label).iterdir())[:8]:
+            shutil.copy(path, val / label)
+    out = tmp_path / "bundle"
+    shutil.copytree(trained_bundle.path, out)  # an old bundle to replace
+    bundle = train(TrainConfig(
+        noncontiguous_dir, out, val_data=val, image_size=75, weights=None, epochs_frozen=1,
+        epochs_finetune=0, class_weights="balanced", augment=True, overwrite=True, verbose=0,
+    ))
+    meta = bundle.meta
+    assert meta["training"]["data"]["validation"] == str(val)
+    assert meta["training"]["data"]["val_images"] == 24
+    assert meta["training"]["settings"]["class_weights"] == "balanced"
+    # Augmentation changes the backbone's input every epoch: no feature cache.
+    assert [p["name"] for p in meta["training"]["phases"]] == ["frozen"]
+    assert meta["training"]["phases"][0]["feature_cache"] is False
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # old bundle gone, no leftovers
 
 
 @pytest.mark.slow

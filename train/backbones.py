@@ -22,7 +22,6 @@ class BackboneSpec:
     #: "builtin": the Keras model rescales 0..255 pixels itself.
     preprocessing: str
     min_size: int
-    default_size: int
     #: Last layer (by its fixed name) that stays frozen in phase 2; every layer after it
     #: is fine-tuned. Auto-generated names ("conv2d_80") change between builds, so the
     #: anchor is a named block end.
@@ -37,19 +36,19 @@ BACKBONES: dict[str, BackboneSpec] = {
         # Layer 249 is the first one after mixed8: phase 2 trains the top two inception
         # blocks, mixed9 and mixed10, as the Keras fine-tuning guide does.
         BackboneSpec(
-            "inception_v3", "InceptionV3", "scale_-1_1", 75, 299, "mixed8",
+            "inception_v3", "InceptionV3", "scale_-1_1", 75, "mixed8",
             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
         ),
         BackboneSpec(
-            "mobilenet_v2", "MobileNetV2", "scale_-1_1", 32, 224, "block_12_add",
+            "mobilenet_v2", "MobileNetV2", "scale_-1_1", 32, "block_12_add",
             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
         ),
         BackboneSpec(
-            "mobilenet_v3_small", "MobileNetV3Small", "builtin", 32, 224,
+            "mobilenet_v3_small", "MobileNetV3Small", "builtin", 32,
             "expanded_conv_8_project_bn", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
         ),
         BackboneSpec(
-            "efficientnet_b0", "EfficientNetB0", "builtin", 32, 224, "block5c_add",
+            "efficientnet_b0", "EfficientNetB0", "builtin", 32, "block5c_add",
             "efficientnetb0_notop.h5",
         ),
     )

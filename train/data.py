@@ -27,7 +27,7 @@ import numpy as np
 from edgeclf.errors import DataError, ImageDecodeError
 from edgeclf.images import IMAGE_EXTENSIONS, load_image
 
-_INT_NAME = re.compile(r"^[+-]?\d+$")
+_INT_NAME = re.compile(r"[+-]?[0-9]+", re.ASCII)
 BUILTIN_DATASETS = ("digits",)
 
 
@@ -89,12 +89,20 @@ class ImageSet:
     values: np.ndarray
     sources: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: Labels the source names (label folders, CSV rows), including any whose images
+    #: were all unreadable, so that such a class is reported rather than dropped.
+    named_labels: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
+    @property
+    def all_labels(self) -> list[int]:
+        return sorted(set(self.values.tolist()) | set(self.named_labels))
+
     def subset(self, idx: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[idx], self.values[idx], [self.sources[i] for i in idx], [])
+        return ImageSet(self.images[idx], self.values[idx], [self.sources[i] for i in idx], [],
+                        self.named_labels)
 
     def check_classes(self, label_map: LabelMap, what: str = "the data") -> None:
         """Every class must have at least two images (one to train on, one to check)."""
@@ -109,13 +117,14 @@ class ImageSet:
 
 def parse_label(text: str, where: str) -> int:
     """Parse an integer label (folder name or CSV cell), with a clear error."""
-    if not _INT_NAME.match(text.strip()):
+    if not _INT_NAME.fullmatch(text.strip()):
         raise DataError(f"label must be an integer (e.g. 0, 3, -1, 12). Received: {text!r} in {where}")
     return int(text.strip())
 
 
 def _decode_all(
-    items: list[tuple[str, int]], image_size: tuple[int, int], strict: bool
+    items: list[tuple[str, int]], image_size: tuple[int, int], strict: bool,
+    named_labels: Iterable[int] = (),
 ) -> ImageSet:
     """Decode (path, label) pairs in parallel; skip or fail on unreadable files."""
 
@@ -136,12 +145,13 @@ def _decode_all(
         listing = "\n".join(f"  {src}: {reason}" for src, reason in skipped)
         warnings.warn(f"skipped {len(skipped)} unreadable image(s):\n{listing}", stacklevel=3)
     if not keep:
-        raise DataError(f"none of the {len(items)} image files could be read (first: {skipped[0][0]}).")
+        raise DataError(f"none of the {len(items)} image files could be read. Received (first): {skipped[0][0]}")
     return ImageSet(
         images=np.stack([decoded[i] for i in keep]),
         values=np.asarray([items[i][1] for i in keep], dtype=np.int64),
         sources=[items[i][0] for i in keep],
         skipped=skipped,
+        named_labels=tuple(sorted({label for _, label in items} | set(named_labels))),
     )
 
 
@@ -160,48 +170,68 @@ def load_folder(root: str | Path, image_size: tuple[int, int], strict: bool = Fa
         raise DataError(f"data directory not found. Received: {root}")
     if not root.is_dir():
         raise DataError(f"expected a directory of label folders, a .csv file or 'digits'. Received: {root}")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    subdirs = sorted(p for p in entries if p.is_dir())
     if not subdirs:
+        found = f"it holds {len(entries)} file(s) but no subfolders" if entries else "it is empty"
         raise DataError(
-            f"data directory {root} is empty: expected one subfolder per integer label "
-            "(e.g. 0/, 3/, -1/) holding JPEG/PNG/BMP/GIF images."
+            f"data directory {root} has no label folders ({found}); expected one subfolder "
+            "per integer label (e.g. 0/, 3/, -1/) holding JPEG/PNG/BMP/GIF images."
         )
     items: list[tuple[str, int]] = []
+    folders: dict[int, Path] = {}
     for sub in subdirs:
         label = parse_label(sub.name, f"folder {sub}")
+        if label in folders:
+            raise DataError(
+                f"folders {folders[label].name!r} and {sub.name!r} both mean label {label}; "
+                f"merge them. Received: {root}"
+            )
+        folders[label] = sub
         files = sorted(
             p for p in sub.rglob("*")
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         )
         items.extend((str(p), label) for p in files)
     if not items:
-        raise DataError(f"data directory {root} has label folders but no JPEG/PNG/BMP/GIF images.")
-    return _decode_all(items, image_size, strict)
+        raise DataError(f"data directory has label folders but no JPEG/PNG/BMP/GIF images. Received: {root}")
+    return _decode_all(items, image_size, strict, named_labels=folders)
 
 
 def load_csv(path: str | Path, image_size: tuple[int, int], strict: bool = False) -> ImageSet:
-    """Load a CSV of ``path,label`` rows (an optional header row is skipped).
+    """Load a CSV of ``path,label`` rows.
 
-    Relative image paths are taken relative to the CSV file's directory.
+    A first row whose second cell is ``label`` is a header and skipped; blank rows and
+    rows starting with ``#`` are ignored. Relative image paths are taken relative to
+    the CSV file's directory.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"CSV file not found. Received: {path}")
     items: list[tuple[str, int]] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}:{lineno}: expected 'path,label'. Received: {row!r}")
-            if lineno == 1 and not _INT_NAME.match(row[1].strip()):
-                continue  # header row such as "path,label"
-            image_path = Path(row[0].strip())
-            if not image_path.is_absolute():
-                image_path = path.parent / image_path
-            items.append((str(image_path), parse_label(row[1], f"{path}:{lineno}")))
+    first = True
+    try:
+        # utf-8-sig: spreadsheet programs often start CSV files with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+                    continue
+                where = f"{path}:{reader.line_num}"
+                if len(row) < 2:
+                    raise DataError(f"{where}: expected 'path,label'. Received: {row!r}")
+                if first and row[1].strip().lower() == "label":
+                    first = False
+                    continue  # the header row "path,label"
+                first = False
+                image_path = Path(row[0].strip())
+                if not image_path.is_absolute():
+                    image_path = path.parent / image_path
+                items.append((str(image_path), parse_label(row[1], where)))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"CSV file is not UTF-8 text ({exc}). Received: {path}") from None
     if not items:
-        raise DataError(f"CSV file {path} lists no images; expected rows of 'path,label'.")
+        raise DataError(f"CSV file lists no images; expected rows of 'path,label'. Received: {path}")
     return _decode_all(items, image_size, strict)
 
 
@@ -235,14 +265,14 @@ def from_arrays(
     """
     from PIL import Image
 
-    from edgeclf.images import to_rgb
-
     images = np.asarray(images)
     values = np.asarray(values)
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
         raise DataError(
             f"images must be [N, H, W] or [N, H, W, C] with C in 1, 3, 4. Received: shape={images.shape}"
         )
+    if images.shape[0] == 0 or min(images.shape[1:3]) == 0:
+        raise DataError(f"images must hold at least one image of at least 1x1 pixels. Received: shape={images.shape}")
     if values.ndim != 1 or values.shape[0] != images.shape[0]:
         raise DataError(
             f"need one label per image. Received: {images.shape[0]} images, labels shape={values.shape}"
@@ -262,15 +292,8 @@ def from_arrays(
     target = tuple(image_size) if image_size is not None else images.shape[1:3]
     if images.shape[1:3] == target and images.ndim == 4 and images.shape[-1] == 3:
         out = images
-    else:
-        out = np.stack([
-            np.asarray(
-                to_rgb(Image.fromarray(img)).resize((target[1], target[0]), Image.Resampling.BILINEAR)
-                if img.shape[:2] != target else to_rgb(Image.fromarray(img)),
-                dtype=np.uint8,
-            )
-            for img in images
-        ])
+    else:  # the same conversion and resize as for image files
+        out = np.stack([load_image(Image.fromarray(img), target) for img in images])
     return ImageSet(out, values.astype(np.int64), [f"{source_prefix}[{i}]" for i in range(len(values))])
 
 
@@ -313,6 +336,10 @@ def write_digits_folder(
 
     from edgeclf.fsio import staged_directory
 
+    if not 0.0 < holdout < 1.0:
+        raise DataError(f"holdout must be between 0 and 1 (exclusive). Received: {holdout}")
+    if size < 8:
+        raise DataError(f"size must be at least 8 pixels (the scans are 8x8). Received: {size}")
     gray, values = _digits_raw()
     idx = np.arange(len(values))
     train_idx, test_idx = train_test_split(idx, test_size=holdout, random_state=seed, stratify=values)

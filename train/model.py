@@ -25,9 +25,6 @@ import numpy as np
 from edgeclf.errors import InvalidInputError, WeightsError, WeightsUnavailableError
 from edgeclf.train.backbones import BackboneSpec, get_backbone
 
-HEAD_LAYERS = ("avg_pool", "head_dense", "head_dropout", "logits")
-
-
 def resolve_weights(weights: str | Path | None) -> str | None:
     """Normalise the ``weights`` option: ``None``/"none", "imagenet", or a file path.
 
@@ -36,7 +33,7 @@ def resolve_weights(weights: str | Path | None) -> str | None:
     """
     if weights is None or str(weights).lower() == "none":
         return None
-    if str(weights) == "imagenet":
+    if str(weights).lower() == "imagenet":
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -168,6 +165,11 @@ def resolve_unfreeze_index(base: keras.Model, spec: BackboneSpec, unfreeze_at: i
     n_layers = len(base.layers)
     if unfreeze_at is None:
         names = [layer.name for layer in base.layers]
+        if spec.unfreeze_after not in names:  # a Keras release renamed the layer
+            raise InvalidInputError(
+                f"{spec.name} has no layer named {spec.unfreeze_after!r} in this Keras version; "
+                f"pass the unfreeze point as a layer index. Received: unfreeze_at=None"
+            )
         return names.index(spec.unfreeze_after) + 1
     if not 0 <= unfreeze_at <= n_layers:
         raise InvalidInputError(

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
-
-import tensorflow as tf
+from typing import TYPE_CHECKING
 
 from edgeclf.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multiworker")
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
+def make_strategy(name: str) -> "tf.distribute.Strategy":
     """Create a distribution strategy by name.
 
     - ``default``: one device (TensorFlow's default strategy).
@@ -24,6 +26,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
     The batch size given to training is the global batch, split across replicas.
     """
+    import tensorflow as tf
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -41,3 +44,14 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
                 raise InvalidInputError(f"TF_CONFIG is not valid JSON ({exc}). Received: {config[:200]!r}") from None
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise InvalidInputError(f"unknown strategy {name!r}; expected one of {list(STRATEGIES)}.")
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes outputs: always, except non-chief multi-worker tasks."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0

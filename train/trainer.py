@@ -33,7 +33,7 @@ from edgeclf.train import model as model_lib
 from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
 from edgeclf.train.data import ImageSet, LabelMap, load_dataset, split_stratified
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
-from edgeclf.train.strategy import make_strategy
+from edgeclf.train.strategy import STRATEGIES, is_chief, make_strategy
 
 #: Training images used to (re-)estimate BatchNormalization statistics.
 BN_CALIBRATION_IMAGES = 512
@@ -96,6 +96,14 @@ class TrainConfig:
                 raise InvalidInputError(f"{name} must be > 0. Received: {getattr(self, name)}")
         if self.class_weights not in (None, "balanced"):
             raise InvalidInputError(f"class_weights must be None or 'balanced'. Received: {self.class_weights!r}")
+        if self.val_data is None and not 0.0 < self.val_split < 1.0:
+            raise InvalidInputError(f"val_split must be between 0 and 1 (exclusive). Received: {self.val_split}")
+        if self.strategy not in STRATEGIES:
+            raise InvalidInputError(f"strategy must be one of {list(STRATEGIES)}. Received: {self.strategy!r}")
+        if self.unfreeze_at is not None and self.unfreeze_at < 0:
+            raise InvalidInputError(f"unfreeze_at must be a layer index >= 0. Received: {self.unfreeze_at}")
+        if self.augment_flip and not self.augment:
+            raise InvalidInputError("augment_flip (--augment-flip) needs augment (--augment). Received: augment=False")
         check_output_dir(self.out, self.overwrite)
 
 
@@ -106,7 +114,8 @@ def _log(message: str) -> None:
 def _load(source: Any, size: tuple[int, int], strict: bool) -> ImageSet:
     if isinstance(source, ImageSet):
         if source.images.shape[1:3] != size:
-            raise DataError(f"ImageSet images are {source.images.shape[1:3]}; the model takes {size}.")
+            raise DataError(f"ImageSet images must be {size} (height, width) for this model. "
+                            f"Received: {source.images.shape[1:3]}")
         return source
     return load_dataset(source, size, strict)
 
@@ -203,8 +212,86 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def train(cfg: TrainConfig) -> Bundle:
+def _prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, LabelMap, list]:
+    """Load, check and split the data; returns (train, validation, label map, skipped)."""
+    size = cfg.size
+    _log(f"loading data from {cfg.data if not isinstance(cfg.data, ImageSet) else 'arrays'} at {size[0]}x{size[1]}")
+    data = _load(cfg.data, size, cfg.strict)
+    if cfg.val_data is None:
+        label_map = LabelMap.from_values(data.all_labels, cfg.labels)
+        data.check_classes(label_map)
+        train_set, val_set = split_stratified(data, cfg.val_split, cfg.seed)
+    else:
+        train_set, val_set = data, _load(cfg.val_data, size, cfg.strict)
+        label_map = LabelMap.from_values(train_set.all_labels + val_set.all_labels, cfg.labels)
+        train_set.check_classes(label_map, "the training data")
+    _log(f"{len(train_set)} training and {len(val_set)} validation images; labels {list(label_map.labels)}")
+    return train_set, val_set, label_map, data.skipped + (val_set.skipped if cfg.val_data is not None else [])
+
+
+def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_weight, augment, verbose):
+    """Phase 1: the head learns on a frozen backbone; on cached features where possible."""
+    model_lib.freeze_backbone(model)
+    t0 = time.perf_counter()
+    if cfg.cache_features and augment is None:
+        _log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images")
+        extractor = model_lib.feature_extractor(model)
+        f_train = extractor.predict(_pixels(train_set.images, cfg.batch_size), verbose=verbose)
+        f_val = extractor.predict(_pixels(val_set.images, cfg.batch_size), verbose=0)
+        t_features = time.perf_counter() - t0
+        head = model_lib.head_model(model)
+        model_lib.compile_model(head, cfg.lr_frozen)
+        _log(f"phase 1: training the head on cached features (lr={cfg.lr_frozen})")
+        history = head.fit(
+            f_train, y_train, validation_data=(f_val, y_val), epochs=cfg.epochs_frozen,
+            batch_size=cfg.batch_size, class_weight=class_weight,
+            callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
+        )
+        extra = {"feature_cache": True, "feature_seconds": round(t_features, 2)}
+    else:
+        model_lib.compile_model(model, cfg.lr_frozen)
+        _log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
+        history = model.fit(
+            _training_data(train_set.images, y_train, cfg, augment), validation_data=val_ds,
+            epochs=cfg.epochs_frozen, class_weight=class_weight, shuffle=False,
+            callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
+        )
+        extra = {"feature_cache": False}
+    return _phase_record(history, time.perf_counter() - t0, name="frozen", learning_rate=cfg.lr_frozen, **extra)
+
+
+def _train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_ds, class_weight, augment,
+                    verbose):
+    """Phase 2: the top of the backbone learns at a low learning rate."""
+    model_lib.unfreeze_top(model, unfreeze_index, cfg.train_batchnorm)
+    model_lib.compile_model(model, cfg.lr_finetune)
+    bn_mode = "on batch statistics" if cfg.train_batchnorm else "in inference mode"
+    last = len(model_lib.backbone_of(model).layers) - 1
+    _log(f"phase 2: fine-tuning backbone layers {unfreeze_index}..{last} "
+         f"(lr={cfg.lr_finetune}, BatchNormalization {bn_mode})")
+    callbacks: list[keras.callbacks.Callback] = [_early_stopping(cfg.patience)]
+    if cfg.train_batchnorm:
+        # Moving averages lag the changing weights: validate on fresh statistics.
+        callbacks.insert(0, _CalibrateThenValidate(calib, val_ds, cfg.batch_size))
+    t0 = time.perf_counter()
+    history = model.fit(
+        _training_data(train_set.images, y_train, cfg, augment),
+        validation_data=None if cfg.train_batchnorm else val_ds,
+        epochs=cfg.epochs_finetune, class_weight=class_weight, callbacks=callbacks,
+        shuffle=False, verbose=verbose,  # the dataset shuffles itself, seeded
+    )
+    return _phase_record(
+        history, time.perf_counter() - t0, name="finetune", learning_rate=cfg.lr_finetune,
+        unfreeze_at=unfreeze_index,
+        batchnorm="batch statistics, re-estimated each epoch" if cfg.train_batchnorm else "inference mode",
+    )
+
+
+def train(cfg: TrainConfig) -> Bundle | None:
     """Train, evaluate and write a bundle. Returns the written :class:`Bundle`.
+
+    Under ``strategy="multiworker"`` only the chief writes the bundle; the other
+    workers return ``None``.
 
     Raises:
         InvalidInputError, DataError, WeightsError, WeightsUnavailableError,
@@ -212,26 +299,14 @@ def train(cfg: TrainConfig) -> Bundle:
 
     Example:
         >>> bundle = train(TrainConfig("digits", "runs/digits", image_size=75, weights=None))
-        >>> bundle.meta["metrics"]["accuracy"]
+        >>> bundle.meta["metrics"]["validation"]["accuracy"]
     """
     started = time.perf_counter()
     cfg.check()
     verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
     spec = get_backbone(cfg.backbone)
-    size = cfg.size
-
-    _log(f"loading data from {cfg.data if not isinstance(cfg.data, ImageSet) else 'arrays'} at {size[0]}x{size[1]}")
-    data = _load(cfg.data, size, cfg.strict)
-    if cfg.val_data is None:
-        data.check_classes(LabelMap.from_values(data.values, cfg.labels))
-        train_set, val_set = split_stratified(data, cfg.val_split, cfg.seed)
-        label_map = LabelMap.from_values(data.values, cfg.labels)
-    else:
-        train_set, val_set = data, _load(cfg.val_data, size, cfg.strict)
-        label_map = LabelMap.from_values(np.concatenate([train_set.values, val_set.values]), cfg.labels)
-        train_set.check_classes(label_map, "the training data")
+    train_set, val_set, label_map, skipped = _prepare_data(cfg)
     y_train, y_val = label_map.encode(train_set.values), label_map.encode(val_set.values)
-    _log(f"{len(train_set)} training and {len(val_set)} validation images; labels {list(label_map.labels)}")
 
     keras.utils.set_random_seed(cfg.seed)
     strategy = make_strategy(cfg.strategy)
@@ -241,71 +316,24 @@ def train(cfg: TrainConfig) -> Bundle:
 
         weights = compute_class_weight("balanced", classes=np.arange(len(label_map.labels)), y=y_train)
         class_weight = {i: float(w) for i, w in enumerate(weights)}
-
     augment = _augmenter(cfg.augment_flip) if cfg.augment else None
     val_ds = _validation_data(val_set.images, y_val, cfg.batch_size)
+    rng = np.random.default_rng(cfg.seed)
+    calib = train_set.images[np.sort(rng.choice(len(train_set), min(len(train_set), BN_CALIBRATION_IMAGES),
+                                                replace=False))]
     phases: list[dict[str, Any]] = []
     with strategy.scope():
-        model = model_lib.build_model(len(label_map.labels), size, cfg.backbone, cfg.weights)
-        base = model_lib.backbone_of(model)
-        unfreeze_index = model_lib.resolve_unfreeze_index(base, spec, cfg.unfreeze_at)
-        n_calib = min(len(train_set), BN_CALIBRATION_IMAGES)
-        calib = train_set.images[np.sort(np.random.default_rng(cfg.seed).choice(len(train_set), n_calib, replace=False))]
+        model = model_lib.build_model(len(label_map.labels), cfg.size, cfg.backbone, cfg.weights)
+        unfreeze_index = model_lib.resolve_unfreeze_index(model_lib.backbone_of(model), spec, cfg.unfreeze_at)
         if model_lib.resolve_weights(cfg.weights) is None:
-            _log(f"random backbone: estimating BatchNormalization statistics from {n_calib} training images")
+            _log(f"random backbone: estimating BatchNormalization statistics from {len(calib)} training images")
             model_lib.calibrate_batchnorm(model, calib, cfg.batch_size)
-
         if cfg.epochs_frozen > 0:
-            model_lib.freeze_backbone(model)
-            t0 = time.perf_counter()
-            if cfg.cache_features and augment is None:
-                _log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images")
-                extractor = model_lib.feature_extractor(model)
-                f_train = extractor.predict(_pixels(train_set.images, cfg.batch_size), verbose=verbose)
-                f_val = extractor.predict(_pixels(val_set.images, cfg.batch_size), verbose=0)
-                t_features = time.perf_counter() - t0
-                head = model_lib.head_model(model)
-                model_lib.compile_model(head, cfg.lr_frozen)
-                _log(f"phase 1: training the head on cached features (lr={cfg.lr_frozen})")
-                history = head.fit(
-                    f_train, y_train, validation_data=(f_val, y_val), epochs=cfg.epochs_frozen,
-                    batch_size=cfg.batch_size, class_weight=class_weight,
-                    callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
-                )
-                extra = {"feature_cache": True, "feature_seconds": round(t_features, 2)}
-            else:
-                model_lib.compile_model(model, cfg.lr_frozen)
-                _log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
-                history = model.fit(
-                    _training_data(train_set.images, y_train, cfg, augment), validation_data=val_ds,
-                    epochs=cfg.epochs_frozen, class_weight=class_weight, shuffle=False,
-                    callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
-                )
-                extra = {"feature_cache": False}
-            phases.append(_phase_record(history, time.perf_counter() - t0, name="frozen",
-                                        learning_rate=cfg.lr_frozen, **extra))
-
+            phases.append(_train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds,
+                                        class_weight, augment, verbose))
         if cfg.epochs_finetune > 0:
-            model_lib.unfreeze_top(model, unfreeze_index, cfg.train_batchnorm)
-            model_lib.compile_model(model, cfg.lr_finetune)
-            bn_mode = "on batch statistics" if cfg.train_batchnorm else "in inference mode"
-            _log(f"phase 2: fine-tuning backbone layers {unfreeze_index}..{len(base.layers) - 1} "
-                 f"(lr={cfg.lr_finetune}, BatchNormalization {bn_mode})")
-            callbacks = [_early_stopping(cfg.patience)]
-            if cfg.train_batchnorm:
-                # Moving averages lag the changing weights: validate on fresh statistics.
-                callbacks.insert(0, _CalibrateThenValidate(calib, val_ds, cfg.batch_size))
-            t0 = time.perf_counter()
-            history = model.fit(
-                _training_data(train_set.images, y_train, cfg, augment),
-                validation_data=None if cfg.train_batchnorm else val_ds,
-                epochs=cfg.epochs_finetune, class_weight=class_weight, callbacks=callbacks,
-                shuffle=False, verbose=verbose,  # the dataset shuffles itself, seeded
-            )
-            phases.append(_phase_record(history, time.perf_counter() - t0, name="finetune",
-                                        learning_rate=cfg.lr_finetune, unfreeze_at=unfreeze_index,
-                                        batchnorm="batch statistics, re-estimated each epoch"
-                                        if cfg.train_batchnorm else "inference mode"))
+            phases.append(_train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_ds,
+                                          class_weight, augment, verbose))
         # The saved model is for inference: frozen, and compiled afresh so that it does
         # not carry the optimizer's moments (twice the weights' size) into the bundle.
         model_lib.freeze_backbone(model)
@@ -314,8 +342,11 @@ def train(cfg: TrainConfig) -> Bundle:
     logits = predict_logits(model, val_set.images, cfg.batch_size)
     metrics = classification_metrics(val_set.values, label_map.decode(logits.argmax(axis=1)), label_map.labels)
     _log(f"validation: {format_metrics(metrics)}")
+    if not is_chief(strategy):
+        _log("not the chief worker: leaving the bundle to the chief")
+        return None
 
-    meta = _bundle_meta(cfg, spec, model, label_map, train_set, val_set, data, unfreeze_index, phases,
+    meta = _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfreeze_index, phases,
                         metrics, strategy)
     with staged_directory(cfg.out, overwrite=cfg.overwrite) as stage:
         model.save(stage / MODEL_FILE)
@@ -327,15 +358,15 @@ def train(cfg: TrainConfig) -> Bundle:
     return Bundle.load(cfg.out)
 
 
-def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, data, unfreeze_index, phases,
+def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfreeze_index, phases,
                  metrics, strategy) -> dict[str, Any]:
     height, width = cfg.size
     weights = model_lib.resolve_weights(cfg.weights)
     if weights not in (None, "imagenet"):
         weights = {"file": Path(weights).name, "sha256": _sha256(Path(weights))}
-    settings = {
-        k: v for k, v in dataclasses.asdict(cfg).items()
-        if k not in ("data", "val_data", "out", "weights", "verbose", "image_size")
+    settings = {  # plain fields only: asdict() would deep-copy an ImageSet's pixels
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+        if f.name not in ("data", "val_data", "out", "weights", "verbose", "image_size")
     }
     settings["labels"] = list(label_map.labels)
     return {
@@ -373,7 +404,7 @@ def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, data, unfreeze
                 "validation": "split" if cfg.val_data is None else str(cfg.val_data),
                 "train_images": len(train_set), "val_images": len(val_set),
                 "class_counts": {str(v): int(np.sum(train_set.values == v)) for v in label_map.labels},
-                "skipped_images": [{"source": s, "reason": r} for s, r in data.skipped + val_set.skipped],
+                "skipped_images": [{"source": s, "reason": r} for s, r in skipped],
             },
         },
         "metrics": {"validation": metrics},
