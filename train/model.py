@@ -232,6 +232,17 @@ def calibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int 
             layer.trainable = trainable
 
 
+def inference_copy(model: keras.Model) -> keras.Model:
+    """An uncompiled copy of ``model`` with the same weights, for saving.
+
+    A compiled model would carry its optimizer into ``model.keras``, and Keras then
+    warns on every load that the optimizer's variables do not match.
+    """
+    copy = keras.Model.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def compile_model(model: keras.Model, learning_rate: float) -> None:
     """Compile with Adam and the from-logits loss the linear head needs."""
     model.compile(

@@ -334,10 +334,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
         if cfg.epochs_finetune > 0:
             phases.append(_train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_ds,
                                           class_weight, augment, verbose))
-        # The saved model is for inference: frozen, and compiled afresh so that it does
-        # not carry the optimizer's moments (twice the weights' size) into the bundle.
         model_lib.freeze_backbone(model)
-        model_lib.compile_model(model, cfg.lr_finetune)
 
     logits = predict_logits(model, val_set.images, cfg.batch_size)
     metrics = classification_metrics(val_set.values, label_map.decode(logits.argmax(axis=1)), label_map.labels)
@@ -349,7 +346,8 @@ def train(cfg: TrainConfig) -> Bundle | None:
     meta = _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfreeze_index, phases,
                         metrics, strategy)
     with staged_directory(cfg.out, overwrite=cfg.overwrite) as stage:
-        model.save(stage / MODEL_FILE)
+        # For inference: uncompiled, so no optimizer state (twice the weights' size).
+        model_lib.inference_copy(model).save(stage / MODEL_FILE)
         save_confusion_png(metrics["confusion_matrix"], stage / CONFUSION_PNG, "validation")
         meta["model"]["sha256"] = _sha256(stage / MODEL_FILE)
         meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 2)
