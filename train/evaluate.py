@@ -14,6 +14,13 @@ from edgeclf.train.data import LabelMap, load_dataset
 from edgeclf.train.metrics import classification_metrics, save_confusion_png
 
 
+def predict_logits(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits of the Keras model for uint8 RGB images (the reference every artifact meets)."""
+    from edgeclf.train.pipeline import pixel_batches
+
+    return np.asarray(model.predict(pixel_batches(images, batch_size), verbose=0))
+
+
 def load_keras_model(bundle: Bundle):
     """Load the bundle's ``model.keras``, with a typed error if it is missing or corrupt."""
     import keras
@@ -38,8 +45,6 @@ def evaluate_bundle(
         BundleError: the bundle is missing or corrupt.
         DataError: the data cannot be read or holds labels the model does not know.
     """
-    from edgeclf.train.trainer import predict_logits
-
     bundle = Bundle.load(bundle_path)
     model = load_keras_model(bundle)
     images = load_dataset(data, bundle.image_size, strict)

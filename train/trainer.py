@@ -32,6 +32,8 @@ from edgeclf.images import DECODE_SPEC
 from edgeclf.train import model as model_lib
 from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
 from edgeclf.train.data import ImageSet, LabelMap, load_dataset, split_stratified
+from edgeclf.train.evaluate import predict_logits
+from edgeclf.train.pipeline import augmenter, pixel_batches, training_batches, validation_batches
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
 from edgeclf.train.strategy import STRATEGIES, is_chief, make_strategy
 
@@ -120,45 +122,6 @@ def _load(source: Any, size: tuple[int, int], strict: bool) -> ImageSet:
     return load_dataset(source, size, strict)
 
 
-def _pixels(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """uint8 images -> batches of float32 pixels, cast per batch to keep memory small."""
-    return (
-        tf.data.Dataset.from_tensor_slices(images)
-        .batch(batch_size)
-        .map(lambda x: tf.cast(x, tf.float32), num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-
-
-def _augmenter(flip: bool) -> keras.Sequential:
-    """Small geometric jitter; flips only on request (a flipped 2 is not a 2)."""
-    layers = [
-        keras.layers.RandomRotation(0.04, fill_mode="nearest"),
-        keras.layers.RandomZoom(0.1, fill_mode="nearest"),
-        keras.layers.RandomTranslation(0.08, 0.08, fill_mode="nearest"),
-    ]
-    if flip:
-        layers.insert(0, keras.layers.RandomFlip("horizontal"))
-    return keras.Sequential(layers, name="augment")
-
-
-def _training_data(
-    images: np.ndarray, y: np.ndarray, cfg: TrainConfig, augment: keras.Sequential | None
-) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((images, y)).shuffle(
-        len(y), seed=cfg.seed, reshuffle_each_iteration=True
-    ).batch(cfg.batch_size)
-    ds = ds.map(lambda x, t: (tf.cast(x, tf.float32), t), num_parallel_calls=tf.data.AUTOTUNE)
-    if augment is not None:
-        ds = ds.map(lambda x, t: (augment(x, training=True), t), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _validation_data(images: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((images, y)).batch(batch_size)
-    return ds.map(lambda x, t: (tf.cast(x, tf.float32), t)).prefetch(tf.data.AUTOTUNE)
-
-
 def _early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
     return keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=patience, restore_best_weights=True, verbose=0
@@ -199,11 +162,6 @@ def _phase_record(history: keras.callbacks.History, seconds: float, **extra: Any
     return record
 
 
-def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits for uint8 images (the Keras reference path)."""
-    return np.asarray(model.predict(_pixels(images, batch_size), verbose=0))
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -236,8 +194,8 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
     if cfg.cache_features and augment is None:
         _log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images")
         extractor = model_lib.feature_extractor(model)
-        f_train = extractor.predict(_pixels(train_set.images, cfg.batch_size), verbose=verbose)
-        f_val = extractor.predict(_pixels(val_set.images, cfg.batch_size), verbose=0)
+        f_train = extractor.predict(pixel_batches(train_set.images, cfg.batch_size), verbose=verbose)
+        f_val = extractor.predict(pixel_batches(val_set.images, cfg.batch_size), verbose=0)
         t_features = time.perf_counter() - t0
         head = model_lib.head_model(model)
         model_lib.compile_model(head, cfg.lr_frozen)
@@ -252,7 +210,7 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
         model_lib.compile_model(model, cfg.lr_frozen)
         _log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
         history = model.fit(
-            _training_data(train_set.images, y_train, cfg, augment), validation_data=val_ds,
+            training_batches(train_set.images, y_train, cfg.batch_size, cfg.seed, augment), validation_data=val_ds,
             epochs=cfg.epochs_frozen, class_weight=class_weight, shuffle=False,
             callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
         )
@@ -275,7 +233,7 @@ def _train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_d
         callbacks.insert(0, _CalibrateThenValidate(calib, val_ds, cfg.batch_size))
     t0 = time.perf_counter()
     history = model.fit(
-        _training_data(train_set.images, y_train, cfg, augment),
+        training_batches(train_set.images, y_train, cfg.batch_size, cfg.seed, augment),
         validation_data=None if cfg.train_batchnorm else val_ds,
         epochs=cfg.epochs_finetune, class_weight=class_weight, callbacks=callbacks,
         shuffle=False, verbose=verbose,  # the dataset shuffles itself, seeded
@@ -316,8 +274,8 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
         weights = compute_class_weight("balanced", classes=np.arange(len(label_map.labels)), y=y_train)
         class_weight = {i: float(w) for i, w in enumerate(weights)}
-    augment = _augmenter(cfg.augment_flip) if cfg.augment else None
-    val_ds = _validation_data(val_set.images, y_val, cfg.batch_size)
+    augment = augmenter(cfg.augment_flip) if cfg.augment else None
+    val_ds = validation_batches(val_set.images, y_val, cfg.batch_size)
     rng = np.random.default_rng(cfg.seed)
     calib = train_set.images[np.sort(rng.choice(len(train_set), min(len(train_set), BN_CALIBRATION_IMAGES),
                                                 replace=False))]
