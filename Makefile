@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make demo   the main job end to end on the bundled real dataset (digits)
+#   make demo   the main job end to end on the bundled real dataset (digits):
+#               write it as PNGs, train, evaluate, export to ONNX FP32/FP16/INT8 and validate
 #   make test   the test suite
 # Both create .venv and install what they need on first use.
 
@@ -20,7 +21,7 @@ DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --trai
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[train,test]"
+	$(PY) -m pip install -e ".[export,test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,6 +31,7 @@ demo: install
 	$(EDGECLF) train $(DEMO_DIR)/data/train --out $(DEMO_DIR)/bundle --overwrite \
 	    --image-size $(IMAGE_SIZE) --weights $(WEIGHTS) $(DEMO_TRAIN_ARGS)
 	$(EDGECLF) evaluate $(DEMO_DIR)/bundle $(DEMO_DIR)/data/test --report $(DEMO_DIR)/report
+	$(EDGECLF) export $(DEMO_DIR)/bundle --format all
 	@echo "bundle: $(DEMO_DIR)/bundle   report: $(DEMO_DIR)/report"
 
 test: install

@@ -99,6 +99,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from edgeclf.export import ExportOptions, export_bundle
+
+    options = ExportOptions(opset=args.opset, calibration_images=args.calibration_images,
+                            calibration_method=args.calibration_method,
+                            int8_reduce_range=not args.full_range_int8, validate=not args.no_validate,
+                            data=args.data)
+    records = export_bundle(args.bundle, args.format, options)
+    print(f"{'format':<11} {'file':<18} {'MB':>7} {'build s':>8} {'max|diff|':>10} {'agree':>7} "
+          f"{'acc':>7} {'acc diff':>8}  status")
+    for r in records:
+        v = r["validation"] or {}
+        figures = (f"{v['max_abs_logit_diff']:>10.3g} {v['top1_agreement']:>7.4f} {v['accuracy']:>7.4f} "
+                   f"{v['accuracy_delta']:>+8.4f}") if v else f"{'-':>10} {'-':>7} {'-':>7} {'-':>8}"
+        print(f"{r['format']:<11} {r['file']:<18} {r['size_bytes'] / 1e6:>7.1f} {r['build_seconds']:>8.1f} "
+              f"{figures}  {r['status']}")
+    return 0
+
+
 def cmd_dataset(args: argparse.Namespace) -> int:
     from edgeclf.train.data import write_digits_folder
 
@@ -110,6 +130,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from edgeclf.train.backbones import BACKBONES  # plain data, no TensorFlow
     from edgeclf.train.strategy import STRATEGIES  # imports TensorFlow only when called
+    from edgeclf.export.formats import FORMATS  # plain data
+    from edgeclf.export.onnx_int8 import CALIBRATION_METHODS  # numpy only at import
 
     parser = argparse.ArgumentParser(
         prog="edgeclf",
@@ -161,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a bundle to ONNX (FP32, FP16, INT8), each validated against Keras",
+                       description="Writes each artifact into the bundle directory, validates it on the images "
+                                   "training held out and records it in bundle.json.")
+    p.add_argument("bundle", help="bundle directory written by 'edgeclf train'")
+    p.add_argument("--format", default="all",
+                   help=f"comma-separated list of {', '.join(FORMATS)}, or 'all' (default)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--calibration-images", type=int, default=300,
+                   help="training images used to calibrate INT8 (default 300)")
+    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax")
+    p.add_argument("--full-range-int8", action="store_true",
+                   help="8-bit INT8 weights (default 7-bit: exact on x86 CPUs without VNNI)")
+    p.add_argument("--data", default=None,
+                   help="labelled images for calibration and validation instead of the bundle's training data")
+    p.add_argument("--no-validate", action="store_true", help="skip validation against Keras (not recommended)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dataset", help="write a bundled real dataset as image files",
                        description="Write scikit-learn's handwritten digits as PNG files in "

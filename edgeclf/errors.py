@@ -47,6 +47,10 @@ class BackendUnavailableError(EdgeclfError, ImportError):
     """An optional library needed for the requested work is not installed."""
 
 
+class ConversionError(EdgeclfError, RuntimeError):
+    """A converter (tf2onnx, onnxconverter-common, a quantizer, a builder) failed."""
+
+
 class ValidationError(EdgeclfError):
     """An exported artifact disagrees with the reference model beyond tolerance."""
 

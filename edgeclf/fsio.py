@@ -8,6 +8,7 @@ place, which POSIX makes atomic within one filesystem.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -117,3 +118,12 @@ def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

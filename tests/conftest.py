@@ -77,3 +77,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
         env=full_env, timeout=timeout,
     )
 
+
+
+@pytest.fixture(scope="session")
+def accurate_bundle(noncontiguous_dir, tmp_path_factory):
+    """A well-separated model for export checks: InceptionV3 trained from scratch.
+
+    A barely trained model has near-tied logits, where any FP16 or INT8 rounding flips
+    the top-1 answer; a deployed model is not like that, so export is tested on one
+    that has learnt its task (the same recipe as the main job).
+    """
+    from edgeclf.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bundles") / "accurate"
+    return train(TrainConfig(
+        data=noncontiguous_dir, out=out, image_size=SIZE, weights=None, epochs_frozen=1,
+        epochs_finetune=3, unfreeze_at=0, train_batchnorm=True, lr_finetune=1e-3, batch_size=32,
+        seed=0, verbose=0,
+    ))

@@ -118,3 +118,8 @@ def test_cli_train_and_evaluate(tmp_path, noncontiguous_dir):
     out = run_cli("evaluate", str(tmp_path / "b"), str(noncontiguous_dir), "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"accuracy"' in out.stdout
+
+
+def test_export_unknown_format(capsys, tmp_path):
+    line = _error_line(capsys, ["export", str(tmp_path), "--format", "onnx,coreml"])
+    assert "['coreml']" in line and "onnx-int8" in line

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import tensorflow as tf
 import edgeclf
 from edgeclf.bundle import BUNDLE_FORMAT, CONFUSION_PNG, MODEL_FILE, Bundle
 from edgeclf.errors import DataError, InvalidInputError
-from edgeclf.fsio import check_output_dir, staged_directory
+from edgeclf.fsio import check_output_dir, sha256_file, staged_directory
 from edgeclf.images import DECODE_SPEC
 from edgeclf.train import model as model_lib
 from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
@@ -160,14 +159,6 @@ def _phase_record(history: keras.callbacks.History, seconds: float, **extra: Any
     }
     record.update(extra)
     return record
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, LabelMap, list]:
@@ -307,7 +298,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
         # For inference: uncompiled, so no optimizer state (twice the weights' size).
         model_lib.inference_copy(model).save(stage / MODEL_FILE)
         save_confusion_png(metrics["confusion_matrix"], stage / CONFUSION_PNG, "validation")
-        meta["model"]["sha256"] = _sha256(stage / MODEL_FILE)
+        meta["model"]["sha256"] = sha256_file(stage / MODEL_FILE)
         meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 2)
         Bundle(stage, meta).save()
     _log(f"wrote bundle {cfg.out} in {meta['training']['wall_seconds']:.1f} s")
@@ -319,7 +310,7 @@ def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfre
     height, width = cfg.size
     weights = model_lib.resolve_weights(cfg.weights)
     if weights not in (None, "imagenet"):
-        weights = {"file": Path(weights).name, "sha256": _sha256(Path(weights))}
+        weights = {"file": Path(weights).name, "sha256": sha256_file(Path(weights))}
     settings = {  # plain fields only: asdict() would deep-copy an ImageSet's pixels
         f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
         if f.name not in ("data", "val_data", "out", "weights", "verbose", "image_size")

@@ -1,0 +1,24 @@
+"""Export: ONNX FP32 (tf2onnx), FP16 and INT8, each validated against the Keras model.
+
+Needs ``pip install 'edgeclf[export]'``. Names are imported on first use, so the CLI's
+help can read the format list without TensorFlow.
+
+Example:
+    >>> from edgeclf.export import export_bundle
+    >>> records = export_bundle("runs/digits", "onnx,onnx-int8")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"ExportOptions": "exporter", "export_bundle": "exporter", "FORMATS": "formats",
+            "parse_formats": "formats"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'edgeclf.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"edgeclf.export.{_EXPORTS[name]}"), name)

@@ -1,0 +1,177 @@
+"""``export_bundle``: build each requested artifact, validate it against Keras, record it.
+
+Every artifact is written atomically into the bundle directory; its entry in
+``bundle.json`` (file, sha256, size, precision, validation figures, tool versions,
+build time) is saved as soon as it is done, so an interrupted export keeps what it
+finished. An artifact that fails validation is renamed ``*.unvalidated.onnx`` (kept for
+inspection, never picked up as the artifact) and all failures are raised together.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import importlib.metadata
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeclf.bundle import Bundle
+from edgeclf.errors import BackendUnavailableError, DataError, InvalidInputError, ValidationError
+from edgeclf.export.formats import ExportFormat, parse_formats
+from edgeclf.export.validate import TOLERANCES, Tolerance, compare, format_check, onnx_logits
+from edgeclf.fsio import sha256_file
+
+#: Fewer calibration images than this give a warning: activation ranges get noisy.
+MIN_CALIBRATION_IMAGES = 100
+TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime")
+
+
+@dataclass
+class ExportOptions:
+    opset: int = 17
+    calibration_images: int = 300
+    calibration_method: str = "minmax"
+    int8_reduce_range: bool = True  # 7-bit weights: exact on CPUs without VNNI (see onnx_int8)
+    validate: bool = True
+    data: str | Path | None = None  # labelled images instead of the bundle's own
+    tolerances: dict[str, Tolerance] | None = None  # per precision; defaults: validate.TOLERANCES
+
+
+def _log(message: str) -> None:
+    print(f"[edgeclf] {message}", file=sys.stderr, flush=True)
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _check_modules(formats: list[ExportFormat]) -> None:
+    for fmt in formats:
+        missing = [m for m in fmt.modules if not _importable(m)]
+        if missing:
+            raise BackendUnavailableError(
+                f"format {fmt.name!r} needs {missing}, which are not installed; "
+                f"install them with: pip install 'edgeclf[{fmt.extra}]'"
+            )
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {}
+    for package in TOOL_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.ndarray) -> dict[str, Callable]:
+    from edgeclf.export.onnx_fp16 import onnx_to_fp16
+    from edgeclf.export.onnx_fp32 import keras_to_onnx
+    from edgeclf.export.onnx_int8 import onnx_to_int8
+
+    fp32 = bundle.path / "model.onnx"
+    return {
+        "onnx": lambda out: keras_to_onnx(model, bundle, out, options.opset),
+        "onnx-fp16": lambda out: onnx_to_fp16(fp32, out),
+        "onnx-int8": lambda out: onnx_to_int8(fp32, out, calibration, options.calibration_method,
+                                              options.int8_reduce_range),
+    }
+
+
+def _calibration_images(calibration, count: int) -> np.ndarray:
+    if count < 1:
+        raise InvalidInputError(f"calibration image count must be >= 1. Received: {count}")
+    if len(calibration) == 0:
+        raise DataError("no calibration images: the training data holds none. Pass --data with labelled images.")
+    n = min(count, len(calibration))
+    if n < MIN_CALIBRATION_IMAGES:
+        warnings.warn(f"calibrating INT8 on only {n} images; {MIN_CALIBRATION_IMAGES}+ give steadier ranges.",
+                      stacklevel=3)
+    # A reproducible random sample of the training images.
+    idx = np.random.default_rng(0).permutation(len(calibration))[:n]
+    return calibration.images[np.sort(idx)]
+
+
+def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
+                  options: ExportOptions | None = None) -> list[dict[str, Any]]:
+    """Export the bundle to ``formats``, validate each artifact and record it in bundle.json.
+
+    Returns:
+        The artifact records written to ``bundle.json["artifacts"]``, in build order.
+
+    Raises:
+        InvalidInputError: an unknown format name (the message lists the valid ones).
+        BackendUnavailableError: a converter library is missing (names the extra).
+        BundleError, DataError: the bundle or its images cannot be read.
+        ConversionError: a converter failed (carries its message).
+        ValidationError: one or more artifacts disagree with Keras beyond tolerance.
+    """
+    from edgeclf.export.reference import reference_sets
+    from edgeclf.train.evaluate import load_keras_model, predict_logits
+
+    options = options or ExportOptions()
+    wanted = parse_formats(formats)
+    _check_modules(wanted)
+    bundle = Bundle.load(bundle_path)
+    model = load_keras_model(bundle)
+    calibration, heldout = reference_sets(bundle, options.data)
+    calib_images = _calibration_images(calibration, options.calibration_images) \
+        if any(f.name == "onnx-int8" for f in wanted) else None
+    reference = predict_logits(model, heldout.images) if options.validate else None
+    builders = _builders(model, bundle, options, calib_images)
+    # FP16 and INT8 are made from the FP32 ONNX: build it first even if not asked for.
+    if any(f.name != "onnx" for f in wanted) and not any(f.name == "onnx" for f in wanted):
+        wanted.insert(0, parse_formats("onnx")[0])
+
+    records, failures = [], []
+    for fmt in wanted:
+        out = bundle.path / fmt.filename
+        _log(f"exporting {fmt.name} -> {out.name}")
+        started = time.perf_counter()
+        builders[fmt.name](out)
+        record = {
+            "file": fmt.filename, "format": fmt.name, "precision": fmt.precision,
+            "size_bytes": out.stat().st_size, "sha256": sha256_file(out),
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "opset": options.opset, "tools": _tool_versions(),
+        }
+        if fmt.name == "onnx-int8":
+            record["calibration"] = {"images": int(len(calib_images)), "method": options.calibration_method,
+                                     "reduce_range": options.int8_reduce_range}
+        if options.validate:
+            logits, label_out = onnx_logits(out, heldout.images)
+            tolerance = (options.tolerances or TOLERANCES).get(fmt.precision, TOLERANCES[fmt.precision])
+            report = compare(fmt.precision, logits, label_out, reference, heldout.values, bundle.labels,
+                             tolerance)
+            for check in report["checks"]:
+                _log(format_check(fmt.name, check))
+            record["validation"] = report
+            record["status"] = "validated" if report["passed"] else "failed-validation"
+            if not report["passed"]:
+                kept = out.with_name(out.name.replace(".onnx", ".unvalidated.onnx"))
+                os.replace(out, kept)
+                record["file"] = kept.name
+                failed = [c["check"] for c in report["checks"] if not c["passed"]]
+                failures.append(f"{fmt.name}: {', '.join(failed)} (kept as {kept.name})")
+        else:
+            record["validation"] = None
+            record["status"] = "unvalidated"
+        bundle.meta.setdefault("artifacts", {})[fmt.name] = record
+        bundle.save()
+        records.append(record)
+    if failures:
+        raise ValidationError("artifacts failed validation against the Keras model: " + "; ".join(failures))
+    return records

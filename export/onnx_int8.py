@@ -1,0 +1,84 @@
+"""ONNX FP32 -> INT8 by static QDQ quantization, calibrated on real training images."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edgeclf.errors import ConversionError, InvalidInputError
+from edgeclf.export.metadata import read_onnx_metadata, set_onnx_metadata
+from edgeclf.export.onnx_fp32 import preprocessing_nodes
+from edgeclf.fsio import atomic_path
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+class _ImageReader:
+    """onnxruntime's CalibrationDataReader over uint8 images, in small batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16):
+        self._batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {"pixels": batch}
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs advice through the root logger at WARNING."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: str = "minmax",
+                 reduce_range: bool = True) -> None:
+    """Quantize ``src`` to ``out``: QDQ format, per-channel INT8 weights, INT8 activations.
+
+    Args:
+        calibration_images: uint8 [N, H, W, 3] real images the activation ranges come from.
+        method: "minmax", "entropy" or "percentile" (onnxruntime's calibrators).
+        reduce_range: quantize weights to 7 bits. x86 CPUs without VNNI (AVX2 only) add
+            pairs of 8-bit products in 16 bits, which saturates with full-range
+            weights: on an AVX2 machine here, top-1 agreement with Keras was 0.78 with
+            8-bit per-channel weights and 0.98 with 7-bit ones. An artifact may run on
+            such a CPU, so 7 bits is the default.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise InvalidInputError(f"unknown calibration method {method!r}; expected one of {list(methods)}.")
+    proto = onnx.load(str(src))
+    exclude = preprocessing_nodes(proto) + [n.name for n in proto.graph.node if n.op_type in ("ArgMax", "Gather")]
+    with atomic_path(out, suffix=".onnx") as tmp:
+        try:
+            # The histogram calibrators stack batches, so they need equal ones.
+            batch = 16 if method == "minmax" else 1
+            with _quiet_root_logger():
+                quantize_static(
+                    str(src), str(tmp), _ImageReader(calibration_images, batch),
+                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude, calibrate_method=methods[method],
+                )
+        except Exception as exc:
+            raise ConversionError(f"onnxruntime could not quantize {src.name} to INT8: {exc}") from exc
+        quantized = onnx.load(str(tmp))
+        meta = read_onnx_metadata(proto)
+        meta["precision"] = "int8"
+        meta["calibration"] = {"images": int(len(calibration_images)), "method": method}
+        meta["quantization"] = {"format": "QDQ", "activations": "int8",
+                                "weights": f"int8 per-channel{', 7-bit range' if reduce_range else ''}"}
+        set_onnx_metadata(quantized, meta)
+        onnx.save(quantized, str(tmp))

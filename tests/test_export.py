@@ -1,0 +1,156 @@
+"""Export to ONNX FP32/FP16/INT8 on a small trained model, validated on real digit images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from edgeclf.bundle import Bundle
+from edgeclf.errors import (
+    BackendUnavailableError, BundleError, ConversionError, InvalidInputError, ValidationError,
+)
+from edgeclf.fsio import sha256_file
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edgeclf.export import ExportOptions, export_bundle, parse_formats  # noqa: E402
+from edgeclf.export.metadata import read_onnx_metadata  # noqa: E402
+from edgeclf.export.reference import reference_sets  # noqa: E402
+from edgeclf.export.validate import Tolerance  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(accurate_bundle, tmp_path_factory):
+    """A copy of a trained bundle with all ONNX formats exported and validated."""
+    path = tmp_path_factory.mktemp("export") / "bundle"
+    shutil.copytree(accurate_bundle.path, path)
+    records = export_bundle(path, "all", ExportOptions(calibration_images=200))
+    return Bundle.load(path), records
+
+
+def test_every_format_is_produced_validated_and_recorded(exported):
+    bundle, records = exported
+    assert [r["format"] for r in records] == ["onnx", "onnx-fp16", "onnx-int8"]
+    saved = json.loads((bundle.path / "bundle.json").read_text())["artifacts"]
+    for record in records:
+        path = bundle.path / record["file"]
+        assert record["status"] == "validated", record["validation"]
+        assert saved[record["format"]] == record
+        assert record["sha256"] == sha256_file(path) and record["size_bytes"] == path.stat().st_size
+        assert {"tensorflow", "tf2onnx", "onnx", "onnxruntime"} <= set(record["tools"])
+        report = record["validation"]
+        assert report["images"] >= 60 and report["passed"]
+        assert report["top1_agreement"] >= report["tolerance"]["min_agreement"]
+    sizes = {r["format"]: r["size_bytes"] for r in records}
+    assert sizes["onnx-fp16"] < 0.6 * sizes["onnx"] and sizes["onnx-int8"] < 0.35 * sizes["onnx"]
+    assert records[2]["calibration"] == {"images": 200, "method": "minmax", "reduce_range": True}
+
+
+def test_graph_takes_uint8_pixels_and_gives_logits_and_label(exported):
+    bundle, _ = exported
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        session = ort.InferenceSession(str(bundle.path / name), providers=["CPUExecutionProvider"])
+        (inp,) = session.get_inputs()
+        assert (inp.name, inp.type) == ("pixels", "tensor(uint8)")
+        assert inp.shape[1:] == [75, 75, 3] and not isinstance(inp.shape[0], int)  # dynamic batch
+        outs = {o.name: o.type for o in session.get_outputs()}
+        assert outs == {"logits": "tensor(float)", "label": "tensor(int64)"}
+
+
+def test_label_output_is_labels_of_argmax_and_uint8_matches_keras(exported):
+    import keras
+
+    bundle, _ = exported
+    _, heldout = reference_sets(bundle)
+    session = ort.InferenceSession(str(bundle.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, label = session.run(["logits", "label"], {"pixels": heldout.images})
+    np.testing.assert_array_equal(label, np.asarray([-2, 3, 10])[logits.argmax(axis=1)])
+    assert set(label.tolist()) <= {-2, 3, 10}
+    # The same uint8 pixels through Keras (which takes them as float32 0..255).
+    model = keras.saving.load_model(bundle.model_path, compile=False)
+    reference = model.predict(heldout.images.astype(np.float32), verbose=0)
+    np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-3 + 1e-4 * np.abs(reference).max())
+
+
+def test_metadata_round_trip(exported):
+    bundle, _ = exported
+    for name, precision in (("model.onnx", "fp32"), ("model.fp16.onnx", "fp16"), ("model.int8.onnx", "int8")):
+        proto_meta = read_onnx_metadata(onnx.load(str(bundle.path / name)))
+        session = ort.InferenceSession(str(bundle.path / name), providers=["CPUExecutionProvider"])
+        ort_meta = read_onnx_metadata(session.get_modelmeta())
+        assert proto_meta == ort_meta
+        assert ort_meta["labels"] == [-2, 3, 10]
+        assert ort_meta["precision"] == precision
+        assert ort_meta["input"]["dtype"] == "uint8" and ort_meta["input"]["height"] == 75
+        assert ort_meta["source_model_sha256"] == bundle.meta["model"]["sha256"]
+        assert "127.5" in ort_meta["preprocessing"]["steps"]
+    assert read_onnx_metadata(onnx.load(str(bundle.path / "model.int8.onnx")))["calibration"]["images"] == 200
+
+
+def test_validation_failure_keeps_an_unvalidated_file(exported, tmp_path):
+    bundle, _ = exported
+    path = tmp_path / "bundle"
+    shutil.copytree(bundle.path, path)
+    impossible = {"int8": Tolerance(rtol=None, atol=0.0, min_agreement=1.01, max_accuracy_drop=0.0)}
+    with pytest.raises(ValidationError, match=r"onnx-int8: top-1 agreement.*model.int8.unvalidated.onnx"):
+        export_bundle(path, "onnx-int8", ExportOptions(calibration_images=50, tolerances=impossible))
+    assert (path / "model.int8.unvalidated.onnx").is_file()
+    assert not (path / "model.int8.onnx").exists()
+    record = Bundle.load(path).meta["artifacts"]["onnx-int8"]
+    assert record["status"] == "failed-validation" and record["file"] == "model.int8.unvalidated.onnx"
+
+
+def test_unknown_format_lists_the_valid_ones():
+    with pytest.raises(InvalidInputError, match=r"\['tflite2'\].*'onnx', 'onnx-fp16', 'onnx-int8'"):
+        parse_formats("onnx,tflite2")
+    assert [f.name for f in parse_formats("onnx-int8,onnx")] == ["onnx", "onnx-int8"]
+
+
+def test_bundle_missing_or_corrupt(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        export_bundle(tmp_path / "nothing", "onnx")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bundle.json").write_text("{")
+    with pytest.raises(BundleError, match="corrupt"):
+        export_bundle(tmp_path / "b", "onnx")
+
+
+def test_missing_library_names_the_extra(monkeypatch, exported):
+    monkeypatch.setitem(sys.modules, "onnxconverter_common", None)  # as if not installed
+    with pytest.raises(BackendUnavailableError, match=r"onnxconverter_common.*pip install 'edgeclf\[export\]'"):
+        export_bundle(exported[0].path, "onnx-fp16")
+
+
+def test_calibration_images_none_or_few(exported, tmp_path):
+    bundle, _ = exported
+    path = tmp_path / "bundle"
+    shutil.copytree(bundle.path, path)
+    with pytest.raises(InvalidInputError, match="calibration image count must be >= 1"):
+        export_bundle(path, "onnx-int8", ExportOptions(calibration_images=0))
+    with pytest.warns(UserWarning, match="calibrating INT8 on only 20 images"):
+        export_bundle(path, "onnx-int8", ExportOptions(calibration_images=20, validate=False))
+    assert Bundle.load(path).meta["artifacts"]["onnx-int8"]["status"] == "unvalidated"
+
+
+def test_bundle_trained_on_arrays_needs_data(exported, tmp_path):
+    bundle, _ = exported
+    path = tmp_path / "bundle"
+    shutil.copytree(bundle.path, path)
+    meta = json.loads((path / "bundle.json").read_text())
+    meta["training"]["data"]["source"] = "arrays"
+    (path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="--data"):
+        export_bundle(path, "onnx")
+
+
+def test_converter_failure_carries_its_message(exported, tmp_path):
+    bundle, _ = exported
+    path = tmp_path / "bundle"
+    shutil.copytree(bundle.path, path)
+    with pytest.raises(ConversionError, match=r"tf2onnx (could not convert the model|produced an invalid graph) \(opset 1\)"):
+        export_bundle(path, "onnx", ExportOptions(opset=1, validate=False))
