@@ -81,12 +81,12 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
     from edgeclf.export.onnx_fp32 import keras_to_onnx
     from edgeclf.export.onnx_int8 import onnx_to_int8
 
-    fp32 = bundle.path / "model.onnx"
+    # Each builder takes (output path, path of the FP32 ONNX the others are made from).
     return {
-        "onnx": lambda out: keras_to_onnx(model, bundle, out, options.opset),
-        "onnx-fp16": lambda out: onnx_to_fp16(fp32, out),
-        "onnx-int8": lambda out: onnx_to_int8(fp32, out, calibration, options.calibration_method,
-                                              options.int8_reduce_range),
+        "onnx": lambda out, fp32: keras_to_onnx(model, bundle, out, options.opset),
+        "onnx-fp16": lambda out, fp32: onnx_to_fp16(fp32, out),
+        "onnx-int8": lambda out, fp32: onnx_to_int8(fp32, out, calibration, options.calibration_method,
+                                                    options.int8_reduce_range),
     }
 
 
@@ -136,11 +136,12 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
         wanted.insert(0, parse_formats("onnx")[0])
 
     records, failures = [], []
+    fp32 = bundle.path / parse_formats("onnx")[0].filename
     for fmt in wanted:
         out = bundle.path / fmt.filename
         _log(f"exporting {fmt.name} -> {out.name}")
         started = time.perf_counter()
-        builders[fmt.name](out)
+        builders[fmt.name](out, fp32)
         record = {
             "file": fmt.filename, "format": fmt.name, "precision": fmt.precision,
             "size_bytes": out.stat().st_size, "sha256": sha256_file(out),
@@ -164,6 +165,8 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
                 kept = out.with_name(out.name.replace(".onnx", ".unvalidated.onnx"))
                 os.replace(out, kept)
                 record["file"] = kept.name
+                if fmt.name == "onnx":
+                    fp32 = kept  # FP16/INT8 still come from it, and are validated on their own
                 failed = [c["check"] for c in report["checks"] if not c["passed"]]
                 failures.append(f"{fmt.name}: {', '.join(failed)} (kept as {kept.name})")
         else:

@@ -96,13 +96,18 @@ def test_validation_failure_keeps_an_unvalidated_file(exported, tmp_path):
     bundle, _ = exported
     path = tmp_path / "bundle"
     shutil.copytree(bundle.path, path)
-    impossible = {"int8": Tolerance(rtol=None, atol=0.0, min_agreement=1.01, max_accuracy_drop=0.0)}
-    with pytest.raises(ValidationError, match=r"onnx-int8: top-1 agreement.*model.int8.unvalidated.onnx"):
-        export_bundle(path, "onnx-int8", ExportOptions(calibration_images=50, tolerances=impossible))
-    assert (path / "model.int8.unvalidated.onnx").is_file()
-    assert not (path / "model.int8.onnx").exists()
-    record = Bundle.load(path).meta["artifacts"]["onnx-int8"]
-    assert record["status"] == "failed-validation" and record["file"] == "model.int8.unvalidated.onnx"
+    impossible = Tolerance(rtol=0.0, atol=0.0, min_agreement=1.01, max_accuracy_drop=-1.0)
+    tolerances = {"fp32": impossible, "int8": impossible}
+    with pytest.raises(ValidationError, match=r"onnx: max \|logit diff\|, top-1 agreement, accuracy drop "
+                                              r"\(kept as model.unvalidated.onnx\); onnx-int8: .*"
+                                              r"model.int8.unvalidated.onnx"):
+        export_bundle(path, "onnx,onnx-int8", ExportOptions(calibration_images=100, tolerances=tolerances))
+    for name in ("model", "model.int8"):
+        assert (path / f"{name}.unvalidated.onnx").is_file()
+        assert not (path / f"{name}.onnx").exists()
+    artifacts = Bundle.load(path).meta["artifacts"]
+    for fmt, name in (("onnx", "model.unvalidated.onnx"), ("onnx-int8", "model.int8.unvalidated.onnx")):
+        assert artifacts[fmt]["status"] == "failed-validation" and artifacts[fmt]["file"] == name
 
 
 def test_unknown_format_lists_the_valid_ones():
