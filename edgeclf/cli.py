@@ -108,13 +108,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                             int8_reduce_range=not args.full_range_int8, validate=not args.no_validate,
                             data=args.data)
     records = export_bundle(args.bundle, args.format, options)
-    print(f"{'format':<11} {'file':<18} {'MB':>7} {'build s':>8} {'max|diff|':>10} {'agree':>7} "
+    print(f"{'format':<13} {'file':<24} {'MB':>7} {'build s':>8} {'max|diff|':>10} {'agree':>7} "
           f"{'acc':>7} {'acc diff':>8}  status")
     for r in records:
         v = r["validation"] or {}
         figures = (f"{v['max_abs_logit_diff']:>10.3g} {v['top1_agreement']:>7.4f} {v['accuracy']:>7.4f} "
                    f"{v['accuracy_delta']:>+8.4f}") if v else f"{'-':>10} {'-':>7} {'-':>7} {'-':>8}"
-        print(f"{r['format']:<11} {r['file']:<18} {r['size_bytes'] / 1e6:>7.1f} {r['build_seconds']:>8.1f} "
+        print(f"{r['format']:<13} {r['file']:<24} {r['size_bytes'] / 1e6:>7.1f} {r['build_seconds']:>8.1f} "
               f"{figures}  {r['status']}")
     return 0
 
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a bundle to ONNX (FP32, FP16, INT8), each validated against Keras",
+    p = sub.add_parser("export", help="export a bundle to ONNX (FP32, FP16, INT8) and OpenVINO, each validated against Keras",
                        description="Writes each artifact into the bundle directory, validates it on the images "
                                    "training held out and records it in bundle.json.")
     p.add_argument("bundle", help="bundle directory written by 'edgeclf train'")

@@ -25,12 +25,12 @@ import numpy as np
 from edgeclf.bundle import Bundle
 from edgeclf.errors import BackendUnavailableError, DataError, InvalidInputError, ValidationError
 from edgeclf.export.formats import ExportFormat, parse_formats
-from edgeclf.export.validate import TOLERANCES, Tolerance, compare, format_check, onnx_logits
+from edgeclf.export.validate import RUNNERS, TOLERANCES, Tolerance, compare, format_check
 from edgeclf.fsio import sha256_file
 
 #: Fewer calibration images than this give a warning: activation ranges get noisy.
 MIN_CALIBRATION_IMAGES = 100
-TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime")
+TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino")
 
 
 @dataclass
@@ -80,14 +80,31 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
     from edgeclf.export.onnx_fp16 import onnx_to_fp16
     from edgeclf.export.onnx_fp32 import keras_to_onnx
     from edgeclf.export.onnx_int8 import onnx_to_int8
+    from edgeclf.export.openvino_ir import onnx_to_openvino
 
-    # Each builder takes (output path, path of the FP32 ONNX the others are made from).
+    # Each builder takes (output path, path of the artifact it is converted from).
     return {
-        "onnx": lambda out, fp32: keras_to_onnx(model, bundle, out, options.opset),
-        "onnx-fp16": lambda out, fp32: onnx_to_fp16(fp32, out),
-        "onnx-int8": lambda out, fp32: onnx_to_int8(fp32, out, calibration, options.calibration_method,
-                                                    options.int8_reduce_range),
+        "onnx": lambda out, src: keras_to_onnx(model, bundle, out, options.opset),
+        "onnx-fp16": lambda out, src: onnx_to_fp16(src, out),
+        "onnx-int8": lambda out, src: onnx_to_int8(src, out, calibration, options.calibration_method,
+                                                   options.int8_reduce_range),
+        "openvino": lambda out, src: onnx_to_openvino(src, out),
+        "openvino-int8": lambda out, src: onnx_to_openvino(src, out),
     }
+
+
+def _artifact_files(fmt: ExportFormat, entry: Path) -> list[Path]:
+    from edgeclf.export.openvino_ir import ir_files
+
+    return ir_files(entry) if fmt.runtime == "openvino" else [entry]
+
+
+def _mark_unvalidated(fmt: ExportFormat, entry: Path) -> Path:
+    """Rename an artifact (all its files) to ``*.unvalidated.*``; returns the new entry file."""
+    renamed = entry.with_name(f"{entry.stem}.unvalidated{entry.suffix}")
+    for old, new in zip(_artifact_files(fmt, entry), _artifact_files(fmt, renamed)):
+        os.replace(old, new)
+    return renamed
 
 
 def _calibration_images(calibration, count: int) -> np.ndarray:
@@ -131,29 +148,33 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
         if any(f.name == "onnx-int8" for f in wanted) else None
     reference = predict_logits(model, heldout.images) if options.validate else None
     builders = _builders(model, bundle, options, calib_images)
-    # FP16 and INT8 are made from the FP32 ONNX: build it first even if not asked for.
-    if any(f.name != "onnx" for f in wanted) and not any(f.name == "onnx" for f in wanted):
-        wanted.insert(0, parse_formats("onnx")[0])
 
     records, failures = [], []
-    fp32 = bundle.path / parse_formats("onnx")[0].filename
+    built: dict[str, Path] = {}  # format -> its file, for the formats converted from it
     for fmt in wanted:
         out = bundle.path / fmt.filename
         _log(f"exporting {fmt.name} -> {out.name}")
         started = time.perf_counter()
-        builders[fmt.name](out, fp32)
+        builders[fmt.name](out, built.get(fmt.source) if fmt.source else None)
+        built[fmt.name] = out
+        files = _artifact_files(fmt, out)
         record = {
             "file": fmt.filename, "format": fmt.name, "precision": fmt.precision,
-            "size_bytes": out.stat().st_size, "sha256": sha256_file(out),
+            "size_bytes": sum(f.stat().st_size for f in files), "sha256": sha256_file(out),
             "build_seconds": round(time.perf_counter() - started, 2),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "opset": options.opset, "tools": _tool_versions(),
         }
+        if len(files) > 1:
+            record["weights_file"] = files[1].name
+            record["weights_sha256"] = sha256_file(files[1])
+        if fmt.name == "openvino":
+            record["run_time_precisions"] = ["fp32", "bf16 (INFERENCE_PRECISION_HINT=bf16 on AMX CPUs)"]
         if fmt.name == "onnx-int8":
             record["calibration"] = {"images": int(len(calib_images)), "method": options.calibration_method,
                                      "reduce_range": options.int8_reduce_range}
         if options.validate:
-            logits, label_out = onnx_logits(out, heldout.images)
+            logits, label_out = RUNNERS[fmt.runtime](out, heldout.images)
             tolerance = (options.tolerances or TOLERANCES).get(fmt.precision, TOLERANCES[fmt.precision])
             report = compare(fmt.precision, logits, label_out, reference, heldout.values, bundle.labels,
                              tolerance)
@@ -162,11 +183,11 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
             record["validation"] = report
             record["status"] = "validated" if report["passed"] else "failed-validation"
             if not report["passed"]:
-                kept = out.with_name(out.name.replace(".onnx", ".unvalidated.onnx"))
-                os.replace(out, kept)
+                kept = _mark_unvalidated(fmt, out)
                 record["file"] = kept.name
-                if fmt.name == "onnx":
-                    fp32 = kept  # FP16/INT8 still come from it, and are validated on their own
+                if len(files) > 1:
+                    record["weights_file"] = _artifact_files(fmt, kept)[1].name
+                built[fmt.name] = kept  # formats made from it are validated on their own
                 failed = [c["check"] for c in report["checks"] if not c["passed"]]
                 failures.append(f"{fmt.name}: {', '.join(failed)} (kept as {kept.name})")
         else:

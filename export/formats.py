@@ -14,26 +14,35 @@ from edgeclf.errors import InvalidInputError
 @dataclass(frozen=True)
 class ExportFormat:
     name: str
-    filename: str
+    filename: str  # the entry file; an OpenVINO IR has its .bin beside it
     precision: str
     #: Python modules the builder and its validation import, and the extra installing them.
     modules: tuple[str, ...]
     extra: str
+    #: The format this one is converted from (built first if not asked for).
+    source: str | None
+    #: What runs it for validation: "onnxruntime" or "openvino".
+    runtime: str
 
 
+_ONNX = ("tf2onnx", "onnx", "onnxruntime")
 FORMATS: dict[str, ExportFormat] = {
     f.name: f
     for f in (
-        ExportFormat("onnx", "model.onnx", "fp32", ("tf2onnx", "onnx", "onnxruntime"), "export"),
-        ExportFormat("onnx-fp16", "model.fp16.onnx", "fp16",
-                     ("tf2onnx", "onnx", "onnxconverter_common", "onnxruntime"), "export"),
-        ExportFormat("onnx-int8", "model.int8.onnx", "int8", ("tf2onnx", "onnx", "onnxruntime"), "export"),
+        ExportFormat("onnx", "model.onnx", "fp32", _ONNX, "export", None, "onnxruntime"),
+        ExportFormat("onnx-fp16", "model.fp16.onnx", "fp16", _ONNX + ("onnxconverter_common",), "export",
+                     "onnx", "onnxruntime"),
+        ExportFormat("onnx-int8", "model.int8.onnx", "int8", _ONNX, "export", "onnx", "onnxruntime"),
+        ExportFormat("openvino", "model.openvino.xml", "fp32", _ONNX + ("openvino",), "openvino",
+                     "onnx", "openvino"),
+        ExportFormat("openvino-int8", "model.int8.openvino.xml", "int8", _ONNX + ("openvino",), "openvino",
+                     "onnx-int8", "openvino"),
     )
 }
 
 
 def parse_formats(text: str | list[str]) -> list[ExportFormat]:
-    """"onnx,onnx-int8" or "all" -> formats in build order (FP32 ONNX first)."""
+    """"onnx-int8,openvino" or "all" -> formats in build order, with what they are made from."""
     names = text.split(",") if isinstance(text, str) else list(text)
     names = [n.strip().lower() for n in names if n.strip()]
     if names == ["all"]:
@@ -44,4 +53,15 @@ def parse_formats(text: str | list[str]) -> list[ExportFormat]:
             f"unknown export format(s) {unknown or names}; expected a comma-separated list of "
             f"{list(FORMATS)} or 'all'. Received: {text!r}"
         )
-    return [f for f in FORMATS.values() if f.name in names]
+    return with_sources([f for f in FORMATS.values() if f.name in names])
+
+
+def with_sources(formats: list[ExportFormat]) -> list[ExportFormat]:
+    """``formats`` plus every format they are converted from, in build order."""
+    needed = {f.name for f in formats}
+    for fmt in formats:
+        source = fmt.source
+        while source is not None:
+            needed.add(source)
+            source = FORMATS[source].source
+    return [f for f in FORMATS.values() if f.name in needed]

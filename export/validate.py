@@ -48,6 +48,25 @@ def onnx_logits(path: Path, images: np.ndarray, batch_size: int = 32) -> tuple[n
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def openvino_logits(path: Path, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, label output) of an edgeclf OpenVINO IR, run on the CPU in FP32.
+
+    FP32 is asked for explicitly: on CPUs with AMX OpenVINO would otherwise choose BF16.
+    """
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    logits, labels = [], []
+    for start in range(0, len(images), batch_size):
+        result = compiled(images[start:start + batch_size])
+        logits.append(result["logits"])
+        labels.append(result["label"])
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+RUNNERS = {"onnxruntime": onnx_logits, "openvino": openvino_logits}
+
+
 def compare(
     precision: str, logits: np.ndarray, label_out: np.ndarray, reference: np.ndarray,
     true_values: np.ndarray, labels: Sequence[int], tolerance: Tolerance | None = None,
@@ -102,4 +121,4 @@ def format_check(artifact: str, check: dict[str, Any]) -> str:
         shown = f"{value:.4g} <= {limit:.4g}"
     else:
         shown = f"{value:.4f} >= {limit:.4g}"
-    return f"  {artifact:<11} {check['check']:<40} {shown:<24} {'ok' if check['passed'] else 'FAILED'}"
+    return f"  {artifact:<13} {check['check']:<40} {shown:<24} {'ok' if check['passed'] else 'FAILED'}"

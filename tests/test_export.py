@@ -35,19 +35,23 @@ def exported(accurate_bundle, tmp_path_factory):
 
 def test_every_format_is_produced_validated_and_recorded(exported):
     bundle, records = exported
-    assert [r["format"] for r in records] == ["onnx", "onnx-fp16", "onnx-int8"]
+    assert [r["format"] for r in records] == ["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8"]
     saved = json.loads((bundle.path / "bundle.json").read_text())["artifacts"]
     for record in records:
         path = bundle.path / record["file"]
         assert record["status"] == "validated", record["validation"]
         assert saved[record["format"]] == record
-        assert record["sha256"] == sha256_file(path) and record["size_bytes"] == path.stat().st_size
+        files = [path] + ([bundle.path / record["weights_file"]] if "weights_file" in record else [])
+        assert record["sha256"] == sha256_file(path)
+        assert record["size_bytes"] == sum(f.stat().st_size for f in files)
         assert {"tensorflow", "tf2onnx", "onnx", "onnxruntime"} <= set(record["tools"])
         report = record["validation"]
         assert report["images"] >= 60 and report["passed"]
         assert report["top1_agreement"] >= report["tolerance"]["min_agreement"]
     sizes = {r["format"]: r["size_bytes"] for r in records}
     assert sizes["onnx-fp16"] < 0.6 * sizes["onnx"] and sizes["onnx-int8"] < 0.35 * sizes["onnx"]
+    assert sizes["openvino-int8"] < 0.35 * sizes["openvino"]
+    assert records[3]["weights_sha256"] == sha256_file(bundle.path / "model.openvino.bin")
     assert records[2]["calibration"] == {"images": 200, "method": "minmax", "reduce_range": True}
 
 
@@ -77,6 +81,30 @@ def test_label_output_is_labels_of_argmax_and_uint8_matches_keras(exported):
     np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-3 + 1e-4 * np.abs(reference).max())
 
 
+def test_openvino_ir_takes_uint8_and_matches_onnx_runtime(exported):
+    import openvino as ov
+
+    from edgeclf.export.openvino_ir import read_openvino_metadata
+
+    bundle, _ = exported
+    _, heldout = reference_sets(bundle)
+    for xml, onnx_name, precision in (("model.openvino.xml", "model.onnx", "fp32"),
+                                      ("model.int8.openvino.xml", "model.int8.onnx", "int8")):
+        model = ov.Core().read_model(str(bundle.path / xml))
+        assert [i.get_any_name() for i in model.inputs] == ["pixels"]
+        assert str(model.inputs[0].get_element_type()) == "<Type: 'uint8_t'>"
+        assert model.inputs[0].get_partial_shape()[0].is_dynamic
+        meta = read_openvino_metadata(bundle.path / xml)
+        assert meta["labels"] == [-2, 3, 10] and meta["precision"] == precision
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled(heldout.images)
+        np.testing.assert_array_equal(result["label"], np.asarray([-2, 3, 10])[result["logits"].argmax(1)])
+        session = ort.InferenceSession(str(bundle.path / onnx_name), providers=["CPUExecutionProvider"])
+        ort_logits = session.run(["logits"], {"pixels": heldout.images})[0]
+        if precision == "fp32":
+            np.testing.assert_allclose(result["logits"], ort_logits, rtol=1e-3, atol=1e-3)
+
+
 def test_metadata_round_trip(exported):
     bundle, _ = exported
     for name, precision in (("model.onnx", "fp32"), ("model.fp16.onnx", "fp16"), ("model.int8.onnx", "int8")):
@@ -101,19 +129,25 @@ def test_validation_failure_keeps_an_unvalidated_file(exported, tmp_path):
     with pytest.raises(ValidationError, match=r"onnx: max \|logit diff\|, top-1 agreement, accuracy drop "
                                               r"\(kept as model.unvalidated.onnx\); onnx-int8: .*"
                                               r"model.int8.unvalidated.onnx"):
-        export_bundle(path, "onnx,onnx-int8", ExportOptions(calibration_images=100, tolerances=tolerances))
+        export_bundle(path, "onnx,openvino-int8", ExportOptions(calibration_images=100, tolerances=tolerances))
     for name in ("model", "model.int8"):
         assert (path / f"{name}.unvalidated.onnx").is_file()
         assert not (path / f"{name}.onnx").exists()
     artifacts = Bundle.load(path).meta["artifacts"]
-    for fmt, name in (("onnx", "model.unvalidated.onnx"), ("onnx-int8", "model.int8.unvalidated.onnx")):
+    for fmt, name in (("onnx", "model.unvalidated.onnx"), ("onnx-int8", "model.int8.unvalidated.onnx"),
+                      ("openvino-int8", "model.int8.openvino.unvalidated.xml")):
         assert artifacts[fmt]["status"] == "failed-validation" and artifacts[fmt]["file"] == name
+    # An IR's weights are renamed with it, so OpenVINO still finds them.
+    assert artifacts["openvino-int8"]["weights_file"] == "model.int8.openvino.unvalidated.bin"
+    assert (path / "model.int8.openvino.unvalidated.bin").is_file()
 
 
 def test_unknown_format_lists_the_valid_ones():
-    with pytest.raises(InvalidInputError, match=r"\['tflite2'\].*'onnx', 'onnx-fp16', 'onnx-int8'"):
+    with pytest.raises(InvalidInputError, match=r"\['tflite2'\].*'onnx', 'onnx-fp16', 'onnx-int8', 'openvino'"):
         parse_formats("onnx,tflite2")
     assert [f.name for f in parse_formats("onnx-int8,onnx")] == ["onnx", "onnx-int8"]
+    # What a format is converted from is built too, in order.
+    assert [f.name for f in parse_formats("openvino-int8")] == ["onnx", "onnx-int8", "openvino-int8"]
 
 
 def test_bundle_missing_or_corrupt(tmp_path):
