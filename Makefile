@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make demo   the main job end to end on the bundled real dataset (digits):
 #               write it as PNGs, train, evaluate, export (ONNX FP32/FP16/INT8, OpenVINO
-#               FP32/INT8) and validate every artifact against Keras
+#               FP32/INT8, TFLite FP32/FP16) and validate every artifact against Keras
 #   make test   the test suite
 # Both create .venv and install what they need on first use.
 
@@ -22,7 +22,7 @@ DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --trai
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[export,openvino,test]"
+	$(PY) -m pip install -e ".[export,openvino,tflite,test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a bundle to ONNX (FP32, FP16, INT8) and OpenVINO, each validated against Keras",
+    p = sub.add_parser("export", help="export a bundle to ONNX, OpenVINO and TFLite, each validated against Keras",
                        description="Writes each artifact into the bundle directory, validates it on the images "
                                    "training held out and records it in bundle.json.")
     p.add_argument("bundle", help="bundle directory written by 'edgeclf train'")

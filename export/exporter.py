@@ -30,7 +30,7 @@ from edgeclf.fsio import sha256_file
 
 #: Fewer calibration images than this give a warning: activation ranges get noisy.
 MIN_CALIBRATION_IMAGES = 100
-TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino")
+TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino", "ai-edge-litert")
 
 
 @dataclass
@@ -81,6 +81,7 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
     from edgeclf.export.onnx_fp32 import keras_to_onnx
     from edgeclf.export.onnx_int8 import onnx_to_int8
     from edgeclf.export.openvino_ir import onnx_to_openvino
+    from edgeclf.export.tflite import keras_to_tflite
 
     # Each builder takes (output path, path of the artifact it is converted from).
     return {
@@ -90,6 +91,8 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
                                                    options.int8_reduce_range),
         "openvino": lambda out, src: onnx_to_openvino(src, out),
         "openvino-int8": lambda out, src: onnx_to_openvino(src, out),
+        "tflite": lambda out, src: keras_to_tflite(model, bundle, out, "fp32"),
+        "tflite-fp16": lambda out, src: keras_to_tflite(model, bundle, out, "fp16"),
     }
 
 

@@ -21,7 +21,7 @@ class ExportFormat:
     extra: str
     #: The format this one is converted from (built first if not asked for).
     source: str | None
-    #: What runs it for validation: "onnxruntime" or "openvino".
+    #: What runs it for validation: "onnxruntime", "openvino" or "litert".
     runtime: str
 
 
@@ -37,6 +37,9 @@ FORMATS: dict[str, ExportFormat] = {
                      "onnx", "openvino"),
         ExportFormat("openvino-int8", "model.int8.openvino.xml", "int8", _ONNX + ("openvino",), "openvino",
                      "onnx-int8", "openvino"),
+        ExportFormat("tflite", "model.tflite", "fp32", ("tensorflow", "ai_edge_litert"), "tflite", None, "litert"),
+        ExportFormat("tflite-fp16", "model.fp16.tflite", "fp16", ("tensorflow", "ai_edge_litert"), "tflite",
+                     None, "litert"),
     )
 }
 

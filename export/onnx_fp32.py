@@ -2,8 +2,7 @@
 
 The graph takes ``pixels`` (uint8 [N, H, W, 3], RGB) and returns ``logits`` (float32
 [N, K]) and ``label`` (int64 [N], ``labels[argmax(logits)]``), so a consumer without
-Python still gets the integer. The labels table is created inside the converted
-function: an eager constant would become an extra graph input.
+Python still gets the integer (see :mod:`edgeclf.export.serving`).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from edgeclf.bundle import Bundle
 from edgeclf.errors import ConversionError
 from edgeclf.fsio import atomic_path
 from edgeclf.export.metadata import artifact_metadata, set_onnx_metadata
+from edgeclf.export.serving import serving_function
 
 DEFAULT_OPSET = 17
 OUTPUT_ORDER = ("logits", "label")
@@ -54,16 +54,9 @@ def keras_to_onnx(model, bundle: Bundle, out: Path, opset: int = DEFAULT_OPSET) 
     import tensorflow as tf
     import tf2onnx
 
-    height, width = bundle.image_size
     labels = list(bundle.labels)
-    spec = tf.TensorSpec([None, height, width, 3], tf.uint8, name="pixels")
-
-    @tf.function(input_signature=[spec])
-    def serve(pixels):
-        logits = model(tf.cast(pixels, tf.float32), training=False)
-        table = tf.constant(labels, dtype=tf.int64)
-        label = tf.gather(table, tf.argmax(logits, axis=-1, output_type=tf.int64))
-        return {"logits": tf.identity(logits, name="logits"), "label": tf.identity(label, name="label")}
+    fn, spec = serving_function(model, bundle)
+    serve = tf.function(fn, input_signature=[spec])
 
     try:
         with warnings.catch_warnings():

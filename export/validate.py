@@ -64,7 +64,20 @@ def openvino_logits(path: Path, images: np.ndarray, batch_size: int = 32) -> tup
     return np.concatenate(logits), np.concatenate(labels)
 
 
-RUNNERS = {"onnxruntime": onnx_logits, "openvino": openvino_logits}
+def tflite_logits(path: Path, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, label output) of an edgeclf ``.tflite`` model, with the LiteRT interpreter."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    logits, labels = [], []
+    for start in range(0, len(images), batch_size):
+        result = runner(pixels=images[start:start + batch_size])
+        logits.append(result["logits"])
+        labels.append(result["label"])
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+RUNNERS = {"onnxruntime": onnx_logits, "openvino": openvino_logits, "litert": tflite_logits}
 
 
 def compare(

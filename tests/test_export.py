@@ -35,7 +35,8 @@ def exported(accurate_bundle, tmp_path_factory):
 
 def test_every_format_is_produced_validated_and_recorded(exported):
     bundle, records = exported
-    assert [r["format"] for r in records] == ["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8"]
+    assert [r["format"] for r in records] == ["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8",
+                                              "tflite", "tflite-fp16"]
     saved = json.loads((bundle.path / "bundle.json").read_text())["artifacts"]
     for record in records:
         path = bundle.path / record["file"]
@@ -51,6 +52,7 @@ def test_every_format_is_produced_validated_and_recorded(exported):
     sizes = {r["format"]: r["size_bytes"] for r in records}
     assert sizes["onnx-fp16"] < 0.6 * sizes["onnx"] and sizes["onnx-int8"] < 0.35 * sizes["onnx"]
     assert sizes["openvino-int8"] < 0.35 * sizes["openvino"]
+    assert sizes["tflite-fp16"] < 0.6 * sizes["tflite"]
     assert records[3]["weights_sha256"] == sha256_file(bundle.path / "model.openvino.bin")
     assert records[2]["calibration"] == {"images": 200, "method": "minmax", "reduce_range": True}
 
@@ -103,6 +105,24 @@ def test_openvino_ir_takes_uint8_and_matches_onnx_runtime(exported):
         ort_logits = session.run(["logits"], {"pixels": heldout.images})[0]
         if precision == "fp32":
             np.testing.assert_allclose(result["logits"], ort_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_tflite_takes_uint8_and_carries_metadata(exported):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeclf.export.tflite import read_tflite_metadata
+
+    bundle, _ = exported
+    _, heldout = reference_sets(bundle)
+    for name, precision in (("model.tflite", "fp32"), ("model.fp16.tflite", "fp16")):
+        interpreter = Interpreter(model_path=str(bundle.path / name))
+        (inp,) = interpreter.get_input_details()
+        assert inp["dtype"] == np.uint8 and list(inp["shape_signature"]) == [-1, 75, 75, 3]
+        result = interpreter.get_signature_runner("serving_default")(pixels=heldout.images[:16])
+        np.testing.assert_array_equal(result["label"], np.asarray([-2, 3, 10])[result["logits"].argmax(1)])
+        meta = read_tflite_metadata(bundle.path / name)
+        assert meta["labels"] == [-2, 3, 10] and meta["precision"] == precision
+        assert meta["source_model_sha256"] == bundle.meta["model"]["sha256"]
 
 
 def test_metadata_round_trip(exported):
