@@ -3,7 +3,7 @@
 Every artifact is written atomically into the bundle directory; its entry in
 ``bundle.json`` (file, sha256, size, precision, validation figures, tool versions,
 build time) is saved as soon as it is done, so an interrupted export keeps what it
-finished. An artifact that fails validation is renamed ``*.unvalidated.onnx`` (kept for
+finished. An artifact that fails validation is renamed ``*.unvalidated.<ext>`` (kept for
 inspection, never picked up as the artifact) and all failures are raised together.
 """
 
@@ -13,7 +13,6 @@ import datetime as _dt
 import importlib
 import importlib.metadata
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,16 +20,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from edgeclf.export.formats import ExportFormat, parse_formats
+from edgeclf.export.validate import RUNNERS, TOLERANCES, Tolerance, compare, format_check
 
 from edgeclf.bundle import Bundle
 from edgeclf.errors import BackendUnavailableError, DataError, InvalidInputError, ValidationError
-from edgeclf.export.formats import ExportFormat, parse_formats
-from edgeclf.export.validate import RUNNERS, TOLERANCES, Tolerance, compare, format_check
 from edgeclf.fsio import sha256_file
+from edgeclf.progress import log
 
 #: Fewer calibration images than this give a warning: activation ranges get noisy.
 MIN_CALIBRATION_IMAGES = 100
-TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino", "ai-edge-litert")
+TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino",
+                 "ai-edge-litert")
 
 
 @dataclass
@@ -42,10 +43,6 @@ class ExportOptions:
     validate: bool = True
     data: str | Path | None = None  # labelled images instead of the bundle's own
     tolerances: dict[str, Tolerance] | None = None  # per precision; defaults: validate.TOLERANCES
-
-
-def _log(message: str) -> None:
-    print(f"[edgeclf] {message}", file=sys.stderr, flush=True)
 
 
 def _importable(module: str) -> bool:
@@ -152,11 +149,12 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     reference = predict_logits(model, heldout.images) if options.validate else None
     builders = _builders(model, bundle, options, calib_images)
 
+    tools = _tool_versions()  # the same for every artifact of this run
     records, failures = [], []
     built: dict[str, Path] = {}  # format -> its file, for the formats converted from it
     for fmt in wanted:
         out = bundle.path / fmt.filename
-        _log(f"exporting {fmt.name} -> {out.name}")
+        log(f"exporting {fmt.name} -> {out.name}")
         started = time.perf_counter()
         builders[fmt.name](out, built.get(fmt.source) if fmt.source else None)
         built[fmt.name] = out
@@ -166,7 +164,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
             "size_bytes": sum(f.stat().st_size for f in files), "sha256": sha256_file(out),
             "build_seconds": round(time.perf_counter() - started, 2),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "opset": options.opset, "tools": _tool_versions(),
+            "opset": options.opset, "tools": tools,
         }
         if len(files) > 1:
             record["weights_file"] = files[1].name
@@ -182,7 +180,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
             report = compare(fmt.precision, logits, label_out, reference, heldout.values, bundle.labels,
                              tolerance)
             for check in report["checks"]:
-                _log(format_check(fmt.name, check))
+                log(format_check(fmt.name, check))
             record["validation"] = report
             record["status"] = "validated" if report["passed"] else "failed-validation"
             if not report["passed"]:

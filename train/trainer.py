@@ -22,19 +22,20 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from edgeclf.train import model as model_lib
+from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
+from edgeclf.train.data import ImageSet, LabelMap, load_dataset, split_stratified
+from edgeclf.train.evaluate import predict_logits
+from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
+from edgeclf.train.pipeline import augmenter, pixel_batches, training_batches, validation_batches
+from edgeclf.train.strategy import STRATEGIES, is_chief, make_strategy
 
 import edgeclf
 from edgeclf.bundle import BUNDLE_FORMAT, CONFUSION_PNG, MODEL_FILE, Bundle
 from edgeclf.errors import DataError, InvalidInputError
 from edgeclf.fsio import check_output_dir, sha256_file, staged_directory
 from edgeclf.images import DECODE_SPEC
-from edgeclf.train import model as model_lib
-from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
-from edgeclf.train.data import ImageSet, LabelMap, load_dataset, split_stratified
-from edgeclf.train.evaluate import predict_logits
-from edgeclf.train.pipeline import augmenter, pixel_batches, training_batches, validation_batches
-from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
-from edgeclf.train.strategy import STRATEGIES, is_chief, make_strategy
+from edgeclf.progress import log
 
 #: Training images used to (re-)estimate BatchNormalization statistics.
 BN_CALIBRATION_IMAGES = 512
@@ -108,10 +109,6 @@ class TrainConfig:
         check_output_dir(self.out, self.overwrite)
 
 
-def _log(message: str) -> None:
-    print(f"[edgeclf] {message}", file=sys.stderr, flush=True)
-
-
 def _load(source: Any, size: tuple[int, int], strict: bool) -> ImageSet:
     if isinstance(source, ImageSet):
         if source.images.shape[1:3] != size:
@@ -164,7 +161,7 @@ def _phase_record(history: keras.callbacks.History, seconds: float, **extra: Any
 def _prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, LabelMap, list]:
     """Load, check and split the data; returns (train, validation, label map, skipped)."""
     size = cfg.size
-    _log(f"loading data from {cfg.data if not isinstance(cfg.data, ImageSet) else 'arrays'} at {size[0]}x{size[1]}")
+    log(f"loading data from {cfg.data if not isinstance(cfg.data, ImageSet) else 'arrays'} at {size[0]}x{size[1]}")
     data = _load(cfg.data, size, cfg.strict)
     if cfg.val_data is None:
         label_map = LabelMap.from_values(data.all_labels, cfg.labels)
@@ -174,7 +171,7 @@ def _prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, LabelMap, list]
         train_set, val_set = data, _load(cfg.val_data, size, cfg.strict)
         label_map = LabelMap.from_values(train_set.all_labels + val_set.all_labels, cfg.labels)
         train_set.check_classes(label_map, "the training data")
-    _log(f"{len(train_set)} training and {len(val_set)} validation images; labels {list(label_map.labels)}")
+    log(f"{len(train_set)} training and {len(val_set)} validation images; labels {list(label_map.labels)}")
     return train_set, val_set, label_map, data.skipped + (val_set.skipped if cfg.val_data is not None else [])
 
 
@@ -183,14 +180,14 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
     model_lib.freeze_backbone(model)
     t0 = time.perf_counter()
     if cfg.cache_features and augment is None:
-        _log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images")
+        log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images")
         extractor = model_lib.feature_extractor(model)
         f_train = extractor.predict(pixel_batches(train_set.images, cfg.batch_size), verbose=verbose)
         f_val = extractor.predict(pixel_batches(val_set.images, cfg.batch_size), verbose=0)
         t_features = time.perf_counter() - t0
         head = model_lib.head_model(model)
         model_lib.compile_model(head, cfg.lr_frozen)
-        _log(f"phase 1: training the head on cached features (lr={cfg.lr_frozen})")
+        log(f"phase 1: training the head on cached features (lr={cfg.lr_frozen})")
         history = head.fit(
             f_train, y_train, validation_data=(f_val, y_val), epochs=cfg.epochs_frozen,
             batch_size=cfg.batch_size, class_weight=class_weight,
@@ -199,7 +196,7 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
         extra = {"feature_cache": True, "feature_seconds": round(t_features, 2)}
     else:
         model_lib.compile_model(model, cfg.lr_frozen)
-        _log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
+        log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
         history = model.fit(
             training_batches(train_set.images, y_train, cfg.batch_size, cfg.seed, augment), validation_data=val_ds,
             epochs=cfg.epochs_frozen, class_weight=class_weight, shuffle=False,
@@ -216,7 +213,7 @@ def _train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_d
     model_lib.compile_model(model, cfg.lr_finetune)
     bn_mode = "on batch statistics" if cfg.train_batchnorm else "in inference mode"
     last = len(model_lib.backbone_of(model).layers) - 1
-    _log(f"phase 2: fine-tuning backbone layers {unfreeze_index}..{last} "
+    log(f"phase 2: fine-tuning backbone layers {unfreeze_index}..{last} "
          f"(lr={cfg.lr_finetune}, BatchNormalization {bn_mode})")
     callbacks: list[keras.callbacks.Callback] = [_early_stopping(cfg.patience)]
     if cfg.train_batchnorm:
@@ -275,7 +272,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
         model = model_lib.build_model(len(label_map.labels), cfg.size, cfg.backbone, cfg.weights)
         unfreeze_index = model_lib.resolve_unfreeze_index(model_lib.backbone_of(model), spec, cfg.unfreeze_at)
         if model_lib.resolve_weights(cfg.weights) is None:
-            _log(f"random backbone: estimating BatchNormalization statistics from {len(calib)} training images")
+            log(f"random backbone: estimating BatchNormalization statistics from {len(calib)} training images")
             model_lib.calibrate_batchnorm(model, calib, cfg.batch_size)
         if cfg.epochs_frozen > 0:
             phases.append(_train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds,
@@ -287,9 +284,9 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
     logits = predict_logits(model, val_set.images, cfg.batch_size)
     metrics = classification_metrics(val_set.values, label_map.decode(logits.argmax(axis=1)), label_map.labels)
-    _log(f"validation: {format_metrics(metrics)}")
+    log(f"validation: {format_metrics(metrics)}")
     if not is_chief(strategy):
-        _log("not the chief worker: leaving the bundle to the chief")
+        log("not the chief worker: leaving the bundle to the chief")
         return None
 
     meta = _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfreeze_index, phases,
@@ -301,7 +298,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
         meta["model"]["sha256"] = sha256_file(stage / MODEL_FILE)
         meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 2)
         Bundle(stage, meta).save()
-    _log(f"wrote bundle {cfg.out} in {meta['training']['wall_seconds']:.1f} s")
+    log(f"wrote bundle {cfg.out} in {meta['training']['wall_seconds']:.1f} s")
     return Bundle.load(cfg.out)
 
 
