@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make demo   the main job end to end on the bundled real dataset (digits):
-#               write it as PNGs, train, evaluate, export (ONNX FP32/FP16/INT8, OpenVINO
-#               FP32/INT8, TFLite FP32/FP16) and validate every artifact against Keras
+#               write it as PNGs, train, evaluate, export (ONNX FP32/FP16/INT8, TensorRT
+#               FP16 engine, OpenVINO FP32/INT8, TFLite FP32/FP16/INT8) and validate every
+#               artifact against Keras
 #   make test   the test suite
 # Both create .venv and install what they need on first use.
 
@@ -22,7 +23,7 @@ DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --trai
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[export,openvino,tflite,test]"
+	$(PY) -m pip install -e ".[export,openvino,tflite,rtx,test]"
 	touch $@
 
 install: $(VENV)/.installed

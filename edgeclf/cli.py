@@ -14,10 +14,11 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 from edgeclf import __version__
-from edgeclf.errors import EdgeclfError
+from edgeclf.errors import EdgeclfError, InvalidInputError
 
 _RANGE = re.compile(r"^\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*$")
 
@@ -99,21 +100,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_triple(text: str, option: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise InvalidInputError(f"{option} expects three integers MIN,OPT,MAX such as 1,8,32. Received: {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     from edgeclf.export import ExportOptions, export_bundle
+    from edgeclf.export.tensorrt_engine import EngineOptions
 
+    engine = EngineOptions(batch_profile=_int_triple(args.batch_profile, "--batch-profile"),
+                           workspace_mib=args.workspace_mib,
+                           compute_capabilities=tuple(args.trt_compute_capability.split(","))
+                           if args.trt_compute_capability else None,
+                           timing_cache=Path(args.timing_cache) if args.timing_cache else None)
     options = ExportOptions(opset=args.opset, calibration_images=args.calibration_images,
                             calibration_method=args.calibration_method,
                             int8_reduce_range=not args.full_range_int8, validate=not args.no_validate,
-                            data=args.data)
+                            data=args.data, engine=engine)
     records = export_bundle(args.bundle, args.format, options)
     print(f"{'format':<13} {'file':<24} {'MB':>7} {'build s':>8} {'max|diff|':>10} {'agree':>7} "
           f"{'acc':>7} {'acc diff':>8}  status")
     for r in records:
         v = r["validation"] or {}
         figures = (f"{v['max_abs_logit_diff']:>10.3g} {v['top1_agreement']:>7.4f} {v['accuracy']:>7.4f} "
-                   f"{v['accuracy_delta']:>+8.4f}") if v else f"{'-':>10} {'-':>7} {'-':>7} {'-':>8}"
+                   f"{v['accuracy_delta']:>+8.4f}") if "top1_agreement" in v else f"{'-':>10} {'-':>7} {'-':>7} {'-':>8}"
         print(f"{r['format']:<13} {r['file']:<24} {r['size_bytes'] / 1e6:>7.1f} {r['build_seconds']:>8.1f} "
               f"{figures}  {r['status']}")
     return 0
@@ -184,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a bundle to ONNX, OpenVINO and TFLite, each validated against Keras",
+    p = sub.add_parser("export", help="export a bundle to ONNX, TensorRT, OpenVINO and TFLite, each validated against Keras",
                        description="Writes each artifact into the bundle directory, validates it on the images "
                                    "training held out and records it in bundle.json.")
     p.add_argument("bundle", help="bundle directory written by 'edgeclf train'")
@@ -199,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="labelled images for calibration and validation instead of the bundle's training data")
     p.add_argument("--no-validate", action="store_true", help="skip validation against Keras (not recommended)")
+    trt = p.add_argument_group("TensorRT engine")
+    trt.add_argument("--batch-profile", default="1,8,32", metavar="MIN,OPT,MAX",
+                     help="batch sizes of the optimisation profile (default 1,8,32)")
+    trt.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit (default 1024)")
+    trt.add_argument("--trt-compute-capability", default=None, metavar="CC[,CC...]",
+                     help="GPUs to build for, e.g. 8.6,8.9 (TensorRT-RTX; default: this GPU, or without one "
+                          "every capability TensorRT-RTX supports)")
+    trt.add_argument("--timing-cache", default=None,
+                     help="tensorrt timing cache file, reused across builds "
+                          "(default ~/.cache/edgeclf/tensorrt-VERSION.timing-cache)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dataset", help="write a bundled real dataset as image files",

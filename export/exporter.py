@@ -15,23 +15,27 @@ import importlib.metadata
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from edgeclf.export.formats import ExportFormat, parse_formats
-from edgeclf.export.validate import RUNNERS, TOLERANCES, Tolerance, compare, format_check
+from edgeclf.export.tensorrt_engine import EngineOptions
+from edgeclf.export.validate import RUNNERS, TOLERANCES, Tolerance, compare, format_check, skip_reason
 
 from edgeclf.bundle import Bundle
+from edgeclf.engine_file import read_engine_header
 from edgeclf.errors import BackendUnavailableError, DataError, InvalidInputError, ValidationError
 from edgeclf.fsio import sha256_file
 from edgeclf.progress import log
 
+#: Formats calibrated on training images.
+CALIBRATED = ("onnx-int8", "tflite-int8")
 #: Fewer calibration images than this give a warning: activation ranges get noisy.
 MIN_CALIBRATION_IMAGES = 100
 TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino",
-                 "ai-edge-litert")
+                 "ai-edge-litert", "tensorrt", "tensorrt-rtx-cu12")
 
 
 @dataclass
@@ -43,14 +47,18 @@ class ExportOptions:
     validate: bool = True
     data: str | Path | None = None  # labelled images instead of the bundle's own
     tolerances: dict[str, Tolerance] | None = None  # per precision; defaults: validate.TOLERANCES
+    engine: EngineOptions = field(default_factory=EngineOptions)  # TensorRT build settings
 
 
 def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
+    """Whether ``module`` (or, for "a|b", either) imports."""
+    for name in module.split("|"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        return True
+    return False
 
 
 def _check_modules(formats: list[ExportFormat]) -> None:
@@ -61,6 +69,19 @@ def _check_modules(formats: list[ExportFormat]) -> None:
                 f"format {fmt.name!r} needs {missing}, which are not installed; "
                 f"install them with: pip install 'edgeclf[{fmt.extra}]'"
             )
+
+
+def _installed_only(formats: list[ExportFormat]) -> list[ExportFormat]:
+    """For ``all``: the formats whose libraries are installed; a warning names the rest."""
+    kept: list[ExportFormat] = []
+    for fmt in formats:
+        missing = [m for m in fmt.modules if not _importable(m)]
+        if missing or (fmt.source and fmt.source not in {k.name for k in kept}):
+            why = f"needs {missing}: pip install 'edgeclf[{fmt.extra}]'" if missing else f"needs {fmt.source}"
+            warnings.warn(f"'all' skips {fmt.name}: {why}", stacklevel=3)
+        else:
+            kept.append(fmt)
+    return kept
 
 
 def _tool_versions() -> dict[str, str]:
@@ -77,7 +98,9 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
     from edgeclf.export.onnx_fp16 import onnx_to_fp16
     from edgeclf.export.onnx_fp32 import keras_to_onnx
     from edgeclf.export.onnx_int8 import onnx_to_int8
+    from edgeclf.export.metadata import artifact_metadata
     from edgeclf.export.openvino_ir import onnx_to_openvino
+    from edgeclf.export.tensorrt_engine import onnx_to_engine
     from edgeclf.export.tflite import keras_to_tflite
 
     # Each builder takes (output path, path of the artifact it is converted from).
@@ -88,8 +111,10 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
                                                    options.int8_reduce_range),
         "openvino": lambda out, src: onnx_to_openvino(src, out),
         "openvino-int8": lambda out, src: onnx_to_openvino(src, out),
+        "tensorrt": lambda out, src: onnx_to_engine(src, out, artifact_metadata(bundle, "fp16"), options.engine),
         "tflite": lambda out, src: keras_to_tflite(model, bundle, out, "fp32"),
         "tflite-fp16": lambda out, src: keras_to_tflite(model, bundle, out, "fp16"),
+        "tflite-int8": lambda out, src: keras_to_tflite(model, bundle, out, "int8", calibration),
     }
 
 
@@ -140,12 +165,14 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
 
     options = options or ExportOptions()
     wanted = parse_formats(formats)
+    if formats == "all" or formats == ["all"]:
+        wanted = _installed_only(wanted)
     _check_modules(wanted)
     bundle = Bundle.load(bundle_path)
     model = load_keras_model(bundle)
     calibration, heldout = reference_sets(bundle, options.data)
     calib_images = _calibration_images(calibration, options.calibration_images) \
-        if any(f.name == "onnx-int8" for f in wanted) else None
+        if any(f.name in CALIBRATED for f in wanted) else None
     reference = predict_logits(model, heldout.images) if options.validate else None
     builders = _builders(model, bundle, options, calib_images)
 
@@ -172,9 +199,18 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
         if fmt.name == "openvino":
             record["run_time_precisions"] = ["fp32", "bf16 (INFERENCE_PRECISION_HINT=bf16 on AMX CPUs)"]
         if fmt.name == "onnx-int8":
-            record["calibration"] = {"images": int(len(calib_images)), "method": options.calibration_method,
+            record["calibration"] = {"images": len(calib_images), "method": options.calibration_method,
                                      "reduce_range": options.int8_reduce_range}
-        if options.validate:
+        if fmt.name == "tflite-int8":
+            record["calibration"] = {"images": len(calib_images), "method": "minmax (TFLite converter)"}
+        if fmt.name == "tensorrt":
+            header = read_engine_header(out)
+            record["tensorrt"] = header["tensorrt"]
+            record["target"] = header["target"]
+            record["profile"] = header["profile"]
+            record["source_sha256"] = header["onnx_sha256"]
+        skipped = skip_reason(fmt.runtime) if options.validate else "validation switched off (--no-validate)"
+        if skipped is None:
             logits, label_out = RUNNERS[fmt.runtime](out, heldout.images)
             tolerance = (options.tolerances or TOLERANCES).get(fmt.precision, TOLERANCES[fmt.precision])
             report = compare(fmt.precision, logits, label_out, reference, heldout.values, bundle.labels,
@@ -192,7 +228,8 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
                 failed = [c["check"] for c in report["checks"] if not c["passed"]]
                 failures.append(f"{fmt.name}: {', '.join(failed)} (kept as {kept.name})")
         else:
-            record["validation"] = None
+            log(f"  {fmt.name:<13} not validated: {skipped}")
+            record["validation"] = {"skipped": skipped}
             record["status"] = "unvalidated"
         bundle.meta.setdefault("artifacts", {})[fmt.name] = record
         bundle.save()

@@ -16,12 +16,13 @@ class ExportFormat:
     name: str
     filename: str  # the entry file; an OpenVINO IR has its .bin beside it
     precision: str
-    #: Python modules the builder and its validation import, and the extra installing them.
+    #: Python modules the builder and its validation import ("a|b": either), and the
+    #: extra installing them.
     modules: tuple[str, ...]
     extra: str
     #: The format this one is converted from (built first if not asked for).
     source: str | None
-    #: What runs it for validation: "onnxruntime", "openvino" or "litert".
+    #: What runs it for validation: "onnxruntime", "openvino", "litert" or "tensorrt".
     runtime: str
 
 
@@ -37,8 +38,12 @@ FORMATS: dict[str, ExportFormat] = {
                      "onnx", "openvino"),
         ExportFormat("openvino-int8", "model.int8.openvino.xml", "int8", _ONNX + ("openvino",), "openvino",
                      "onnx-int8", "openvino"),
+        ExportFormat("tensorrt", "model.fp16.engine", "fp16", ("onnx", "tensorrt|tensorrt_rtx"), "rtx",
+                     "onnx-fp16", "tensorrt"),
         ExportFormat("tflite", "model.tflite", "fp32", ("tensorflow", "ai_edge_litert"), "tflite", None, "litert"),
         ExportFormat("tflite-fp16", "model.fp16.tflite", "fp16", ("tensorflow", "ai_edge_litert"), "tflite",
+                     None, "litert"),
+        ExportFormat("tflite-int8", "model.int8.tflite", "int8", ("tensorflow", "ai_edge_litert"), "tflite",
                      None, "litert"),
     )
 }

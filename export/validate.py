@@ -80,6 +80,19 @@ def tflite_logits(path: Path, images: np.ndarray, batch_size: int = 32) -> tuple
 RUNNERS = {"onnxruntime": onnx_logits, "openvino": openvino_logits, "litert": tflite_logits}
 
 
+def skip_reason(runtime: str) -> str | None:
+    """Why an artifact for ``runtime`` cannot be run on this machine, or None if it can."""
+    if runtime == "tensorrt":
+        from edgeclf.gpu import local_compute_capability
+
+        if local_compute_capability() is None:
+            return ("no NVIDIA GPU here: the engine was built ahead of time from the validated FP16 ONNX; "
+                    "its header lets the device refuse a mismatch, and exporting on a GPU machine validates it")
+    if runtime not in RUNNERS:
+        return f"no runner for {runtime} artifacts in this edgeclf version"
+    return None
+
+
 def compare(
     precision: str, logits: np.ndarray, label_out: np.ndarray, reference: np.ndarray,
     true_values: np.ndarray, labels: Sequence[int], tolerance: Tolerance | None = None,

@@ -26,12 +26,9 @@ SIZE = 75
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import tensorflow as tf  # noqa: F401
+    from edgeclf.gpu import local_compute_capability
 
-        has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    except ImportError:
-        has_gpu = False
+    has_gpu = local_compute_capability() is not None
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none on this machine")
     for item in items:
         if not has_gpu and ("gpu" in item.keywords or "tensorrt" in item.keywords):
@@ -95,3 +92,15 @@ def accurate_bundle(noncontiguous_dir, tmp_path_factory):
         epochs_finetune=3, unfreeze_at=0, train_batchnorm=True, lr_finetune=1e-3, batch_size=32,
         seed=0, verbose=0,
     ))
+
+
+@pytest.fixture(scope="session")
+def exported(accurate_bundle, tmp_path_factory):
+    """A copy of ``accurate_bundle`` with every format exported and validated: (bundle, records)."""
+    from edgeclf.bundle import Bundle
+    from edgeclf.export import ExportOptions, export_bundle
+
+    path = tmp_path_factory.mktemp("export") / "bundle"
+    shutil.copytree(accurate_bundle.path, path)
+    records = export_bundle(path, "all", ExportOptions(calibration_images=200))
+    return Bundle.load(path), records

@@ -14,6 +14,7 @@ from edgeclf.errors import (
     BackendUnavailableError, BundleError, ConversionError, InvalidInputError, ValidationError,
 )
 from edgeclf.fsio import sha256_file
+from edgeclf.gpu import local_compute_capability
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -24,22 +25,16 @@ from edgeclf.export.reference import reference_sets  # noqa: E402
 from edgeclf.export.validate import Tolerance  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def exported(accurate_bundle, tmp_path_factory):
-    """A copy of a trained bundle with all ONNX formats exported and validated."""
-    path = tmp_path_factory.mktemp("export") / "bundle"
-    shutil.copytree(accurate_bundle.path, path)
-    records = export_bundle(path, "all", ExportOptions(calibration_images=200))
-    return Bundle.load(path), records
-
-
 def test_every_format_is_produced_validated_and_recorded(exported):
     bundle, records = exported
     assert [r["format"] for r in records] == ["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8",
-                                              "tflite", "tflite-fp16"]
+                                              "tensorrt", "tflite", "tflite-fp16", "tflite-int8"]
     saved = json.loads((bundle.path / "bundle.json").read_text())["artifacts"]
     for record in records:
         path = bundle.path / record["file"]
+        if record["format"] == "tensorrt" and local_compute_capability() is None:
+            assert record["status"] == "unvalidated" and "no NVIDIA GPU" in record["validation"]["skipped"]
+            continue
         assert record["status"] == "validated", record["validation"]
         assert saved[record["format"]] == record
         files = [path] + ([bundle.path / record["weights_file"]] if "weights_file" in record else [])
@@ -52,9 +47,10 @@ def test_every_format_is_produced_validated_and_recorded(exported):
     sizes = {r["format"]: r["size_bytes"] for r in records}
     assert sizes["onnx-fp16"] < 0.6 * sizes["onnx"] and sizes["onnx-int8"] < 0.35 * sizes["onnx"]
     assert sizes["openvino-int8"] < 0.35 * sizes["openvino"]
-    assert sizes["tflite-fp16"] < 0.6 * sizes["tflite"]
+    assert sizes["tflite-fp16"] < 0.6 * sizes["tflite"] and sizes["tflite-int8"] < 0.35 * sizes["tflite"]
     assert records[3]["weights_sha256"] == sha256_file(bundle.path / "model.openvino.bin")
     assert records[2]["calibration"] == {"images": 200, "method": "minmax", "reduce_range": True}
+    assert records[-1]["calibration"]["images"] == 200
 
 
 def test_graph_takes_uint8_pixels_and_gives_logits_and_label(exported):
@@ -114,7 +110,7 @@ def test_tflite_takes_uint8_and_carries_metadata(exported):
 
     bundle, _ = exported
     _, heldout = reference_sets(bundle)
-    for name, precision in (("model.tflite", "fp32"), ("model.fp16.tflite", "fp16")):
+    for name, precision in (("model.tflite", "fp32"), ("model.fp16.tflite", "fp16"), ("model.int8.tflite", "int8")):
         interpreter = Interpreter(model_path=str(bundle.path / name))
         (inp,) = interpreter.get_input_details()
         assert inp["dtype"] == np.uint8 and list(inp["shape_signature"]) == [-1, 75, 75, 3]
@@ -123,6 +119,13 @@ def test_tflite_takes_uint8_and_carries_metadata(exported):
         meta = read_tflite_metadata(bundle.path / name)
         assert meta["labels"] == [-2, 3, 10] and meta["precision"] == precision
         assert meta["source_model_sha256"] == bundle.meta["model"]["sha256"]
+        if precision == "int8":  # full-integer: every convolution and dense layer computes in INT8
+            dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+            ops = interpreter._get_ops_details()  # no public API lists ops
+            compute = [op for op in ops if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+            assert len(compute) == 96  # InceptionV3's 94 convolutions and the 2 dense layers
+            assert all(dtypes[op["inputs"][0]] == np.int8 and dtypes[op["inputs"][1]] == np.int8 for op in compute)
+            assert meta["calibration"]["images"] == 200
 
 
 def test_metadata_round_trip(exported):

@@ -1,0 +1,172 @@
+"""FP16 ONNX -> TensorRT engine, with ``tensorrt`` or ``tensorrt_rtx``.
+
+Only the API the two modules share is used. The network is *strongly typed*: the
+engine computes in the types the FP16 ONNX already has (TensorRT-RTX builds nothing
+else, and for ``tensorrt`` it is the way to get exactly the validated FP16 graph rather
+than letting the builder choose per layer). ``tensorrt`` needs a GPU and builds for it;
+``tensorrt_rtx`` builds ahead of time without one, for the compute capabilities asked
+for, and compiles kernels just in time on the device. The engine file is written by
+:mod:`edgeclf.engine_file` with a JSON header in front of the plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeclf.engine_file import write_engine
+from edgeclf.errors import BackendUnavailableError, ConversionError, InvalidInputError
+from edgeclf.fsio import atomic_write_bytes, sha256_file
+from edgeclf.gpu import local_compute_capability
+from edgeclf.progress import log
+
+#: TensorRT-RTX targets, by the name of its ``ComputeCapability`` member.
+RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    #: (min, opt, max) batch of the one optimisation profile.
+    batch_profile: tuple[int, int, int] = (1, 8, 32)
+    workspace_mib: int = 1024
+    #: Compute capabilities ("8.6") to build for; None: this GPU, or without one (only
+    #: tensorrt_rtx can build then) every capability TensorRT-RTX supports.
+    compute_capabilities: tuple[str, ...] | None = None
+    #: Timing cache file (``tensorrt`` only; TensorRT-RTX times nothing at build time).
+    timing_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        low, opt, high = self.batch_profile
+        if not 1 <= low <= opt <= high:
+            raise InvalidInputError(f"batch profile must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX. "
+                                    f"Received: {self.batch_profile}")
+        if self.workspace_mib < 1:
+            raise InvalidInputError(f"workspace must be >= 1 MiB. Received: {self.workspace_mib}")
+
+
+def tensorrt_module() -> tuple[Any, str]:
+    """(module, flavour): ``tensorrt`` where installed, else ``tensorrt_rtx``."""
+    for name, flavour in (("tensorrt", "tensorrt"), ("tensorrt_rtx", "tensorrt-rtx")):
+        try:
+            return importlib.import_module(name), flavour
+        except ImportError:
+            continue
+    raise BackendUnavailableError("building a TensorRT engine needs tensorrt (a GPU machine: pip install "
+                                  "'edgeclf[gpu]') or tensorrt_rtx (builds without a GPU: pip install "
+                                  "'edgeclf[rtx]'); neither is installed")
+
+
+def default_timing_cache(flavour: str, version: str) -> Path:
+    """A per-user cache shared by every bundle: tactic timings do not depend on the model."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "edgeclf" / f"{flavour}-{version}.timing-cache"
+
+
+def _targets(trt, flavour: str, wanted: tuple[str, ...] | None) -> list[str]:
+    here = local_compute_capability()
+    if wanted is None:
+        if here is not None:
+            return [here]
+        if flavour == "tensorrt":
+            raise ConversionError("tensorrt builds engines only on a GPU, and none was found here; "
+                                  "use tensorrt_rtx (pip install 'edgeclf[rtx]') to build ahead of time")
+        return [cc for cc in RTX_TARGETS if hasattr(trt.ComputeCapability, RTX_TARGETS[cc])]
+    if flavour == "tensorrt":
+        if list(wanted) != [here]:
+            raise InvalidInputError(f"tensorrt builds only for the GPU it runs on ({here}). "
+                                    f"Received compute capabilities: {list(wanted)}")
+        return [here]
+    unknown = [cc for cc in wanted if cc not in RTX_TARGETS]
+    if unknown:
+        raise InvalidInputError(f"unknown compute capability {unknown}; TensorRT-RTX builds for "
+                                f"{list(RTX_TARGETS)}. Received: {list(wanted)}")
+    return list(wanted)
+
+
+def _logger(trt):
+    class ErrorLogger(trt.ILogger):
+        """Keeps the builder's errors for the ConversionError; drops its chatter."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
+
+    return ErrorLogger()
+
+
+def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOptions) -> dict[str, Any]:
+    """Build a TensorRT engine from the FP16 ONNX ``src`` and write it with its header to ``out``.
+
+    Args:
+        meta: the artifact's self-description (labels, input spec...), put in the header.
+
+    Returns:
+        The header as written.
+
+    Raises:
+        ConversionError: the ONNX parser or the builder failed (carries their messages).
+    """
+    trt, flavour = tensorrt_module()
+    targets = _targets(trt, flavour, options.compute_capabilities)
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(src)):
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise ConversionError(f"the TensorRT ONNX parser rejected {src.name}: {'; '.join(errors or logger.errors)}")
+
+    pixels = network.get_input(0)
+    _, height, width, channels = pixels.shape
+    low, opt, high = options.batch_profile
+    profile = builder.create_optimization_profile()
+    profile.set_shape(pixels.name, (low, height, width, channels), (opt, height, width, channels),
+                      (high, height, width, channels))
+    config = builder.create_builder_config()
+    config.add_optimization_profile(profile)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    timing_cache = None
+    if flavour == "tensorrt":
+        timing_cache = options.timing_cache or default_timing_cache(flavour, trt.__version__)
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    else:
+        config.num_compute_capabilities = len(targets)
+        for i, cc in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, RTX_TARGETS[cc]), i)
+
+    log(f"building a {flavour} {trt.__version__} FP16 engine for compute capability {', '.join(targets)}, "
+        f"batch {low}..{high} (opt {opt})")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ConversionError(f"the {flavour} builder failed on {src.name}: {'; '.join(logger.errors) or 'no message'}")
+    if timing_cache is not None:
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+    io = []
+    for i in range(network.num_inputs):
+        io.append({"name": network.get_input(i).name, "mode": "input", "dtype": network.get_input(i).dtype.name,
+                   "shape": list(network.get_input(i).shape)})
+    for i in range(network.num_outputs):
+        io.append({"name": network.get_output(i).name, "mode": "output",
+                   "dtype": network.get_output(i).dtype.name, "shape": list(network.get_output(i).shape)})
+    header = {
+        **meta,
+        "tensorrt": {"flavour": flavour, "version": trt.__version__, "strongly_typed": True},
+        "target": {"compute_capabilities": targets, "built_on_gpu": local_compute_capability()},
+        "onnx_file": src.name,
+        "onnx_sha256": sha256_file(src),
+        "profile": {"input": pixels.name, "min": [low, height, width, channels],
+                    "opt": [opt, height, width, channels], "max": [high, height, width, channels]},
+        "workspace_bytes": options.workspace_mib << 20,
+        "timing_cache": str(timing_cache) if timing_cache else None,
+        "io": io,
+    }
+    return write_engine(out, header, bytes(plan))

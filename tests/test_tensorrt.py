@@ -1,0 +1,111 @@
+"""TensorRT FP16 engines: a real build (tensorrt_rtx builds without a GPU) and the engine file's header."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeclf.engine_file import (
+    FORMAT, MAGIC, check_engine_compatible, read_engine, read_engine_header, write_engine,
+)
+from edgeclf.errors import BundleError, ConversionError, IncompatibleArtifactError, InvalidInputError
+from edgeclf.fsio import sha256_file
+from tests.conftest import run_cli
+
+pytest.importorskip("onnx")
+try:
+    from edgeclf.export.tensorrt_engine import EngineOptions, onnx_to_engine, tensorrt_module
+
+    TRT, FLAVOUR = tensorrt_module()
+except ImportError:  # BackendUnavailableError is an ImportError
+    pytest.skip("neither tensorrt nor tensorrt_rtx is installed (pip install 'edgeclf[rtx]')",
+                allow_module_level=True)
+
+
+def test_exported_engine_describes_itself(exported):
+    bundle, records = exported
+    (record,) = [r for r in records if r["format"] == "tensorrt"]
+    header, plan = read_engine(bundle.path / record["file"])
+    assert header["labels"] == [-2, 3, 10] and header["precision"] == "fp16"
+    assert header["input"]["dtype"] == "uint8" and (header["input"]["height"], header["input"]["width"]) == (75, 75)
+    assert header["tensorrt"] == {"flavour": FLAVOUR, "version": TRT.__version__, "strongly_typed": True}
+    assert header["onnx_file"] == "model.fp16.onnx"
+    assert header["onnx_sha256"] == sha256_file(bundle.path / "model.fp16.onnx") == record["source_sha256"]
+    assert header["source_model_sha256"] == bundle.meta["model"]["sha256"]
+    assert header["profile"] == {"input": "pixels", "min": [1, 75, 75, 3], "opt": [8, 75, 75, 3],
+                                 "max": [32, 75, 75, 3]}
+    assert {(t["name"], t["dtype"]) for t in header["io"]} == {("pixels", "UINT8"), ("logits", "FLOAT"),
+                                                              ("label", "INT64")}
+    assert record["target"] == header["target"] and header["target"]["compute_capabilities"]
+    # The plan holds the FP16 weights (InceptionV3: ~48 MB), not just a graph.
+    assert len(plan) == header["plan_bytes"] > 0.8 * (bundle.path / "model.fp16.onnx").stat().st_size
+
+
+def test_build_options_reach_the_engine(exported, tmp_path):
+    if FLAVOUR != "tensorrt-rtx":
+        pytest.skip("choosing compute capabilities is a TensorRT-RTX (ahead-of-time) feature")
+    bundle, _ = exported
+    header = onnx_to_engine(bundle.path / "model.fp16.onnx", tmp_path / "e.engine", {"labels": [-2, 3, 10]},
+                            EngineOptions(batch_profile=(2, 4, 16), workspace_mib=256, compute_capabilities=("8.6",)))
+    assert header == read_engine_header(tmp_path / "e.engine")
+    assert header["target"]["compute_capabilities"] == ["8.6"]
+    assert header["profile"]["min"][0] == 2 and header["profile"]["max"][0] == 16
+    assert header["workspace_bytes"] == 256 << 20
+
+
+def test_bad_build_input(exported, tmp_path):
+    bundle, _ = exported
+    src = bundle.path / "model.fp16.onnx"
+    with pytest.raises(InvalidInputError, match=r"MIN <= OPT <= MAX.*\(8, 4, 16\)"):
+        EngineOptions(batch_profile=(8, 4, 16))
+    if FLAVOUR == "tensorrt-rtx":
+        with pytest.raises(InvalidInputError, match=r"unknown compute capability \['9.9'\]"):
+            onnx_to_engine(src, tmp_path / "e.engine", {}, EngineOptions(compute_capabilities=("9.9",)))
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    with pytest.raises(ConversionError, match="ONNX parser rejected broken.onnx: .*parse"):
+        onnx_to_engine(broken, tmp_path / "e.engine", {}, EngineOptions())
+    assert not (tmp_path / "e.engine").exists()
+
+
+def test_header_round_trip_and_damage(tmp_path):
+    path = tmp_path / "m.engine"
+    written = write_engine(path, {"labels": [3, 4], "tensorrt": {"flavour": "tensorrt-rtx", "version": "1.0"},
+                                  "target": {"compute_capabilities": ["8.6"]}}, b"PLAN" * 1000)
+    assert path.read_bytes().startswith(MAGIC)
+    header, plan = read_engine(path)
+    assert header == written == read_engine_header(path) and header["format"] == FORMAT and plan == b"PLAN" * 1000
+
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(BundleError, match="truncated or altered"):
+        read_engine(path)
+    path.write_bytes(data[:-1] + b"X")
+    with pytest.raises(BundleError, match="truncated or altered"):
+        read_engine(path)
+    path.write_bytes(data[:20])
+    with pytest.raises(BundleError, match="ends inside the engine header"):
+        read_engine_header(path)
+    path.write_bytes(b"\x00" * 64)  # a bare TensorRT plan, or anything else
+    with pytest.raises(BundleError, match="not an edgeclf TensorRT engine"):
+        read_engine_header(path)
+    write_engine(path, {}, b"")
+    path.write_bytes(path.read_bytes().replace(FORMAT.encode(), b"edgeclf-engine/9"))
+    with pytest.raises(BundleError, match="'edgeclf-engine/9' is not supported"):
+        read_engine_header(path)
+
+
+def test_engine_refuses_another_tensorrt_or_gpu():
+    header = {"tensorrt": {"flavour": "tensorrt-rtx", "version": "1.7.1.116"},
+              "target": {"compute_capabilities": ["8.6", "8.9"]}}
+    check_engine_compatible(header, "tensorrt-rtx", "1.7.1.116", "8.9")
+    check_engine_compatible(header, "tensorrt-rtx", "1.7.1.116", None)
+    with pytest.raises(IncompatibleArtifactError, match=r"built with tensorrt-rtx 1.7.1.116, but tensorrt 10.3"):
+        check_engine_compatible(header, "tensorrt", "10.3", "8.6")
+    with pytest.raises(IncompatibleArtifactError, match=r"\['8.6', '8.9'\], but this GPU is 9.0"):
+        check_engine_compatible(header, "tensorrt-rtx", "1.7.1.116", "9.0")
+
+
+def test_cli_rejects_a_bad_batch_profile(tmp_path):
+    out = run_cli("export", str(tmp_path), "--format", "tensorrt", "--batch-profile", "1,8")
+    assert out.returncode == 1
+    assert "--batch-profile expects three integers MIN,OPT,MAX such as 1,8,32. Received: '1,8'" in out.stderr
