@@ -2,7 +2,7 @@
 #   make demo   the main job end to end on the bundled real dataset (digits):
 #               write it as PNGs, train, evaluate, export (ONNX FP32/FP16/INT8, TensorRT
 #               FP16 engine, OpenVINO FP32/INT8, TFLite FP32/FP16/INT8) and validate every
-#               artifact against Keras
+#               artifact against Keras, then predict a few test images with the runtime
 #   make test   the test suite
 # Both create .venv and install what they need on first use.
 
@@ -34,6 +34,8 @@ demo: install
 	    --image-size $(IMAGE_SIZE) --weights $(WEIGHTS) $(DEMO_TRAIN_ARGS)
 	$(EDGECLF) evaluate $(DEMO_DIR)/bundle $(DEMO_DIR)/data/test --report $(DEMO_DIR)/report
 	$(EDGECLF) export $(DEMO_DIR)/bundle --format all
+	@# A few held-out test images (about one per class), run by the device runtime (no TensorFlow).
+	$(EDGECLF) predict $(DEMO_DIR)/bundle $$(find $(DEMO_DIR)/data/test -name '*.png' | sort | awk 'NR % 36 == 1')
 	@echo "bundle: $(DEMO_DIR)/bundle   report: $(DEMO_DIR)/report"
 
 test: install

@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         data=args.data, out=args.out, labels=args.labels, image_size=args.image_size,
-        backbone=args.backbone, weights=args.weights, epochs_frozen=args.epochs_frozen,
+        backbone=args.backbone, weights=args.weights, init_from=args.init_from, epochs_frozen=args.epochs_frozen,
         epochs_finetune=args.epochs_finetune, batch_size=args.batch_size,
         lr_frozen=args.lr_frozen, lr_finetune=args.lr_finetune, unfreeze_at=args.unfreeze_at,
         val_split=args.val_split, val_data=args.val_dir, seed=args.seed, strategy=args.strategy,
@@ -136,6 +136,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from edgeclf.runtime import Predictor
+    from edgeclf.runtime.files import predict_paths
+
+    with Predictor.load(args.model, args.backend, precision=args.precision, batch_size=args.batch_size,
+                        threads=args.threads, allow_unvalidated=args.allow_unvalidated) as predictor:
+        described = predictor.describe()
+        print(f"[edgeclf] {described['backend']} running {described['artifact']}: {described['reason']}",
+              file=sys.stderr)
+        done = failed = 0
+        for record in predict_paths(predictor, args.inputs, args.top_k):
+            done += 1
+            if "error" in record:
+                failed += 1
+                if args.json:
+                    print(json.dumps(record), flush=True)
+                else:
+                    print(f"error: {record['file']}: {record['error']}", file=sys.stderr)
+            elif args.json:
+                print(json.dumps(record), flush=True)
+            else:
+                extra = "  " + " ".join(f"{t['label']}:{t['confidence']:.3f}" for t in record.get("top_k", []))
+                print(f"{record['file']}\t{record['label']}\t{record['confidence']:.4f}{extra.rstrip()}", flush=True)
+    print(f"[edgeclf] {done - failed} predicted, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edgeclf.runtime.doctor import doctor, format_report
+
+    report = doctor()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_dataset(args: argparse.Namespace) -> int:
     from edgeclf.train.data import write_digits_folder
 
@@ -168,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="inception_v3")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (downloaded once by Keras), 'none', or a local weights file (default imagenet)")
+    p.add_argument("--init-from", default=None, metavar="BUNDLE",
+                   help="start from this bundle's weights (same backbone and labels, any image size): "
+                        "train small and cheap first, then finish at full size")
     p.add_argument("--epochs-frozen", type=int, default=10, help="phase 1 epochs, backbone frozen (default 10)")
     p.add_argument("--epochs-finetune", type=int, default=5, help="phase 2 epochs, top unfrozen (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
@@ -227,6 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tensorrt timing cache file, reused across builds "
                           "(default ~/.cache/edgeclf/tensorrt-VERSION.timing-cache)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="predict integers for image files with an exported model (no TensorFlow)",
+                       description="Prints one line per image (JSON lines with --json); a file that fails is "
+                                   "reported and the others are still predicted; exit status 1 if any failed.")
+    p.add_argument("model", help="bundle directory, or one artifact (.onnx, .xml, .tflite, .engine)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories (read recursively)")
+    p.add_argument("--backend", default="auto",
+                   help="auto (default), onnxruntime, openvino, tflite, tensorrt, or an artifact name such as onnx-int8")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default=None,
+                   help="pick the artifact of this precision (bf16: the FP32 OpenVINO IR run in BF16)")
+    p.add_argument("--top-k", type=int, default=1, help="also list the k most probable labels")
+    p.add_argument("--batch-size", type=int, default=32, help="images per backend call (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per inference (default: all)")
+    p.add_argument("--allow-unvalidated", action="store_true", help="also run artifacts export did not validate")
+    p.add_argument("--json", action="store_true", help="JSON lines: file, label, index, confidence")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("doctor", help="which backends and accelerators are usable here, and why not")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("dataset", help="write a bundled real dataset as image files",
                        description="Write scikit-learn's handwritten digits as PNG files in "

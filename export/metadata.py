@@ -11,6 +11,7 @@ from typing import Any
 
 import edgeclf
 from edgeclf.bundle import Bundle
+from edgeclf.runtime.metadata import read_onnx_metadata  # noqa: F401  (re-exported for export)
 
 ARTIFACT_FORMAT = "edgeclf-artifact/1"
 
@@ -49,11 +50,3 @@ def set_onnx_metadata(model, meta: dict[str, Any]) -> None:
         prop = model.metadata_props.add()
         prop.key = f"edgeclf.{key}"
         prop.value = json.dumps(value)
-
-
-def read_onnx_metadata(model) -> dict[str, Any]:
-    """The ``edgeclf.*`` entries of an ``onnx.ModelProto`` (or an ORT ``ModelMetadata``)."""
-    props = getattr(model, "custom_metadata_map", None)
-    if props is None:
-        props = {p.key: p.value for p in model.metadata_props}
-    return {k[len("edgeclf."):]: json.loads(v) for k, v in props.items() if k.startswith("edgeclf.")}

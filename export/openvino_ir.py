@@ -17,10 +17,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from edgeclf.errors import ConversionError
 from edgeclf.export.metadata import read_onnx_metadata
+from edgeclf.runtime.metadata import read_openvino_metadata  # noqa: F401  (re-exported)
 
 
 def ir_files(xml: Path) -> list[Path]:
@@ -52,14 +52,3 @@ def onnx_to_openvino(src: Path, out: Path) -> None:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def read_openvino_metadata(xml: Path) -> dict[str, Any]:
-    """The ``edgeclf`` entries of an IR's rt_info."""
-    import openvino as ov
-
-    model = ov.Core().read_model(str(xml))
-    if not model.has_rt_info(["edgeclf"]):
-        return {}
-    keys = list(model.get_rt_info()["edgeclf"].keys())
-    return {key: json.loads(model.get_rt_info(["edgeclf", key]).astype(str)) for key in keys}

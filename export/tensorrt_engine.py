@@ -11,17 +11,17 @@ for, and compiles kernels just in time on the device. The engine file is written
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeclf.engine_file import write_engine
-from edgeclf.errors import BackendUnavailableError, ConversionError, InvalidInputError
+from edgeclf.errors import ConversionError, InvalidInputError
 from edgeclf.fsio import atomic_write_bytes, sha256_file
 from edgeclf.gpu import local_compute_capability
 from edgeclf.progress import log
+from edgeclf.runtime.backends.tensorrt import tensorrt_module
 
 #: TensorRT-RTX targets, by the name of its ``ComputeCapability`` member.
 RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
@@ -45,18 +45,6 @@ class EngineOptions:
                                     f"Received: {self.batch_profile}")
         if self.workspace_mib < 1:
             raise InvalidInputError(f"workspace must be >= 1 MiB. Received: {self.workspace_mib}")
-
-
-def tensorrt_module() -> tuple[Any, str]:
-    """(module, flavour): ``tensorrt`` where installed, else ``tensorrt_rtx``."""
-    for name, flavour in (("tensorrt", "tensorrt"), ("tensorrt_rtx", "tensorrt-rtx")):
-        try:
-            return importlib.import_module(name), flavour
-        except ImportError:
-            continue
-    raise BackendUnavailableError("building a TensorRT engine needs tensorrt (a GPU machine: pip install "
-                                  "'edgeclf[gpu]') or tensorrt_rtx (builds without a GPU: pip install "
-                                  "'edgeclf[rtx]'); neither is installed")
 
 
 def default_timing_cache(flavour: str, version: str) -> Path:

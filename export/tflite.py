@@ -30,8 +30,8 @@ from edgeclf.errors import ConversionError, InvalidInputError
 from edgeclf.export.metadata import artifact_metadata
 from edgeclf.export.serving import serving_function
 from edgeclf.fsio import atomic_write_bytes
+from edgeclf.runtime.metadata import TFLITE_METADATA_NAME, read_tflite_metadata  # noqa: F401  (re-exported)
 
-METADATA_NAME = "edgeclf"
 
 
 def embed_tflite_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
@@ -45,24 +45,12 @@ def embed_tflite_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
     buffer.data = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     model.buffers.append(buffer)
     entry = schema.MetadataT()
-    entry.name = METADATA_NAME
+    entry.name = TFLITE_METADATA_NAME
     entry.buffer = len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME.encode()] + [entry]
+    model.metadata = [m for m in (model.metadata or []) if m.name != TFLITE_METADATA_NAME.encode()] + [entry]
     builder = flatbuffers.Builder(len(flatbuffer) + 4096)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
-
-
-def read_tflite_metadata(path: Path) -> dict[str, Any]:
-    """The ``edgeclf`` metadata of a ``.tflite`` file ({} if it has none)."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAsModel(Path(path).read_bytes(), 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() == METADATA_NAME.encode():
-            return json.loads(bytes(model.Buffers(entry.Buffer()).DataAsNumpy()).decode("utf-8"))
-    return {}
 
 
 def keras_to_tflite(model, bundle: Bundle, out: Path, precision: str = "fp32",

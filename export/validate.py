@@ -77,7 +77,23 @@ def tflite_logits(path: Path, images: np.ndarray, batch_size: int = 32) -> tuple
     return np.concatenate(logits), np.concatenate(labels)
 
 
-RUNNERS = {"onnxruntime": onnx_logits, "openvino": openvino_logits, "litert": tflite_logits}
+def tensorrt_logits(path: Path, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, label output) of an edgeclf TensorRT engine, on this machine's GPU."""
+    from edgeclf.runtime.backends import BackendOptions
+    from edgeclf.runtime.backends.tensorrt import TensorRTBackend
+
+    backend = TensorRTBackend()
+    backend.load(path, BackendOptions())
+    try:
+        step = min(batch_size, backend.max_batch)
+        parts = [backend.run(images[i:i + step], ("logits", "label")) for i in range(0, len(images), step)]
+    finally:
+        backend.close()
+    return np.concatenate([p["logits"] for p in parts]), np.concatenate([p["label"] for p in parts])
+
+
+RUNNERS = {"onnxruntime": onnx_logits, "openvino": openvino_logits, "litert": tflite_logits,
+           "tensorrt": tensorrt_logits}
 
 
 def skip_reason(runtime: str) -> str | None:
@@ -85,9 +101,14 @@ def skip_reason(runtime: str) -> str | None:
     if runtime == "tensorrt":
         from edgeclf.gpu import local_compute_capability
 
+        from edgeclf.runtime.backends import BACKENDS, missing_modules
+
         if local_compute_capability() is None:
             return ("no NVIDIA GPU here: the engine was built ahead of time from the validated FP16 ONNX; "
                     "its header lets the device refuse a mismatch, and exporting on a GPU machine validates it")
+        missing = missing_modules(BACKENDS["tensorrt"])
+        if missing:
+            return f"running the engine needs {missing}: pip install 'edgeclf[gpu]'"
     if runtime not in RUNNERS:
         return f"no runner for {runtime} artifacts in this edgeclf version"
     return None

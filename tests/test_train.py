@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgeclf.bundle import BUNDLE_FORMAT, Bundle
-from edgeclf.errors import BundleError, DataError, OutputExistsError
+from edgeclf.errors import BundleError, DataError, InvalidInputError, OutputExistsError
 from edgeclf.train import TrainConfig, evaluate_bundle, train
 from edgeclf.train.data import load_folder
 
@@ -169,3 +169,26 @@ def test_mirrored_strategy_on_two_logical_cpus(noncontiguous_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REPLICAS 2" in out.stdout
     assert (tmp_path / "b" / "model.keras").is_file()
+
+
+def test_init_from_another_bundle_at_another_size(trained_bundle, noncontiguous_dir, digits_dir, tmp_path):
+    from edgeclf.train.evaluate import load_keras_model
+
+    bundle = train(TrainConfig(
+        data=noncontiguous_dir, out=tmp_path / "b96", image_size=96, weights=None, init_from=trained_bundle.path,
+        epochs_frozen=1, epochs_finetune=0, seed=0, verbose=0,
+    ))
+    assert bundle.image_size == (96, 96)
+    assert bundle.meta["backbone"]["weights"] == {"init_from": str(trained_bundle.path),
+                                                  "sha256": trained_bundle.meta["model"]["sha256"],
+                                                  "image_size": [75, 75]}
+    source, started = load_keras_model(trained_bundle), load_keras_model(bundle)
+    convs = lambda m: [w for w in m.weights if "conv2d" in w.path and "kernel" in w.path]  # noqa: E731
+    # Phase 1 trains only the head: the backbone's convolutions are the source bundle's.
+    for a, b in zip(convs(source), convs(started)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    with pytest.raises(InvalidInputError, match="same backbone and labels.*labels \\[-2, 3, 10\\].*\\[0, 1"):
+        train(TrainConfig(data=digits_dir / "train", out=tmp_path / "x", image_size=75, weights=None,
+                          init_from=trained_bundle.path, epochs_frozen=1, epochs_finetune=0, verbose=0))
+    with pytest.raises(BundleError, match="not found"):
+        TrainConfig(data=noncontiguous_dir, out=tmp_path / "y", init_from=tmp_path / "nothing").check()

@@ -25,7 +25,7 @@ import tensorflow as tf
 from edgeclf.train import model as model_lib
 from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
 from edgeclf.train.data import ImageSet, LabelMap, load_dataset, split_stratified
-from edgeclf.train.evaluate import predict_logits
+from edgeclf.train.evaluate import load_keras_model, predict_logits
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
 from edgeclf.train.pipeline import augmenter, pixel_batches, training_batches, validation_batches
 from edgeclf.train.strategy import STRATEGIES, is_chief, make_strategy
@@ -55,6 +55,8 @@ class TrainConfig:
     image_size: int | tuple[int, int] = 299
     backbone: str = "inception_v3"
     weights: str | Path | None = "imagenet"
+    #: A bundle whose weights start this training (same backbone and labels, any input size).
+    init_from: str | Path | None = None
     epochs_frozen: int = 10
     epochs_finetune: int = 5
     batch_size: int = 32
@@ -106,6 +108,8 @@ class TrainConfig:
             raise InvalidInputError(f"unfreeze_at must be a layer index >= 0. Received: {self.unfreeze_at}")
         if self.augment_flip and not self.augment:
             raise InvalidInputError("augment_flip (--augment-flip) needs augment (--augment). Received: augment=False")
+        if self.init_from is not None:
+            Bundle.load(self.init_from)  # BundleError now, not after loading the data
         check_output_dir(self.out, self.overwrite)
 
 
@@ -156,6 +160,27 @@ def _phase_record(history: keras.callbacks.History, seconds: float, **extra: Any
     }
     record.update(extra)
     return record
+
+
+def _init_from_bundle(model: keras.Model, cfg: TrainConfig, label_map: LabelMap, calib: np.ndarray) -> None:
+    """Start from an earlier bundle's weights, e.g. one trained cheaply at a smaller size.
+
+    The backbones are fully convolutional and the head follows a global pooling, so the
+    weights fit any input size; what they learnt at another scale does not, which is why
+    the BatchNormalization statistics are re-estimated here and training must continue
+    (``--train-batchnorm --unfreeze-at 0`` adapts the whole network).
+    """
+    source = Bundle.load(cfg.init_from)
+    if source.meta["backbone"]["name"] != cfg.backbone or source.labels != list(label_map.labels):
+        raise InvalidInputError(
+            f"--init-from needs a bundle with the same backbone and labels; {source.path} has "
+            f"{source.meta['backbone']['name']} with labels {source.labels}, this training "
+            f"{cfg.backbone} with {list(label_map.labels)}"
+        )
+    model.set_weights(load_keras_model(source).get_weights())
+    log(f"initialised from {source.path} (trained at {source.image_size[0]}x{source.image_size[1]}); "
+        f"estimating BatchNormalization statistics at {cfg.size[0]}x{cfg.size[1]} from {len(calib)} images")
+    model_lib.calibrate_batchnorm(model, calib, cfg.batch_size)
 
 
 def _prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, LabelMap, list]:
@@ -271,7 +296,9 @@ def train(cfg: TrainConfig) -> Bundle | None:
     with strategy.scope():
         model = model_lib.build_model(len(label_map.labels), cfg.size, cfg.backbone, cfg.weights)
         unfreeze_index = model_lib.resolve_unfreeze_index(model_lib.backbone_of(model), spec, cfg.unfreeze_at)
-        if model_lib.resolve_weights(cfg.weights) is None:
+        if cfg.init_from is not None:
+            _init_from_bundle(model, cfg, label_map, calib)
+        elif model_lib.resolve_weights(cfg.weights) is None:
             log(f"random backbone: estimating BatchNormalization statistics from {len(calib)} training images")
             model_lib.calibrate_batchnorm(model, calib, cfg.batch_size)
         if cfg.epochs_frozen > 0:
@@ -308,9 +335,13 @@ def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfre
     weights = model_lib.resolve_weights(cfg.weights)
     if weights not in (None, "imagenet"):
         weights = {"file": Path(weights).name, "sha256": sha256_file(Path(weights))}
+    if cfg.init_from is not None:
+        source = Bundle.load(cfg.init_from)
+        weights = {"init_from": str(source.path), "sha256": source.meta["model"]["sha256"],
+                   "image_size": list(source.image_size)}
     settings = {  # plain fields only: asdict() would deep-copy an ImageSet's pixels
         f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-        if f.name not in ("data", "val_data", "out", "weights", "verbose", "image_size")
+        if f.name not in ("data", "val_data", "out", "weights", "init_from", "verbose", "image_size")
     }
     settings["labels"] = list(label_map.labels)
     return {

@@ -1,0 +1,76 @@
+"""Timing core: a time-based warm-up, then timed calls, with latency percentiles.
+
+Callables compared with each other are run *interleaved* (round-robin, one call each
+in turn), so a noisy neighbour or a frequency change hits all of them alike and their
+ratio holds even when absolute times drift.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeclf.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The timed calls of one callable (milliseconds), warm-up excluded."""
+
+    samples_ms: np.ndarray
+
+    @property
+    def runs(self) -> int:
+        return len(self.samples_ms)
+
+    def stats(self) -> dict[str, float]:
+        """p50/p90/p95/p99 (linear interpolation), mean and min, in ms."""
+        s = self.samples_ms
+        p50, p90, p95, p99 = np.percentile(s, [50, 90, 95, 99])
+        return {"p50_ms": float(p50), "p90_ms": float(p90), "p95_ms": float(p95), "p99_ms": float(p99),
+                "mean_ms": float(s.mean()), "min_ms": float(s.min()), "runs": self.runs}
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], warmup_s: float = 1.0, duration_s: float = 5.0, min_runs: int = 10,
+    max_runs: int | None = None, clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Timing]:
+    """Warm each callable up for ``warmup_s`` (at least one call each), then time them.
+
+    Timed rounds call every callable once, in turn, until ``duration_s`` has passed and
+    each has ``min_runs`` calls, or each has ``max_runs``.
+
+    Returns:
+        One :class:`Timing` per name.
+    """
+    if not fns:
+        raise InvalidInputError("nothing to time: no callables given")
+    if duration_s < 0 or warmup_s < 0 or min_runs < 1 or (max_runs is not None and max_runs < min_runs):
+        raise InvalidInputError(f"need warmup_s, duration_s >= 0 and 1 <= min_runs <= max_runs. Received: "
+                                f"warmup_s={warmup_s}, duration_s={duration_s}, min_runs={min_runs}, "
+                                f"max_runs={max_runs}")
+    names = list(fns)
+    start = clock()
+    while True:  # warm-up: caches, lazy compilation, thread pools
+        for name in names:
+            fns[name]()
+        if clock() - start >= warmup_s:
+            break
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    start = clock()
+    rounds = 0
+    while True:
+        for name in names:
+            t0 = clock()
+            fns[name]()
+            samples[name].append((clock() - t0) * 1e3)
+        rounds += 1
+        if max_runs is not None and rounds >= max_runs:
+            break
+        if rounds >= min_runs and clock() - start >= duration_s:
+            break
+    return {name: Timing(np.asarray(values)) for name, values in samples.items()}

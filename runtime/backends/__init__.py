@@ -1,0 +1,79 @@
+"""The backend registry: one module per backend, its library imported only when used.
+
+``BACKENDS`` maps a name to where its class lives, what it runs, the modules it needs
+and the extra that installs them; nothing here imports a backend library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from edgeclf.errors import BackendUnavailableError, InvalidInputError
+from edgeclf.runtime.backends.base import Backend, BackendOptions
+
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "BackendInfo", "create_backend", "missing_modules"]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    target: str  # "module:Class"
+    #: Artifact formats it runs (bundle.json names), in order of preference.
+    formats: tuple[str, ...]
+    #: Modules it needs; "a|b" means either.
+    modules: tuple[str, ...]
+    extra: str
+    needs_gpu: bool = False
+
+
+BACKENDS: dict[str, BackendInfo] = {
+    b.name: b
+    for b in (
+        BackendInfo("tensorrt", "edgeclf.runtime.backends.tensorrt:TensorRTBackend", ("tensorrt",),
+                    ("tensorrt|tensorrt_rtx", "cuda.bindings|cuda"), "gpu", needs_gpu=True),
+        BackendInfo("openvino", "edgeclf.runtime.backends.openvino:OpenVINOBackend",
+                    ("openvino", "openvino-int8"), ("openvino",), "openvino"),
+        BackendInfo("onnxruntime", "edgeclf.runtime.backends.onnxruntime:OnnxRuntimeBackend",
+                    ("onnx", "onnx-fp16", "onnx-int8"), ("onnxruntime",), "cpu"),
+        BackendInfo("tflite", "edgeclf.runtime.backends.tflite:TFLiteBackend",
+                    ("tflite", "tflite-fp16", "tflite-int8"), ("ai_edge_litert",), "tflite"),
+    )
+}
+
+#: Which backend runs a lone file, by its extension.
+BACKEND_BY_SUFFIX = {".onnx": "onnxruntime", ".xml": "openvino", ".tflite": "tflite", ".engine": "tensorrt",
+                     ".plan": "tensorrt"}
+
+
+def missing_modules(info: BackendInfo) -> list[str]:
+    """The modules of ``info`` that do not import here."""
+    missing = []
+    for alternatives in info.modules:
+        for name in alternatives.split("|"):
+            try:
+                importlib.import_module(name)
+                break
+            except ImportError:
+                continue
+        else:
+            missing.append(alternatives.replace("|", " or "))
+    return missing
+
+
+def create_backend(name: str) -> Backend:
+    """A new, unloaded backend by registry name.
+
+    Raises:
+        InvalidInputError: an unknown name (the message lists the known ones).
+        BackendUnavailableError: its library is not installed (names the extra).
+    """
+    if name not in BACKENDS:
+        raise InvalidInputError(f"unknown backend {name!r}; expected one of {list(BACKENDS)}. Received: {name!r}")
+    info = BACKENDS[name]
+    missing = missing_modules(info)
+    if missing:
+        raise BackendUnavailableError(f"backend {name!r} needs {missing}, which are not installed; "
+                                      f"install them with: pip install 'edgeclf[{info.extra}]'")
+    module, _, cls = info.target.partition(":")
+    return getattr(importlib.import_module(module), cls)()

@@ -1,0 +1,40 @@
+"""The interface every runtime backend implements, and the options they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    #: CPU threads for one inference; None: the library's default (all cores).
+    threads: int | None = None
+    #: Run-time precision hint: "bf16" asks OpenVINO for BF16 (AMX CPUs); None: the artifact's own.
+    precision: str | None = None
+    #: onnxruntime execution providers, in order; None: the best installed (TensorRT, CUDA, CPU).
+    providers: tuple[str, ...] | None = None
+
+
+class Backend(Protocol):
+    """Runs one artifact. ``infer`` takes uint8 NHWC pixels and returns float32 logits [N, K].
+
+    ``infer`` must be safe to call from several threads at once (a backend whose library
+    is not serialises calls itself). ``max_batch`` is the largest batch one call takes
+    (None: any).
+    """
+
+    name: str
+    metadata: dict[str, Any]
+    max_batch: int | None
+
+    def load(self, path: Path, options: BackendOptions) -> None: ...
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,46 @@
+"""LiteRT (TFLite) interpreter from ``ai-edge-litert``, the ARM devices' runtime."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclf.errors import BundleError
+from edgeclf.runtime.backends.base import BackendOptions
+from edgeclf.runtime.metadata import read_tflite_metadata
+
+
+class TFLiteBackend:
+    name = "tflite"
+
+    def __init__(self) -> None:
+        self.runner = None
+        self.metadata: dict[str, Any] = {}
+        self.max_batch: int | None = None
+        self._lock = threading.Lock()
+        self._threads: int | None = None
+
+    def load(self, path: Path, options: BackendOptions) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self.metadata = read_tflite_metadata(path)
+            interpreter = Interpreter(model_path=str(path), num_threads=options.threads)
+            self.runner = interpreter.get_signature_runner("serving_default")
+        except Exception as exc:
+            raise BundleError(f"LiteRT cannot load {path}: {exc}") from None
+        self._threads = options.threads
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        # An interpreter is not thread-safe: calls take turns.
+        with self._lock:
+            return self.runner(pixels=batch)["logits"]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "delegate": "XNNPACK (CPU)", "threads": self._threads or "default"}
+
+    def close(self) -> None:
+        self.runner = None

@@ -1,0 +1,77 @@
+"""``edgeclf doctor``: which backends and accelerators are usable here, and why not if not."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+from edgeclf.runtime.backends import BACKENDS, missing_modules
+from edgeclf.runtime.hardware import Hardware, detect
+
+_DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "openvino": ("openvino",),
+                  "tflite": ("ai-edge-litert",), "tensorrt": ("tensorrt", "tensorrt-rtx-cu12")}
+
+
+def _version(backend: str) -> str | None:
+    for dist in _DISTRIBUTIONS[backend]:
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _details(backend: str, hw: Hardware) -> str:
+    """What the backend can use on this machine (called only when it is installed)."""
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        return "providers: " + ", ".join(ort.get_available_providers())
+    if backend == "openvino":
+        import openvino as ov
+
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        bf16 = "BF16 with AMX" if hw.amx else ("BF16 emulated (no AMX: slower than FP32)" if "BF16" in caps
+                                               else "no BF16")
+        int8 = "fast INT8 (VNNI)" if hw.vnni else "INT8 without VNNI (AVX2: a 7-bit weight range is exact)"
+        return f"CPU capabilities {caps}; {bf16}; {int8}"
+    if backend == "tflite":
+        return "XNNPACK delegate on the CPU"
+    return f"GPU compute capability {hw.gpu_compute_capability}"
+
+
+def doctor() -> dict[str, Any]:
+    """A report: the hardware, and for each backend whether it is usable and why not."""
+    hw = detect()
+    rows = []
+    for name, info in BACKENDS.items():
+        missing = missing_modules(info)
+        row: dict[str, Any] = {"backend": name, "version": _version(name), "runs": list(info.formats)}
+        if missing:
+            row.update(usable=False, why=f"{', '.join(missing)} not installed: pip install 'edgeclf[{info.extra}]'")
+        elif info.needs_gpu and hw.gpu_compute_capability is None:
+            row.update(usable=False, why="no NVIDIA GPU found (nvidia-smi missing or sees no device)")
+        else:
+            try:
+                row.update(usable=True, why=_details(name, hw))
+            except Exception as exc:  # a library that imports but cannot start is not usable
+                row.update(usable=False, why=f"installed but failed to start: {exc}")
+        rows.append(row)
+    accelerators = {
+        "nvidia_gpu": hw.gpu_compute_capability or "none",
+        "amx": "yes" if hw.amx else "no (BF16 on OpenVINO needs an Intel CPU with AMX)",
+        "vnni": "yes" if hw.vnni else "no (INT8 runs, but without single-instruction INT8 dot products)",
+    }
+    return {"hardware": {"cpu": hw.cpu_model, "vendor": hw.cpu_vendor, "cores": hw.cores,
+                         "flags": sorted(hw.cpu_flags)}, "accelerators": accelerators, "backends": rows}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    hw = report["hardware"]
+    lines = [f"CPU: {hw['cpu']} ({hw['vendor']}, {hw['cores']} cores; {', '.join(hw['flags']) or 'no notable flags'})"]
+    lines += [f"{name}: {value}" for name, value in report["accelerators"].items()]
+    lines.append("")
+    for row in report["backends"]:
+        mark = "ok " if row["usable"] else "no "
+        lines.append(f"{mark} {row['backend']:<12} {row['version'] or '-':<28} {row['why']}")
+    return "\n".join(lines)

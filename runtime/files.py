@@ -1,0 +1,70 @@
+"""Predicting image files and directories, each failure reported without stopping the rest."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclf.errors import EdgeclfError
+from edgeclf.images import IMAGE_EXTENSIONS
+from edgeclf.runtime.inputs import image_frames
+
+
+def image_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for each image file, directories read recursively (sorted); (path, error)
+    for an input that does not exist or a directory without images."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                yield path, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under this directory"
+            for p in found:
+                yield p, None
+        elif path.exists():
+            yield path, None  # any name: a file that is not an image fails at decoding, by name
+        else:
+            yield path, "no such file or directory"
+
+
+def predict_paths(predictor, inputs: Iterable[str | os.PathLike], top_k: int = 1) -> Iterator[dict[str, Any]]:
+    """One record per file, in input order: ``{"file", "label", "index", "confidence"[, "top_k"]}``
+    or ``{"file", "error"}``. Files are decoded one by one and inferred in batches."""
+    pending: list[tuple[Path, np.ndarray | str]] = []  # a frame, or the error that replaced it
+
+    def flush() -> Iterator[dict[str, Any]]:
+        frames = [item for _, item in pending if isinstance(item, np.ndarray)]
+        predictions: list[dict[str, Any]] | str = []
+        if frames:
+            try:
+                predictions = [p.to_dict() for p in predictor.predict_batch(np.concatenate(frames), top_k)]
+            except EdgeclfError as exc:
+                predictions = str(exc)
+        answers = iter(predictions) if isinstance(predictions, list) else None
+        for path, item in pending:
+            if isinstance(item, str):
+                yield {"file": str(path), "error": item}
+            elif answers is None:
+                yield {"file": str(path), "error": predictions}
+            else:
+                yield {"file": str(path), **next(answers)}
+        pending.clear()
+
+    decoded = 0
+    for path, problem in image_paths(inputs):
+        if problem is None:
+            try:
+                pending.append((path, image_frames(path, predictor.image_size, str(path))))
+                decoded += 1
+            except EdgeclfError as exc:
+                pending.append((path, str(exc)))
+        else:
+            pending.append((path, problem))
+        if decoded >= predictor.batch_size:
+            yield from flush()
+            decoded = 0
+    yield from flush()

@@ -1,0 +1,193 @@
+"""``Predictor``: load an artifact, feed it images, get integers. No TensorFlow.
+
+    >>> from edgeclf.runtime import Predictor
+    >>> with Predictor.load("runs/demo/bundle") as predictor:
+    ...     predictor.predict("meter.jpg").label
+    7
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclf.errors import BundleError, IncompatibleArtifactError, InvalidInputError
+from edgeclf.fsio import sha256_file
+from edgeclf.runtime.backends import BackendOptions, create_backend
+from edgeclf.runtime.hardware import detect
+from edgeclf.runtime.inputs import is_batch, to_batch
+from edgeclf.runtime.selection import Choice, choose
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer: the integer ``label`` = labels[``index``], with its probability."""
+
+    label: int
+    index: int
+    confidence: float
+    #: The k most probable (label, probability) pairs, best first, when top_k > 1.
+    top_k: tuple[tuple[int, float], ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": self.label, "index": self.index, "confidence": self.confidence}
+        if self.top_k:
+            out["top_k"] = [{"label": label, "confidence": p} for label, p in self.top_k]
+        return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _verify(choice: Choice) -> None:
+    """Refuse an artifact whose bytes differ from what export validated."""
+    files = [(choice.path, choice.record["sha256"])]
+    if "weights_file" in choice.record:
+        files.append((choice.path.with_name(choice.record["weights_file"]), choice.record["weights_sha256"]))
+    for path, expected in files:
+        if not path.is_file():
+            raise BundleError(f"{path} is missing; bundle.json records it as an artifact")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(f"{path.name} differs from the file export validated (sha256 {actual[:12]}..., "
+                              f"bundle.json says {expected[:12]}...): it was truncated or altered; export again")
+
+
+class Predictor:
+    """Runs one artifact and decodes its logits to integer labels.
+
+    Thread-safe: one Predictor may serve many threads (each backend makes its own
+    inference call safe). Use :meth:`load` to make one.
+    """
+
+    def __init__(self, backend, choice: Choice, labels: list[int], image_size: tuple[int, int],
+                 batch_size: int, reason: str) -> None:
+        self.backend = backend
+        self.choice = choice
+        self.labels = list(labels)
+        self.image_size = image_size
+        self.batch_size = min(batch_size, backend.max_batch or batch_size)
+        self._table = np.asarray(self.labels, dtype=np.int64)
+        self._reason = reason
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "auto", *, precision: str | None = None,
+             batch_size: int = 32, threads: int | None = None, verify: bool = True,
+             allow_unvalidated: bool = False) -> Predictor:
+        """Load a bundle directory or one artifact file.
+
+        Args:
+            backend: "auto", a backend ("onnxruntime", "openvino", "tflite", "tensorrt") or an
+                artifact format of the bundle ("onnx-int8").
+            precision: pick the artifact of this precision ("fp32", "fp16", "int8"; "bf16"
+                runs the FP32 OpenVINO IR in BF16).
+            batch_size: the most images sent to the backend in one call.
+            threads: CPU threads per inference (None: the library's default).
+            verify: check the artifact's sha256 against bundle.json.
+            allow_unvalidated: also run artifacts that export did not validate.
+
+        Raises:
+            BundleError: the path, the bundle or the artifact is missing, corrupt or altered.
+            IncompatibleArtifactError: built for another GPU/TensorRT, or labels disagree.
+            BackendUnavailableError: the backend's library is not installed (names the extra).
+            InvalidInputError: an unknown backend, precision or a bad option value.
+        """
+        path = Path(path)
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1. Received: {batch_size}")
+        if precision not in (None, "fp32", "fp16", "bf16", "int8"):
+            raise InvalidInputError(f"precision must be fp32, fp16, bf16 or int8. Received: {precision!r}")
+        if not path.exists():
+            raise BundleError(f"model not found: expected a bundle directory or an artifact file. Received: {path}")
+        hardware = detect()
+        choice = choose(path, backend, precision, hardware, allow_unvalidated)
+        if verify and choice.record is not None:
+            _verify(choice)
+        runner = create_backend(choice.backend)
+        runner.load(choice.path, BackendOptions(threads=threads, precision=choice.precision_hint))
+        meta = runner.metadata
+        labels, size = meta.get("labels"), meta.get("input") or {}
+        if not labels or "height" not in size:
+            runner.close()
+            raise BundleError(f"{choice.path.name} carries no edgeclf metadata (labels, input size); "
+                              f"was it exported by edgeclf?")
+        if choice.format is not None:
+            from edgeclf.bundle import Bundle
+
+            expected = Bundle.load(path).labels
+            if list(labels) != expected:
+                runner.close()
+                raise IncompatibleArtifactError(f"{choice.path.name} decodes to labels {labels}, but the bundle's "
+                                                f"labels are {expected}: the artifact belongs to another model")
+        return cls(runner, choice, labels, (int(size["height"]), int(size["width"])), batch_size, choice.reason)
+
+    # -- inference -------------------------------------------------------------------------
+
+    def logits(self, images: Any) -> np.ndarray:
+        """Logits [N, K] for one input or many (see :func:`edgeclf.runtime.inputs.to_batch`)."""
+        return self.infer(to_batch(images, self.image_size))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a uint8 NHWC batch already at the model's size, in chunks of ``batch_size``."""
+        if self.backend is None:
+            raise InvalidInputError("this Predictor is closed")
+        if len(batch) <= self.batch_size:
+            return self.backend.infer(batch)
+        return np.concatenate([self.backend.infer(batch[i:i + self.batch_size])
+                               for i in range(0, len(batch), self.batch_size)])
+
+    def probabilities(self, images: Any) -> np.ndarray:
+        """Softmax of the logits, [N, K]; column i is the probability of ``labels[i]``."""
+        return softmax(self.logits(images).astype(np.float64))
+
+    def decode(self, logits: np.ndarray, top_k: int = 1) -> list[Prediction]:
+        """Predictions from logits: index = argmax, label = labels[index]."""
+        if top_k < 1:
+            raise InvalidInputError(f"top_k must be >= 1. Received: {top_k}")
+        probs = softmax(logits.astype(np.float64))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, len(self.labels))]
+        out = []
+        for row, ranked in zip(probs, order):
+            index = int(ranked[0])
+            top = tuple((int(self._table[i]), float(row[i])) for i in ranked) if top_k > 1 else ()
+            out.append(Prediction(int(self._table[index]), index, float(row[index]), top))
+        return out
+
+    def predict(self, images: Any, top_k: int = 1) -> Prediction | list[Prediction]:
+        """A :class:`Prediction` for one input, a list of them for a list or an NHWC array."""
+        predictions = self.decode(self.logits(images), top_k)
+        return predictions if is_batch(images) else predictions[0]
+
+    def predict_batch(self, images: Any, top_k: int = 1) -> list[Prediction]:
+        """Always a list, one :class:`Prediction` per image."""
+        return self.decode(self.logits(images), top_k)
+
+    # -- description and lifetime ---------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What runs, on what, and why it was chosen."""
+        return {
+            "artifact": str(self.choice.path), "format": self.choice.format,
+            "precision": (self.backend.metadata or {}).get("precision"),
+            "precision_hint": self.choice.precision_hint, "labels": self.labels,
+            "input": {"height": self.image_size[0], "width": self.image_size[1], "dtype": "uint8"},
+            "batch_size": self.batch_size, "reason": self._reason,
+            "hardware": detect().summary(), **(self.backend.describe() if self.backend else {}),
+        }
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
