@@ -38,14 +38,19 @@ class Timing:
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], warmup_s: float = 1.0, duration_s: float = 5.0, min_runs: int = 10,
     max_runs: int | None = None, clock: Callable[[], float] = time.perf_counter,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, Timing]:
     """Warm each callable up for ``warmup_s`` (at least one call each), then time them.
 
     Timed rounds call every callable once, in turn, until ``duration_s`` has passed and
     each has ``min_runs`` calls, or each has ``max_runs``.
 
+    Args:
+        errors: if given, a callable that raises is dropped from the rotation and its
+            error recorded here (by name) instead of ending the whole measurement.
+
     Returns:
-        One :class:`Timing` per name.
+        One :class:`Timing` per name that did not fail.
     """
     if not fns:
         raise InvalidInputError("nothing to time: no callables given")
@@ -53,24 +58,37 @@ def time_interleaved(
         raise InvalidInputError(f"need warmup_s, duration_s >= 0 and 1 <= min_runs <= max_runs. Received: "
                                 f"warmup_s={warmup_s}, duration_s={duration_s}, min_runs={min_runs}, "
                                 f"max_runs={max_runs}")
-    names = list(fns)
-    start = clock()
-    while True:  # warm-up: caches, lazy compilation, thread pools
-        for name in names:
+    live = list(fns)
+
+    def call(name: str) -> bool:
+        if errors is None:
             fns[name]()
+            return True
+        try:
+            fns[name]()
+            return True
+        except Exception as exc:  # one failing backend must not stop the others
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            live.remove(name)
+            return False
+
+    start = clock()
+    while live:  # warm-up: caches, lazy compilation, thread pools
+        for name in list(live):
+            call(name)
         if clock() - start >= warmup_s:
             break
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in live}
     start = clock()
     rounds = 0
-    while True:
-        for name in names:
+    while live:
+        for name in list(live):
             t0 = clock()
-            fns[name]()
-            samples[name].append((clock() - t0) * 1e3)
+            if call(name):
+                samples[name].append((clock() - t0) * 1e3)
         rounds += 1
         if max_runs is not None and rounds >= max_runs:
             break
         if rounds >= min_runs and clock() - start >= duration_s:
             break
-    return {name: Timing(np.asarray(values)) for name, values in samples.items()}
+    return {name: Timing(np.asarray(samples[name])) for name in live}

@@ -163,6 +163,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from edgeclf.benchmarks.harness import BenchConfig, run_bench
+    from edgeclf.benchmarks.report import markdown_table, write_results
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--batch expects comma-separated integers such as 1,8,32. Received: {args.batch!r}")
+    config = BenchConfig(artifacts=tuple(args.backends.split(",")) if args.backends else None, batches=batches,
+                         duration_s=args.duration, warmup_s=args.warmup, threads=args.threads,
+                         baselines=not args.no_baselines)
+    result = run_bench(args.bundle, config)
+    out = Path(args.out) if args.out else Path(args.bundle) / "benchmarks"
+    paths = write_results(result, out, Path(args.bundle))
+    print(markdown_table(result))
+    print(f"[edgeclf] wrote {paths['json']}, {paths['markdown']}, {paths['chart']}; results stored in bundle.json",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edgeclf.runtime.doctor import doctor, format_report
 
@@ -281,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unvalidated", action="store_true", help="also run artifacts export did not validate")
     p.add_argument("--json", action="store_true", help="JSON lines: file, label, index, confidence")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="latency, throughput and accuracy of every artifact side by side",
+                       description="Times every validated artifact (raw backend call and whole Predictor call) "
+                                   "and the Keras baselines interleaved in one run; writes JSON, Markdown and a "
+                                   "PNG chart, and stores the results in bundle.json for backend='auto'.")
+    p.add_argument("bundle", help="bundle directory with exported artifacts")
+    p.add_argument("--backends", default=None, metavar="ARTIFACTS",
+                   help="comma-separated artifact names, e.g. onnx,openvino-int8 (default: every validated one)")
+    p.add_argument("--batch", default="1,8,32", help="batch sizes (default 1,8,32)")
+    p.add_argument("--duration", type=float, default=10.0, help="timed seconds per batch size (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per batch size (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per inference (default: all)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the Keras baselines")
+    p.add_argument("--out", default=None, help="directory for bench.json/.md/.png (default BUNDLE/benchmarks)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("doctor", help="which backends and accelerators are usable here, and why not")
     p.add_argument("--json", action="store_true")

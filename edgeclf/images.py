@@ -82,6 +82,8 @@ def load_image(source: ImageSource, size: tuple[int, int] | None = None) -> np.n
                 fh = io.BytesIO(source)
             else:
                 path = Path(source)
+                if path.is_dir():
+                    raise ImageDecodeError(f"expected an image file, got a directory. Received: {path}")
                 if not path.is_file():
                     raise ImageDecodeError(f"image file not found. Received: {path}")
                 if path.stat().st_size == 0:

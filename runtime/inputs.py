@@ -84,6 +84,9 @@ def image_frames(x: Any, size: tuple[int, int], name: str) -> np.ndarray:
     """
     if isinstance(x, np.ndarray):
         arr = _pixels(x, name)
+        if arr.ndim == 2:
+            raise InvalidInputError(f"{name}: image array has 2 dimensions (grayscale?); expected HxWx3 RGB: "
+                                    f"np.repeat(x[..., None], 3, axis=-1) makes one. Received: shape={arr.shape}")
         frames = arr if arr.ndim == 4 else arr[np.newaxis]
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise InvalidInputError(f"{name}: expected an HxWx3 image or an NxHxWx3 batch with N >= 1. "

@@ -57,3 +57,82 @@ def test_run_limits_and_bad_settings():
         time_interleaved({})
     with pytest.raises(InvalidInputError, match="min_runs"):
         time_interleaved({"x": lambda: None}, min_runs=0)
+
+
+@pytest.fixture()
+def bench_bundle(exported, tmp_path):
+    import shutil
+
+    path = tmp_path / "bundle"
+    shutil.copytree(exported[0].path, path, ignore=shutil.ignore_patterns("*.engine", "*.tflite"))
+    return path
+
+
+def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path):
+    import json
+
+    from edgeclf.benchmarks.harness import PREDICT, TF_FUNCTION, BenchConfig, run_bench
+    from edgeclf.benchmarks.report import write_results
+    from edgeclf.bundle import Bundle
+    from edgeclf.runtime.selection import choose
+    from edgeclf.runtime.hardware import detect
+
+    config = BenchConfig(artifacts=("onnx", "onnx-int8", "openvino-int8"), batches=(1, 4), duration_s=0.5,
+                         warmup_s=0.2, min_runs=3)
+    result = run_bench(bench_bundle, config)
+    paths = write_results(result, tmp_path / "out", bench_bundle)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["rows"] == result["rows"] and saved["environment"]["cores"] >= 1
+    assert {"onnxruntime", "numpy"} <= set(saved["environment"]["versions"])
+    names = {(r["name"], r["batch"]) for r in saved["rows"]}
+    assert names == {(n, b) for n in ("onnx", "onnx-int8", "openvino-int8", PREDICT, TF_FUNCTION, "decode")
+                     for b in (1, 4)}
+    for row in saved["rows"]:
+        assert row["status"] == "ok" and row["runs"] >= 3
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["throughput_ips"] == pytest.approx(1e3 * row["batch"] / row["mean_ms"])
+        if row["artifact"]:
+            assert 0.9 <= row["agreement"] <= 1.0 and row["predictor_p50_ms"] > 0 and "speedup_vs_predict" in row
+    table = paths["markdown"].read_text()
+    assert table.count("\n| onnx-int8 |") == 2 and "x model.predict" in table
+    assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # backend="auto" now picks from these results.
+    assert Bundle.load(bench_bundle).meta["benchmarks"]["rows"] == result["rows"]
+    assert "benchmarks" in choose(bench_bundle, "auto", None, detect()).reason
+
+
+def test_a_backend_failing_mid_run_becomes_a_failed_row(bench_bundle, monkeypatch):
+    import json
+
+    from edgeclf.benchmarks.harness import BenchConfig, run_bench
+    from edgeclf.runtime import backends
+    from edgeclf.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    class FailsAfterAFewCalls(OnnxRuntimeBackend):
+        """Real onnxruntime inference that breaks down after 8 calls, as a device might."""
+
+        calls = 0
+
+        def infer(self, batch):
+            FailsAfterAFewCalls.calls += 1
+            if FailsAfterAFewCalls.calls > 8:
+                raise RuntimeError("device lost")
+            return super().infer(batch)
+
+    import sys
+    import types
+
+    module = types.ModuleType("flaky_backend")
+    module.FlakyBackend = FailsAfterAFewCalls
+    monkeypatch.setitem(sys.modules, "flaky_backend", module)
+    monkeypatch.setitem(backends.BACKENDS, "flaky", backends.BackendInfo(
+        "flaky", "flaky_backend:FlakyBackend", ("onnx-flaky",), ("onnxruntime",), "cpu"))
+    meta = json.loads((bench_bundle / "bundle.json").read_text())
+    meta["artifacts"]["onnx-flaky"] = dict(meta["artifacts"]["onnx"], format="onnx-flaky")
+    (bench_bundle / "bundle.json").write_text(json.dumps(meta))
+
+    result = run_bench(bench_bundle, BenchConfig(artifacts=("onnx-flaky", "onnx-int8"), batches=(1,),
+                                                 duration_s=0.5, warmup_s=0.2, min_runs=3, baselines=False))
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["onnx-flaky"]["status"] == "failed" and "device lost" in rows["onnx-flaky"]["error"]
+    assert rows["onnx-int8"]["status"] == "ok" and rows["onnx-int8"]["runs"] >= 3

@@ -218,7 +218,7 @@ def test_bad_images_get_typed_errors_naming_the_input(exported, tmp_path, test_f
     with Predictor.load(bundle.path, "onnx") as p:
         for path, message in ((tmp_path / "missing.png", "not found"), (empty, "empty"),
                               (truncated, "corrupt or truncated"), (text, "not a readable image"),
-                              (tmp_path, "not a readable image|cannot decode")):
+                              (tmp_path, "got a directory")):
             with pytest.raises(ImageDecodeError, match=message) as info:
                 p.predict(str(path))
             assert str(path) in str(info.value)
@@ -333,7 +333,8 @@ def test_cli_predict_reports_failures_and_goes_on(exported, test_files, tmp_path
     assert "not a readable image" in records[1]["error"] and "no such file" in records[2]["error"]
     assert "2 predicted, 2 failed" in out.stderr
     ok = run_cli("predict", str(bundle.path), str(test_files[0].parent), "--backend", "tflite")
-    assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 8 and "tflite running" in ok.stderr
+    assert ok.returncode == 0 and "tflite running" in ok.stderr
+    assert len(ok.stdout.splitlines()) == len(list(test_files[0].parent.glob("*.png")))
 
 
 def test_doctor_says_what_is_usable_and_why_not():

@@ -1,0 +1,198 @@
+"""``edgeclf bench``: every backend side by side, with accuracy, in one run.
+
+For each batch size, every contestant is timed *interleaved* (one call each, in turn):
+each artifact's raw backend call and its whole ``Predictor`` call, and the Keras
+baselines (``model.predict`` per call, as the seed article predicts, and the model
+under ``tf.function``). Interleaving keeps the ratios honest on a noisy machine.
+Accuracy and top-1 agreement with Keras come from the held-out real images. A
+contestant that fails is recorded as a failed row; the others carry on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclf.benchmarks.environment import environment
+from edgeclf.benchmarks.timing import time_interleaved
+from edgeclf.bundle import Bundle
+from edgeclf.errors import InvalidInputError
+from edgeclf.images import IMAGE_EXTENSIONS, load_image
+from edgeclf.progress import log
+from edgeclf.runtime import Predictor
+from edgeclf.runtime.backends import BACKENDS, missing_modules
+from edgeclf.runtime.hardware import detect
+
+PREDICT = "keras model.predict"
+TF_FUNCTION = "keras tf.function"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    #: Artifact names (bundle.json); None: every validated artifact a backend here can run.
+    artifacts: tuple[str, ...] | None = None
+    batches: tuple[int, ...] = (1, 8, 32)
+    duration_s: float = 10.0  # timed seconds per batch size, all contestants together
+    warmup_s: float = 2.0
+    min_runs: int = 5
+    threads: int | None = None
+    baselines: bool = True
+    #: Add OpenVINO BF16 (the FP32 IR with a BF16 hint); None: only on CPUs with AMX.
+    bf16: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.batches or min(self.batches) < 1:
+            raise InvalidInputError(f"batch sizes must be >= 1. Received: {self.batches}")
+        if self.duration_s <= 0 or self.warmup_s < 0 or self.min_runs < 1:
+            raise InvalidInputError(f"need duration > 0, warm-up >= 0 and min_runs >= 1. Received: duration="
+                                    f"{self.duration_s}, warmup={self.warmup_s}, min_runs={self.min_runs}")
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as fh:
+            import os
+
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+def contestants(bundle: Bundle, config: BenchConfig) -> list[tuple[str, str, str | None]]:
+    """(row name, artifact, precision hint) for every artifact to benchmark."""
+    artifacts = bundle.meta.get("artifacts", {})
+    if config.artifacts is not None:
+        unknown = [a for a in config.artifacts if a not in artifacts]
+        if unknown:
+            raise InvalidInputError(f"the bundle has no artifact {unknown}; it has {list(artifacts)}")
+        names = list(config.artifacts)
+    else:
+        names = [f for info in BACKENDS.values() if not missing_modules(info) for f in info.formats
+                 if artifacts.get(f, {}).get("status") == "validated"
+                 and (not info.needs_gpu or detect().gpu_compute_capability)]
+    rows = [(name, name, None) for name in names]
+    if "openvino" in names and (config.bf16 if config.bf16 is not None else detect().amx):
+        rows.append(("openvino-bf16", "openvino", "bf16"))
+    return rows
+
+
+def _sample_file(bundle: Bundle) -> Path | None:
+    source = Path(str(bundle.meta["training"]["data"].get("source", "")))
+    if source.is_dir():
+        return next((p for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS), None)
+    return None
+
+
+def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dict[str, Any]:
+    """Benchmark the bundle's artifacts; returns {"environment", "config", "rows", "created"}."""
+    from edgeclf.export.reference import reference_sets
+    from edgeclf.train.evaluate import load_keras_model, predict_logits
+
+    config = config or BenchConfig()
+    bundle = Bundle.load(bundle_path)
+    entries = contestants(bundle, config)
+    _, heldout = reference_sets(bundle)
+    table = np.asarray(bundle.labels)
+    model = load_keras_model(bundle)
+    keras_labels = table[predict_logits(model, heldout.images).argmax(axis=1)]
+    accuracy_keras = float(np.mean(keras_labels == heldout.values))
+    log(f"{len(heldout)} held-out images; Keras accuracy {accuracy_keras:.4f}")
+
+    predictors: dict[str, Predictor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for name, artifact, hint in entries:
+        log(f"loading {name}")
+        before = _rss_mb()
+        try:
+            started = time.perf_counter()
+            predictor = Predictor.load(bundle.path, artifact, precision=hint, threads=config.threads)
+            load_s = time.perf_counter() - started
+            labels = np.asarray([p.label for p in predictor.predict_batch(heldout.images)])
+        except Exception as exc:  # one backend that cannot start must not stop the others
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            log(f"  {name} failed: {failed[name]}")
+            continue
+        predictors[name] = predictor
+        record = bundle.meta["artifacts"][artifact]
+        info[name] = {
+            "artifact": artifact, "backend": predictor.describe()["backend"],
+            "precision": hint or record["precision"], "precision_hint": hint, "load_s": load_s,
+            "memory_mb": max(0.0, _rss_mb() - before), "size_mb": record["size_bytes"] / 1e6,
+            "accuracy": float(np.mean(labels == heldout.values)), "agreement": float(np.mean(labels == keras_labels)),
+        }
+
+    baselines: dict[str, Any] = {}
+    if config.baselines:
+        import tensorflow as tf
+
+        serve = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        baselines = {PREDICT: lambda x: model.predict(x, verbose=0),
+                     TF_FUNCTION: lambda x: serve(tf.constant(x)).numpy()}
+        for name in baselines:
+            info[name] = {"artifact": None, "backend": "keras", "precision": "fp32", "precision_hint": None,
+                          "accuracy": accuracy_keras, "agreement": 1.0,
+                          "size_mb": bundle.model_path.stat().st_size / 1e6}
+
+    sample = _sample_file(bundle)
+    rows: list[dict[str, Any]] = []
+    for batch_size in config.batches:
+        batch = heldout.images[np.arange(batch_size) % len(heldout)]
+        floats = batch.astype(np.float32)
+        fns: dict[str, Any] = {}
+        for name, predictor in predictors.items():
+            fns[f"{name}|raw"] = lambda p=predictor: p.backend.infer(batch)
+            fns[f"{name}|predictor"] = lambda p=predictor: p.predict_batch(batch)
+        for name, fn in baselines.items():
+            fns[f"{name}|raw"] = lambda f=fn: f(floats)
+        if sample is not None:
+            size = bundle.image_size
+            fns["decode|raw"] = lambda: [load_image(sample, size) for _ in range(batch_size)]
+        log(f"timing batch {batch_size}: {len(fns)} calls interleaved for {config.duration_s:.0f} s")
+        errors: dict[str, str] = {}
+        timings = time_interleaved(fns, config.warmup_s, config.duration_s, config.min_runs, errors=errors)
+        for name in [*predictors, *baselines, *(["decode"] if sample is not None else [])]:
+            row: dict[str, Any] = {"name": name, "batch": batch_size,
+                                   **info.get(name, {"backend": "Pillow", "artifact": None})}
+            error = errors.get(f"{name}|raw") or errors.get(f"{name}|predictor")
+            if error:
+                rows.append({**row, "status": "failed", "error": error})
+                continue
+            stats = timings[f"{name}|raw"].stats()
+            row.update(status="ok", **stats, throughput_ips=1e3 * batch_size / stats["mean_ms"])
+            if f"{name}|predictor" in timings:
+                pstats = timings[f"{name}|predictor"].stats()
+                row.update(predictor_p50_ms=pstats["p50_ms"], predictor_p99_ms=pstats["p99_ms"],
+                           overhead_pct=100.0 * (pstats["p50_ms"] - stats["p50_ms"]) / stats["p50_ms"])
+            rows.append(row)
+        for name, error in failed.items():
+            rows.append({"name": name, "batch": batch_size, "status": "failed", "error": error,
+                         "artifact": dict((n, a) for n, a, _ in entries)[name]})
+    for predictor in predictors.values():
+        predictor.close()
+    _speedups(rows)
+    return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(), "bundle": str(bundle.path),
+            "image_size": list(bundle.image_size), "heldout_images": len(heldout),
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
+            "rows": rows}
+
+
+def _speedups(rows: list[dict[str, Any]]) -> None:
+    """Each row's speed-up against the baselines of the same batch size (p50 against p50)."""
+    for batch_size in {r["batch"] for r in rows}:
+        same = [r for r in rows if r["batch"] == batch_size and r["status"] == "ok"]
+        refs = {r["name"]: r["p50_ms"] for r in same if r["name"] in (PREDICT, TF_FUNCTION, "onnx")}
+        for row in same:
+            if row["name"] == "decode":
+                continue
+            for ref, key in ((PREDICT, "speedup_vs_predict"), (TF_FUNCTION, "speedup_vs_tf_function"),
+                             ("onnx", "speedup_vs_onnx_fp32")):
+                if ref in refs:
+                    row[key] = refs[ref] / row["p50_ms"]

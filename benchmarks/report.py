@@ -1,0 +1,84 @@
+"""Writing benchmark results: JSON, a Markdown table, a PNG chart, and the bundle's record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgeclf.bundle import Bundle
+from edgeclf.fsio import atomic_path, atomic_write_bytes, atomic_write_json
+
+
+def _f(value: Any, fmt: str, empty: str = "") -> str:
+    return empty if value is None else format(value, fmt)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    h, w = result["image_size"]
+    lines = [
+        f"{env['cpu']} ({env['cores']} cores; {', '.join(env['cpu_flags']) or 'no AVX-512/VNNI/AMX'}), "
+        f"{'GPU ' + env['gpu_compute_capability'] if env['gpu_compute_capability'] else 'no GPU'}; "
+        f"{h}x{w} input; accuracy on {result['heldout_images']} held-out images.",
+        "",
+        "| name | precision | batch | p50 ms | p99 ms | images/s | Predictor p50 ms | overhead | "
+        "x model.predict | x ORT FP32 | accuracy | agreement | MB | load s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['name']} | | {r['batch']} | failed: {r['error'][:80]} |" + " |" * 10)
+            continue
+        overhead = _f(r.get("overhead_pct"), "+.1f")
+        lines.append(
+            f"| {r['name']} | {r.get('precision') or ''} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['throughput_ips']:.1f} | {_f(r.get('predictor_p50_ms'), '.2f')} | "
+            f"{overhead + '%' if overhead else ''} | {_f(r.get('speedup_vs_predict'), '.1f')} | "
+            f"{_f(r.get('speedup_vs_onnx_fp32'), '.2f')} | {_f(r.get('accuracy'), '.4f')} | "
+            f"{_f(r.get('agreement'), '.4f')} | {_f(r.get('size_mb'), '.1f')} | {_f(r.get('load_s'), '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save_chart(result: dict[str, Any], path: Path, batch: int = 1) -> None:
+    """Latency per contestant at ``batch`` (p50 bar, p99 whisker), accuracy beside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["batch"] == batch and r["status"] == "ok" and r["name"] != "decode"]
+    rows.sort(key=lambda r: r["p50_ms"])
+    names = [r["name"] for r in rows]
+    fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True,
+                                         gridspec_kw={"width_ratios": [3, 1]})
+    p50 = [r["p50_ms"] for r in rows]
+    p99 = [r["p99_ms"] for r in rows]
+    ax_lat.barh(names, p50, color="#4C72B0", label="p50")
+    ax_lat.errorbar(p99, names, fmt="|", color="black", markersize=12, label="p99")
+    ax_lat.set_xscale("log")
+    ax_lat.set_xlabel(f"latency per call, ms (batch {batch}, log scale)")
+    ax_lat.legend(loc="lower right")
+    ax_lat.invert_yaxis()
+    ax_acc.barh(names, [100 * (r.get("accuracy") or 0) for r in rows], color="#55A868")
+    low = min((100 * (r.get("accuracy") or 0) for r in rows), default=0)
+    ax_acc.set_xlim(max(0, low - 5), 100)
+    ax_acc.set_xlabel("held-out accuracy, %")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def write_results(result: dict[str, Any], out_dir: Path, bundle_path: Path | None = None) -> dict[str, Path]:
+    """bench.json, bench.md and bench.png in ``out_dir``; the rows also go into bundle.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "chart": out_dir / "bench.png"}
+    atomic_write_json(paths["json"], result)
+    atomic_write_bytes(paths["markdown"], markdown_table(result).encode("utf-8"))
+    save_chart(result, paths["chart"], batch=min(r["batch"] for r in result["rows"]))
+    if bundle_path is not None:
+        bundle = Bundle.load(bundle_path)
+        bundle.meta["benchmarks"] = {k: result[k] for k in ("created", "environment", "config", "rows")}
+        bundle.save()
+    return paths
