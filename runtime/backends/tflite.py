@@ -10,6 +10,7 @@ import numpy as np
 
 from edgeclf.errors import BundleError
 from edgeclf.runtime.backends.base import BackendOptions
+from edgeclf.runtime.hardware import detect
 from edgeclf.runtime.metadata import read_tflite_metadata
 
 
@@ -26,13 +27,15 @@ class TFLiteBackend:
     def load(self, path: Path, options: BackendOptions) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
+        # LiteRT's default (-1) gives XNNPACK no thread pool: one core. Use them all unless told.
+        threads = options.threads or detect().cores
         try:
             self.metadata = read_tflite_metadata(path)
-            interpreter = Interpreter(model_path=str(path), num_threads=options.threads)
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self.runner = interpreter.get_signature_runner("serving_default")
         except Exception as exc:
             raise BundleError(f"LiteRT cannot load {path}: {exc}") from None
-        self._threads = options.threads
+        self._threads = threads
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         # An interpreter is not thread-safe: calls take turns.
@@ -40,7 +43,7 @@ class TFLiteBackend:
             return self.runner(pixels=batch)["logits"]
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "delegate": "XNNPACK (CPU)", "threads": self._threads or "default"}
+        return {"backend": self.name, "delegate": "XNNPACK (CPU)", "threads": self._threads}
 
     def close(self) -> None:
         self.runner = None
