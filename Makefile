@@ -19,7 +19,11 @@ IMAGE_SIZE ?= 75
 WEIGHTS    ?= none
 DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --train-batchnorm --lr-finetune 1e-3
 
-.PHONY: demo test install clean
+# BENCHMARKS.md: InceptionV3 at 299x299 (the main job's 75px model continued at 299 for
+# two epochs, exported, benchmarked). About 45 minutes on 2 CPU cores.
+BENCH_DIR ?= runs/bench
+
+.PHONY: demo test install clean benchmarks
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +44,19 @@ demo: install
 	@# Every backend side by side with the Keras baselines; the table ends the job.
 	$(EDGECLF) bench $(DEMO_DIR)/bundle --batch 1,8 --duration 5
 	@echo "bundle: $(DEMO_DIR)/bundle   report: $(DEMO_DIR)/report"
+
+benchmarks: install
+	$(EDGECLF) dataset digits $(BENCH_DIR)/data --overwrite
+	$(EDGECLF) train $(BENCH_DIR)/data/train --out $(BENCH_DIR)/b75 --overwrite \
+	    --image-size 75 --weights none $(DEMO_TRAIN_ARGS)
+	$(EDGECLF) train $(BENCH_DIR)/data/train --out $(BENCH_DIR)/b299 --overwrite --image-size 299 \
+	    --weights none --init-from $(BENCH_DIR)/b75 --epochs-frozen 0 --epochs-finetune 2 --unfreeze-at 0 \
+	    --train-batchnorm --lr-finetune 3e-4
+	$(EDGECLF) export $(BENCH_DIR)/b299 --format all
+	$(EDGECLF) bench $(BENCH_DIR)/b299 --batch 1,8,32 --duration 20
+	mkdir -p docs && cp $(BENCH_DIR)/b299/benchmarks/bench.png docs/bench_299.png
+	cp $(BENCH_DIR)/b299/benchmarks/bench.json docs/bench_299.json
+	$(PY) -m edgeclf.benchmarks.publish docs/bench_299.json --chart docs/bench_299.png > BENCHMARKS.md
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

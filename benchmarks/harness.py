@@ -82,7 +82,8 @@ def contestants(bundle: Bundle, config: BenchConfig) -> list[tuple[str, str, str
     return rows
 
 
-def _sample_file(bundle: Bundle) -> Path | None:
+def sample_image_file(bundle: Bundle) -> Path | None:
+    """One of the bundle's training image files (to time decoding from disk), if it has any."""
     source = Path(str(bundle.meta["training"]["data"].get("source", "")))
     if source.is_dir():
         return next((p for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS), None)
@@ -140,7 +141,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
                           "accuracy": accuracy_keras, "agreement": 1.0,
                           "size_mb": bundle.model_path.stat().st_size / 1e6}
 
-    sample = _sample_file(bundle)
+    sample = sample_image_file(bundle)
     rows: list[dict[str, Any]] = []
     for batch_size in config.batches:
         batch = heldout.images[np.arange(batch_size) % len(heldout)]
@@ -156,7 +157,8 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
             fns["decode|raw"] = lambda: [load_image(sample, size) for _ in range(batch_size)]
         log(f"timing batch {batch_size}: {len(fns)} calls interleaved for {config.duration_s:.0f} s")
         errors: dict[str, str] = {}
-        timings = time_interleaved(fns, config.warmup_s, config.duration_s, config.min_runs, errors=errors)
+        timings = time_interleaved(fns, config.warmup_s, config.duration_s, config.min_runs, errors=errors,
+                                   group=lambda key: key.split("|")[0])
         for name in [*predictors, *baselines, *(["decode"] if sample is not None else [])]:
             row: dict[str, Any] = {"name": name, "batch": batch_size,
                                    **info.get(name, {"backend": "Pillow", "artifact": None})}
@@ -177,8 +179,13 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
     for predictor in predictors.values():
         predictor.close()
     _speedups(rows)
+    macs = None
+    if (bundle.path / "model.onnx").is_file():
+        from edgeclf.benchmarks.macs import count_macs
+
+        macs = count_macs(bundle.path / "model.onnx")
     return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "environment": environment(), "bundle": str(bundle.path),
+            "environment": environment(), "bundle": str(bundle.path), "macs_per_image": macs,
             "image_size": list(bundle.image_size), "heldout_images": len(heldout),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
             "rows": rows}

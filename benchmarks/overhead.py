@@ -15,42 +15,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgeclf.benchmarks.harness import BenchConfig, contestants, sample_image_file
 from edgeclf.benchmarks.timing import time_interleaved
 from edgeclf.bundle import Bundle
 from edgeclf.errors import EdgeclfError
-from edgeclf.images import IMAGE_EXTENSIONS, load_image
+from edgeclf.images import load_image
 from edgeclf.progress import log
 from edgeclf.runtime import Predictor
-from edgeclf.runtime.backends import BACKENDS, missing_modules
-
-
-def _sample_image(bundle: Bundle) -> Path | None:
-    source = Path(str(bundle.meta["training"]["data"].get("source", "")))
-    if source.is_dir():
-        return next((p for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS), None)
-    return None
-
-
-def runnable_artifacts(bundle: Bundle) -> list[str]:
-    """The bundle's validated artifacts whose backend can run here."""
-    names = []
-    for info in BACKENDS.values():
-        if missing_modules(info):
-            continue
-        names += [f for f in info.formats
-                  if bundle.meta.get("artifacts", {}).get(f, {}).get("status") == "validated"]
-    return names
 
 
 def measure_overhead(bundle_path: str | Path, artifacts: list[str] | None = None, duration_s: float = 5.0,
                      threads: int | None = None, image: str | Path | None = None) -> list[dict[str, Any]]:
     """One row per artifact: raw, Predictor and decode p50 (ms) and the overhead in percent."""
     bundle = Bundle.load(bundle_path)
-    image = Path(image) if image else _sample_image(bundle)
+    image = Path(image) if image else sample_image_file(bundle)
     if image is None:
         raise EdgeclfError("no image file to time decoding with: pass one with --image")
     rows = []
-    for artifact in artifacts or runnable_artifacts(bundle):
+    for artifact in artifacts or [a for _, a, hint in contestants(bundle, BenchConfig()) if hint is None]:
         log(f"timing {artifact}")
         with Predictor.load(bundle.path, artifact, threads=threads) as predictor:
             frame = load_image(image, predictor.image_size)

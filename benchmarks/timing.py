@@ -38,7 +38,7 @@ class Timing:
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], warmup_s: float = 1.0, duration_s: float = 5.0, min_runs: int = 10,
     max_runs: int | None = None, clock: Callable[[], float] = time.perf_counter,
-    errors: dict[str, str] | None = None,
+    errors: dict[str, str] | None = None, group: Callable[[str], str] | None = None,
 ) -> dict[str, Timing]:
     """Warm each callable up for ``warmup_s`` (at least one call each), then time them.
 
@@ -48,6 +48,10 @@ def time_interleaved(
     Args:
         errors: if given, a callable that raises is dropped from the rotation and its
             error recorded here (by name) instead of ending the whole measurement.
+        group: names the library behind a callable. When the next call is from another
+            group, one untimed call settles it first: the previous library's worker
+            threads may still be spinning, and would be billed to whoever comes next.
+            Within a group the order alternates from round to round.
 
     Returns:
         One :class:`Timing` per name that did not fail.
@@ -82,7 +86,19 @@ def time_interleaved(
     start = clock()
     rounds = 0
     while live:
-        for name in list(live):
+        order = list(live)
+        if group is not None:
+            groups: dict[str, list[str]] = {}
+            for name in order:
+                groups.setdefault(group(name), []).append(name)
+            order = [n for members in groups.values() for n in (members if rounds % 2 == 0 else members[::-1])]
+        previous = None
+        for name in order:
+            if name not in live:
+                continue
+            if group is not None and group(name) != previous and not call(name):
+                continue  # the settling call failed: already dropped
+            previous = group(name) if group is not None else None
             t0 = clock()
             if call(name):
                 samples[name].append((clock() - t0) * 1e3)

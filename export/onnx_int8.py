@@ -41,7 +41,12 @@ def _quiet_root_logger():
 
 def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: str = "minmax",
                  reduce_range: bool = True) -> None:
-    """Quantize ``src`` to ``out``: QDQ format, per-channel INT8 weights, INT8 activations.
+    """Quantize ``src`` to ``out``: QDQ format, per-channel INT8 weights, UINT8 activations.
+
+    Unsigned activations with signed weights (U8S8) is the layout x86 integer kernels
+    multiply natively (``vpmaddubsw`` takes u8 x s8); with S8 activations ONNX Runtime
+    on this AVX2 CPU ran the 299x299 model no faster than FP32 (71 ms against 69 ms),
+    with U8 in 43 ms, at the same top-1 agreement (0.979).
 
     Args:
         calibration_images: uint8 [N, H, W, 3] real images the activation ranges come from.
@@ -69,7 +74,7 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
                 quantize_static(
                     str(src), str(tmp), _ImageReader(calibration_images, batch),
                     quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude, calibrate_method=methods[method],
                 )
         except Exception as exc:
@@ -78,7 +83,7 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
         meta = read_onnx_metadata(proto)
         meta["precision"] = "int8"
         meta["calibration"] = {"images": int(len(calibration_images)), "method": method}
-        meta["quantization"] = {"format": "QDQ", "activations": "int8",
+        meta["quantization"] = {"format": "QDQ", "activations": "uint8 (per tensor)",
                                 "weights": f"int8 per-channel{', 7-bit range' if reduce_range else ''}"}
         set_onnx_metadata(quantized, meta)
         onnx.save(quantized, str(tmp))

@@ -96,6 +96,10 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
     table = paths["markdown"].read_text()
     assert table.count("\n| onnx-int8 |") == 2 and "x model.predict" in table
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from edgeclf.benchmarks.publish import render
+
+    page = render(saved, "make benchmarks")
+    assert "GMAC per image" in page and "| onnx-int8 |" in page and "Reproduce: `make benchmarks`" in page
     # backend="auto" now picks from these results.
     assert Bundle.load(bench_bundle).meta["benchmarks"]["rows"] == result["rows"]
     assert "benchmarks" in choose(bench_bundle, "auto", None, detect()).reason
@@ -136,3 +140,39 @@ def test_a_backend_failing_mid_run_becomes_a_failed_row(bench_bundle, monkeypatc
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["onnx-flaky"]["status"] == "failed" and "device lost" in rows["onnx-flaky"]["error"]
     assert rows["onnx-int8"]["status"] == "ok" and rows["onnx-int8"]["runs"] >= 3
+
+
+def test_mac_count_from_onnx_equals_the_keras_layers(exported):
+    from edgeclf.benchmarks.macs import count_macs
+    from edgeclf.train.evaluate import load_keras_model
+    from edgeclf.train.model import backbone_of
+
+    bundle, _ = exported
+    model = load_keras_model(bundle)
+    expected = 0
+    for layer in [*backbone_of(model).layers, *model.layers]:
+        if layer.__class__.__name__ == "Conv2D":
+            _, h, w, c_out = layer.output.shape
+            kh, kw, c_in, _ = layer.kernel.shape
+            expected += h * w * c_out * c_in * kh * kw
+        elif layer.__class__.__name__ == "Dense":
+            expected += layer.kernel.shape[0] * layer.kernel.shape[1]
+    assert count_macs(bundle.path / "model.onnx") == expected
+
+
+def test_switching_library_gets_an_untimed_settling_call_and_order_alternates():
+    clock, calls = FakeClock(), []
+
+    def fn(name):
+        def call():
+            calls.append(name)
+            clock.advance(0.001)
+        return call
+
+    fns = {"a|raw": fn("a|raw"), "a|predictor": fn("a|predictor"), "b|raw": fn("b|raw")}
+    time_interleaved(fns, warmup_s=0, duration_s=0, min_runs=2, max_runs=2, clock=clock,
+                     group=lambda name: name.split("|")[0])
+    timed_rounds = calls[3:]  # after one warm-up round
+    # Round 1: settle a, time a|raw and a|predictor, settle b, time b; round 2 reverses a's pair.
+    assert timed_rounds == ["a|raw", "a|raw", "a|predictor", "b|raw", "b|raw",
+                            "a|predictor", "a|predictor", "a|raw", "b|raw", "b|raw"]
