@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 import sys
 from typing import Any
 
 from edgeclf.runtime.hardware import detect
+from edgeclf.versions import installed_versions
 
 PACKAGES = ("edgeclf", "numpy", "Pillow", "onnxruntime", "onnxruntime-gpu", "openvino", "ai-edge-litert",
             "tensorrt", "tensorrt-rtx-cu12", "tensorflow", "keras", "tf2onnx", "onnx")
@@ -15,14 +15,8 @@ PACKAGES = ("edgeclf", "numpy", "Pillow", "onnxruntime", "onnxruntime-gpu", "ope
 
 def environment() -> dict[str, Any]:
     hw = detect()
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return {
         "cpu": hw.cpu_model, "cpu_vendor": hw.cpu_vendor, "cpu_flags": sorted(hw.cpu_flags), "cores": hw.cores,
         "gpu_compute_capability": hw.gpu_compute_capability, "platform": platform.platform(),
-        "python": sys.version.split()[0], "versions": versions,
+        "python": sys.version.split()[0], "versions": installed_versions(PACKAGES),
     }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
-import importlib.metadata
 import os
 import time
 import warnings
@@ -29,6 +28,7 @@ from edgeclf.engine_file import read_engine_header
 from edgeclf.errors import BackendUnavailableError, DataError, InvalidInputError, ValidationError
 from edgeclf.fsio import sha256_file
 from edgeclf.progress import log
+from edgeclf.versions import installed_versions
 
 #: Formats calibrated on training images.
 CALIBRATED = ("onnx-int8", "tflite-int8")
@@ -82,16 +82,6 @@ def _installed_only(formats: list[ExportFormat]) -> list[ExportFormat]:
         else:
             kept.append(fmt)
     return kept
-
-
-def _tool_versions() -> dict[str, str]:
-    versions = {}
-    for package in TOOL_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.ndarray) -> dict[str, Callable]:
@@ -176,7 +166,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     reference = predict_logits(model, heldout.images) if options.validate else None
     builders = _builders(model, bundle, options, calib_images)
 
-    tools = _tool_versions()  # the same for every artifact of this run
+    tools = installed_versions(TOOL_PACKAGES)  # the same for every artifact of this run
     records, failures = [], []
     built: dict[str, Path] = {}  # format -> its file, for the formats converted from it
     for fmt in wanted:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
 from edgeclf.runtime.backends import BACKENDS, missing_modules
 from edgeclf.runtime.hardware import Hardware, detect
+from edgeclf.versions import installed_versions
 
 _DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "openvino": ("openvino",),
                   "tflite": ("ai-edge-litert",), "tensorrt": ("tensorrt", "tensorrt-rtx-cu12")}
 
 
 def _version(backend: str) -> str | None:
-    for dist in _DISTRIBUTIONS[backend]:
-        try:
-            return f"{dist} {importlib.metadata.version(dist)}"
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+    found = installed_versions(_DISTRIBUTIONS[backend])
+    return next((f"{name} {version}" for name, version in found.items()), None)
 
 
 def _details(backend: str, hw: Hardware) -> str:
