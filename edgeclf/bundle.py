@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeclf.errors import BundleError
-from edgeclf.fsio import atomic_write_json
+from edgeclf.fsio import atomic_write_json, sha256_file
 
 BUNDLE_FORMAT = "edgeclf-bundle/1"
 BUNDLE_FILE = "bundle.json"
@@ -100,3 +100,21 @@ class Bundle:
     def save(self) -> None:
         """Write ``bundle.json`` atomically."""
         atomic_write_json(self.path / BUNDLE_FILE, self.meta)
+
+
+def verify_artifact(path: Path, record: dict[str, Any]) -> None:
+    """Refuse an artifact whose bytes differ from what export validated and recorded.
+
+    Raises:
+        BundleError: the file (or an OpenVINO IR's weights file) is missing, truncated or altered.
+    """
+    files = [(path, record["sha256"])]
+    if "weights_file" in record:
+        files.append((path.with_name(record["weights_file"]), record["weights_sha256"]))
+    for file, expected in files:
+        if not file.is_file():
+            raise BundleError(f"{file} is missing; bundle.json records it as an artifact")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise BundleError(f"{file.name} differs from the file export validated (sha256 {actual[:12]}..., "
+                              f"bundle.json says {expected[:12]}...): it was truncated or altered; export again")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgeclf.errors import BundleError, IncompatibleArtifactError, InvalidInputError
-from edgeclf.fsio import sha256_file
+from edgeclf.bundle import verify_artifact
 from edgeclf.runtime.backends import BackendOptions, create_backend
 from edgeclf.runtime.hardware import detect
 from edgeclf.runtime.inputs import is_batch, to_batch
@@ -43,20 +43,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, stable for large logits."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _verify(choice: Choice) -> None:
-    """Refuse an artifact whose bytes differ from what export validated."""
-    files = [(choice.path, choice.record["sha256"])]
-    if "weights_file" in choice.record:
-        files.append((choice.path.with_name(choice.record["weights_file"]), choice.record["weights_sha256"]))
-    for path, expected in files:
-        if not path.is_file():
-            raise BundleError(f"{path} is missing; bundle.json records it as an artifact")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise BundleError(f"{path.name} differs from the file export validated (sha256 {actual[:12]}..., "
-                              f"bundle.json says {expected[:12]}...): it was truncated or altered; export again")
 
 
 class Predictor:
@@ -108,7 +94,7 @@ class Predictor:
         hardware = detect()
         choice = choose(path, backend, precision, hardware, allow_unvalidated)
         if verify and choice.record is not None:
-            _verify(choice)
+            verify_artifact(choice.path, choice.record)
         runner = create_backend(choice.backend)
         runner.load(choice.path, BackendOptions(threads=threads, precision=choice.precision_hint))
         meta = runner.metadata
