@@ -110,7 +110,59 @@ def _int_triple(text: str, option: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def _int_list(text: str | None, option: str) -> tuple[int, ...]:
+    """"8,32" -> (8, 32); None -> ()."""
+    if text is None:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidInputError(f"{option} expects comma-separated integers such as 8,32. Received: {text!r}") from None
+
+
+def _split_triton(formats: str) -> tuple[list[str], bool]:
+    """The bundle formats of ``--format``, and whether a Triton repository is asked for."""
+    names = [n.strip().lower() for n in formats.split(",") if n.strip()]
+    return [n for n in names if n != "triton"], "triton" in names
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    formats, triton = _split_triton(args.format)
+    if triton and not args.out:
+        raise InvalidInputError("--format triton writes a Triton model repository: give its directory with "
+                                "--out REPO")
+    if args.out and not triton:
+        raise InvalidInputError(f"--out is the Triton repository directory, used only with --format triton. "
+                                f"Received: --format {args.format} --out {args.out}")
+    if triton:
+        from edgeclf.bundle import Bundle
+        from edgeclf.serve.triton_config import model_config_pb2
+
+        model_config_pb2()  # fail now, not after the exports, if tritonclient is missing
+        artifacts = Bundle.load(args.bundle).meta.get("artifacts", {})
+        if not {"onnx", "all"} & set(formats) and (artifacts.get("onnx") or {}).get("status") != "validated":
+            formats.insert(0, "onnx")  # the repository's one required model
+    if formats:
+        _export_formats(args, ",".join(formats))
+    if triton:
+        _write_triton(args)
+    return 0
+
+
+def _write_triton(args: argparse.Namespace) -> None:
+    from edgeclf.serve.repository import write_repository
+
+    report = write_repository(args.bundle, args.out, name=args.model_name, batching=_batching(args),
+                              overwrite=args.overwrite)
+    print(f"Triton model repository: {report.path}")
+    for model in report.models:
+        print(f"  {model['model']:<20} {model['runtime']:<12} max_batch_size {model['max_batch_size']:<4} "
+              f"{', '.join(model['files'])}")
+    for fmt, reason in report.skipped.items():
+        print(f"  (no {fmt} model: {reason})")
+
+
+def _export_formats(args: argparse.Namespace, formats: str) -> None:
     _quiet_tensorflow()
     from edgeclf.export import ExportOptions, export_bundle
     from edgeclf.export.tensorrt_engine import EngineOptions
@@ -124,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                             calibration_method=args.calibration_method,
                             int8_reduce_range=not args.full_range_int8, validate=not args.no_validate,
                             data=args.data, engine=engine)
-    records = export_bundle(args.bundle, args.format, options)
+    records = export_bundle(args.bundle, formats, options)
     print(f"{'format':<13} {'file':<24} {'MB':>7} {'build s':>8} {'max|diff|':>10} {'agree':>7} "
           f"{'acc':>7} {'acc diff':>8}  status")
     for r in records:
@@ -133,7 +185,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                    f"{v['accuracy_delta']:>+8.4f}") if "top1_agreement" in v else f"{'-':>10} {'-':>7} {'-':>7} {'-':>8}"
         print(f"{r['format']:<13} {r['file']:<24} {r['size_bytes'] / 1e6:>7.1f} {r['build_seconds']:>8.1f} "
               f"{figures}  {r['status']}")
-    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -168,10 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from edgeclf.benchmarks.harness import BenchConfig, run_bench
     from edgeclf.benchmarks.report import markdown_table, write_results
 
-    try:
-        batches = tuple(int(b) for b in args.batch.split(","))
-    except ValueError:
-        raise InvalidInputError(f"--batch expects comma-separated integers such as 1,8,32. Received: {args.batch!r}")
+    batches = _int_list(args.batch, "--batch")
     config = BenchConfig(artifacts=tuple(args.backends.split(",")) if args.backends else None, batches=batches,
                          duration_s=args.duration, warmup_s=args.warmup, threads=args.threads,
                          baselines=not args.no_baselines)
@@ -182,6 +230,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"[edgeclf] wrote {paths['json']}, {paths['markdown']}, {paths['chart']}; results stored in bundle.json",
           file=sys.stderr)
     return 0
+
+
+def _batching(args: argparse.Namespace):
+    from edgeclf.serve.triton_config import Batching
+
+    return Batching(max_batch=args.max_batch, preferred=_int_list(args.preferred_batch, "--preferred-batch"),
+                    queue_delay_us=args.queue_delay_us, instances=args.instances)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgeclf.serve.server import ServeOptions, print_ready, serve
+
+    options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                           metrics_port=args.metrics_port, name=args.model_name, backend=args.backend,
+                           precision=args.precision, threads=args.threads, batching=_batching(args),
+                           image_instances=args.image_instances)
+    serve(args.bundle, options, on_ready=print_ready)
+    print("[edgeclf] server stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from edgeclf.runtime import Predictor
+    from edgeclf.runtime.files import image_paths
+    from edgeclf.serve.load import run_load, samples_from_files
+
+    paths = [path for path, problem in image_paths(args.images) if problem is None][: args.max_images]
+    if not paths:
+        raise InvalidInputError(f"no image files found in {args.images}")
+    with Predictor.load(args.bundle, args.backend) as predictor:
+        samples = samples_from_files(paths, predictor)
+    report = run_load(samples, http_url=args.http_url, grpc_url=args.grpc_url, name=args.model_name,
+                      clients=args.clients, requests=args.requests, malformed_every=args.malformed_every,
+                      timeout_s=args.timeout)
+    summary = report.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        lat = summary["latency_ms"]
+        print(f"{summary['requests']} requests from {summary['clients']} clients in {summary['seconds']:.1f} s: "
+              f"{summary['answered']} answered ({summary['throughput_rps']} req/s), {summary['wrong']} wrong, "
+              f"{summary['unexpected_errors']} unexpected errors; malformed: {summary['malformed_sent']} sent, "
+              f"{summary['malformed_rejected']} rejected")
+        print(f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
+    for problem in (report.wrong + report.unexpected_errors + report.malformed_answered)[:10]:
+        print(f"error: {problem}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -198,6 +293,25 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     write_digits_folder(args.out, holdout=args.holdout, seed=args.seed, size=args.size,
                         overwrite=args.overwrite)
     return 0
+
+
+def _add_model_arguments(p) -> None:
+    """Which artifact runs, as in ``Predictor.load``."""
+    p.add_argument("--backend", default="auto",
+                   help="auto (default), onnxruntime, openvino, tflite, tensorrt, or an artifact name such as onnx-int8")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default=None,
+                   help="pick the artifact of this precision (bf16: the FP32 OpenVINO IR run in BF16)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per inference (default: all)")
+
+
+def _add_batching_arguments(group) -> None:
+    group.add_argument("--model-name", default="edgeclf", help="Triton model name (prefix) (default edgeclf)")
+    group.add_argument("--max-batch", type=int, default=32, help="Triton max_batch_size (default 32)")
+    group.add_argument("--preferred-batch", default=None, metavar="N[,N...]",
+                       help="dynamic batching preferred sizes (default 8 and the max batch)")
+    group.add_argument("--queue-delay-us", type=int, default=2000,
+                       help="longest wait to fill a batch, microseconds (default 2000)")
+    group.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training held out and records it in bundle.json.")
     p.add_argument("bundle", help="bundle directory written by 'edgeclf train'")
     p.add_argument("--format", default="all",
-                   help=f"comma-separated list of {', '.join(FORMATS)}, or 'all' (default)")
+                   help=f"comma-separated list of {', '.join(FORMATS)}, or 'all' (default); 'triton' writes a "
+                        f"Triton model repository to --out")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--calibration-images", type=int, default=300,
                    help="training images used to calibrate INT8 (default 300)")
@@ -285,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     trt.add_argument("--timing-cache", default=None,
                      help="tensorrt timing cache file, reused across builds "
                           "(default ~/.cache/edgeclf/tensorrt-VERSION.timing-cache)")
+    triton = p.add_argument_group("Triton model repository (--format triton)")
+    triton.add_argument("--out", default=None, metavar="REPO", help="repository directory to write")
+    triton.add_argument("--overwrite", action="store_true", help="replace a non-empty REPO")
+    _add_batching_arguments(triton)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="predict integers for image files with an exported model (no TensorFlow)",
@@ -292,13 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reported and the others are still predicted; exit status 1 if any failed.")
     p.add_argument("model", help="bundle directory, or one artifact (.onnx, .xml, .tflite, .engine)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories (read recursively)")
-    p.add_argument("--backend", default="auto",
-                   help="auto (default), onnxruntime, openvino, tflite, tensorrt, or an artifact name such as onnx-int8")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default=None,
-                   help="pick the artifact of this precision (bf16: the FP32 OpenVINO IR run in BF16)")
+    _add_model_arguments(p)
     p.add_argument("--top-k", type=int, default=1, help="also list the k most probable labels")
     p.add_argument("--batch-size", type=int, default=32, help="images per backend call (default 32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per inference (default: all)")
     p.add_argument("--allow-unvalidated", action="store_true", help="also run artifacts export did not validate")
     p.add_argument("--json", action="store_true", help="JSON lines: file, label, index, confidence")
     p.set_defaults(func=cmd_predict)
@@ -317,6 +432,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the Keras baselines")
     p.add_argument("--out", default=None, help="directory for bench.json/.md/.png (default BUNDLE/benchmarks)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve a bundle through a real Triton server (PyTriton), HTTP and gRPC",
+                       description="Models NAME (pixels uint8 [N,H,W,3]) and NAME_image (encoded image "
+                                   "bytes [N,1]) answer label (the integer), confidence and logits. Dynamic "
+                                   "batching; SIGTERM or Ctrl+C stops after the requests in flight.")
+    p.add_argument("bundle", help="bundle directory (or one artifact) to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default 8002)")
+    _add_model_arguments(p)
+    p.add_argument("--image-instances", type=int, default=4,
+                   help="encoded-image requests decoded at once (default 4)")
+    _add_batching_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("loadtest", help="bounded load run against 'edgeclf serve', malformed requests interleaved",
+                       description="CLIENTS concurrent clients (half HTTP, half gRPC) send REQUESTS requests each; "
+                                   "every answer is checked against the Predictor's integer for the image, and "
+                                   "every malformed request must get an error. Exit status 1 otherwise.")
+    p.add_argument("bundle", help="the served bundle: the Predictor's answers are the expected ones")
+    p.add_argument("images", nargs="+", help="image files or directories")
+    p.add_argument("--http-url", default="127.0.0.1:8000")
+    p.add_argument("--grpc-url", default="127.0.0.1:8001")
+    p.add_argument("--model-name", default="edgeclf")
+    p.add_argument("--backend", default="auto", help="backend of the local Predictor giving expected answers")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=50, help="requests per client (default 50)")
+    p.add_argument("--malformed-every", type=int, default=5,
+                   help="every n-th request of a client is malformed (default 5; 0: none)")
+    p.add_argument("--max-images", type=int, default=200, help="images used (default 200)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("doctor", help="which backends and accelerators are usable here, and why not")
     p.add_argument("--json", action="store_true")

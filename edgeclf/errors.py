@@ -57,3 +57,11 @@ class ValidationError(EdgeclfError):
 
 class IncompatibleArtifactError(EdgeclfError, ValueError):
     """An artifact was built for another device, library version or bundle."""
+
+
+class PortInUseError(EdgeclfError, OSError):
+    """A server port is already taken on the address it should listen on."""
+
+
+class ServerError(EdgeclfError, RuntimeError):
+    """A server process edgeclf started failed while serving."""

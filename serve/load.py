@@ -1,0 +1,194 @@
+"""A bounded load run against ``edgeclf serve``: many clients, right answers, bad requests.
+
+Each client sends its requests one after another, half over HTTP and half over gRPC
+(alternating by client), alternating the pixel model and the encoded-image model.
+Every ``malformed_every``-th request is malformed on purpose (float pixels, a wrong
+shape, bytes that are not an image, a truncated file): each must get an error, and
+every other request must still get the integer the Predictor gives for its image.
+The run stops by itself after ``clients x requests`` requests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeclf.errors import InvalidInputError
+
+MALFORMED_KINDS = ("float32 pixels", "wrong shape", "not an image", "truncated file")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image as both request forms, and the integer the Predictor gives for it."""
+
+    encoded: bytes
+    pixels: np.ndarray  # uint8 [H, W, 3] at the model's size
+    expected: int
+
+
+@dataclass
+class LoadReport:
+    """What a load run sent and got back."""
+
+    clients: int
+    requests_per_client: int
+    seconds: float = 0.0
+    answered: int = 0
+    wrong: list[str] = field(default_factory=list)
+    unexpected_errors: list[str] = field(default_factory=list)
+    malformed_sent: int = 0
+    malformed_rejected: int = 0
+    malformed_answered: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.wrong or self.unexpected_errors or self.malformed_answered)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms or [np.nan])
+        return {
+            "clients": self.clients, "requests_per_client": self.requests_per_client,
+            "requests": self.clients * self.requests_per_client, "seconds": round(self.seconds, 3),
+            "answered": self.answered, "wrong": len(self.wrong),
+            "unexpected_errors": len(self.unexpected_errors),
+            "malformed_sent": self.malformed_sent, "malformed_rejected": self.malformed_rejected,
+            "malformed_answered": len(self.malformed_answered),
+            "throughput_rps": round(self.answered / self.seconds, 2) if self.seconds else None,
+            "latency_ms": {q: round(float(np.percentile(lat, int(q[1:]))), 2) for q in ("p50", "p90", "p99")}
+            | {"max": round(float(lat.max()), 2)},
+            "ok": self.ok,
+        }
+
+
+class _Client:
+    """One protocol's tritonclient, with the calls the load run makes."""
+
+    def __init__(self, protocol: str, url: str, timeout_s: float) -> None:
+        if protocol == "http":
+            import tritonclient.http as module
+
+            self.client = module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        else:
+            import tritonclient.grpc as module
+
+            self.client = module.InferenceServerClient(url)
+        self.module, self.protocol, self.timeout_s = module, protocol, timeout_s
+
+    def infer(self, model: str, name: str, data: np.ndarray, datatype: str) -> int:
+        tensor = self.module.InferInput(name, list(data.shape), datatype)
+        tensor.set_data_from_numpy(data)
+        outputs = [self.module.InferRequestedOutput("label")]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        result = self.client.infer(model, [tensor], outputs=outputs, **kwargs)
+        return int(result.as_numpy("label").reshape(-1)[0])
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _malformed(kind: str, sample: Sample) -> tuple[str, np.ndarray, str]:
+    """(input name, data, datatype) of one malformed request; the model follows from the input."""
+    if kind == "float32 pixels":
+        return "pixels", sample.pixels[None].astype(np.float32), "FP32"
+    if kind == "wrong shape":
+        return "pixels", np.ascontiguousarray(sample.pixels[None, 1:]), "UINT8"
+    if kind == "not an image":
+        return "image", np.array([[b"these bytes are not an image file"]], dtype=np.object_), "BYTES"
+    return "image", np.array([[sample.encoded[: len(sample.encoded) // 2]]], dtype=np.object_), "BYTES"
+
+
+def run_load(samples: list[Sample], *, http_url: str, grpc_url: str, name: str = "edgeclf",
+             clients: int = 16, requests: int = 50, malformed_every: int = 5,
+             timeout_s: float = 60.0) -> LoadReport:
+    """Run ``clients`` concurrent clients of ``requests`` requests each and check every answer.
+
+    Args:
+        samples: images with the Predictor's answer; clients take them in turn.
+        malformed_every: every n-th request of a client is malformed (0: none).
+        timeout_s: a request unanswered after this long counts as an unexpected error.
+    """
+    if not samples:
+        raise InvalidInputError("a load run needs at least one image")
+    if clients < 1 or requests < 1 or malformed_every < 0:
+        raise InvalidInputError(f"clients and requests must be >= 1 and malformed_every >= 0. "
+                                f"Received: {clients}, {requests}, {malformed_every}")
+    report = LoadReport(clients, requests)
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+    models = {"pixels": name, "image": f"{name}_image"}
+
+    def client_loop(k: int) -> None:
+        start.wait()  # all clients begin together
+        protocol = "http" if k % 2 == 0 else "grpc"
+        try:
+            client = _Client(protocol, http_url if protocol == "http" else grpc_url, timeout_s)
+        except Exception as exc:
+            with lock:
+                report.unexpected_errors.append(f"client {k} ({protocol}) could not connect: {exc}")
+            return
+        try:
+            for j in range(requests):
+                _one_request(client, k, j)
+        finally:
+            client.close()
+
+    def _one_request(client: _Client, k: int, j: int) -> None:
+        sample = samples[(k * requests + j) % len(samples)]
+        if malformed_every and j % malformed_every == malformed_every - 1:
+            kind = MALFORMED_KINDS[(k + j // malformed_every) % len(MALFORMED_KINDS)]
+            input_name, data, datatype = _malformed(kind, sample)
+            try:
+                label = client.infer(models[input_name], input_name, data, datatype)
+            except Exception:  # an error response is what a malformed request must get
+                answered = None
+            else:
+                answered = f"{client.protocol} {kind}: answered {label}"
+            with lock:
+                report.malformed_sent += 1
+                if answered is None:
+                    report.malformed_rejected += 1
+                else:
+                    report.malformed_answered.append(answered)
+            return
+        input_name = "pixels" if j % 2 == 0 else "image"
+        data, datatype = ((sample.pixels[None], "UINT8") if input_name == "pixels"
+                          else (np.array([[sample.encoded]], dtype=np.object_), "BYTES"))
+        started = time.perf_counter()
+        try:
+            label = client.infer(models[input_name], input_name, data, datatype)
+        except Exception as exc:
+            with lock:
+                report.unexpected_errors.append(f"{client.protocol} {input_name}: {str(exc)[-300:]}")
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        with lock:
+            report.answered += 1
+            report.latencies_ms.append(elapsed_ms)
+            if label != sample.expected:
+                report.wrong.append(f"{client.protocol} {input_name}: got {label}, expected {sample.expected}")
+
+    threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    report.seconds = time.perf_counter() - began
+    return report
+
+
+def samples_from_files(paths: list, predictor) -> list[Sample]:
+    """Each file's bytes, its decoded pixels and the Predictor's integer for it."""
+    from edgeclf.images import load_image
+
+    encoded = [open(p, "rb").read() for p in paths]
+    pixels = np.stack([load_image(data, predictor.image_size) for data in encoded])
+    labels = [p.label for p in predictor.predict_batch(pixels)]
+    return [Sample(e, px, int(label)) for e, px, label in zip(encoded, pixels, labels)]

@@ -1,0 +1,127 @@
+"""A bundle's validated artifacts as a ready Triton model repository.
+
+    REPO/
+      edgeclf_onnx/      config.pbtxt  labels.txt  1/model.onnx            (onnxruntime backend)
+      edgeclf_openvino/  config.pbtxt  labels.txt  1/model.xml, model.bin  (openvino backend)
+      edgeclf_tensorrt/  config.pbtxt  labels.txt  1/model.plan            (tensorrt backend)
+
+Only artifacts that export validated against Keras are packaged, after their sha256 is
+checked against bundle.json. The repository is built under a temporary name and moved
+into place when complete, so a failure leaves no partial repository.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeclf.bundle import Bundle, verify_artifact
+from edgeclf.engine_file import read_engine
+from edgeclf.errors import BundleError, InvalidInputError
+from edgeclf.fsio import atomic_write_bytes, staged_directory
+from edgeclf.serve.triton_config import (LABELS_FILE, PLATFORMS, Batching, build_config, config_text,
+                                         parse_config, labels_text)
+
+# Bundle artifact -> the Triton runtime that serves it, in the order models are written.
+ARTIFACT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+# Triton's tensorrt backend links full TensorRT: a TensorRT-RTX plan does not load there.
+TRITON_TENSORRT_FLAVOUR = "tensorrt"
+
+
+@dataclass
+class RepositoryReport:
+    """What was written, and what was left out and why."""
+
+    path: Path
+    models: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _model_name(prefix: str, runtime: str) -> str:
+    return f"{prefix}_{'onnx' if runtime == 'onnxruntime' else runtime}"
+
+
+def _skip_reason(fmt: str, record: dict[str, Any] | None, bundle: Bundle) -> str | None:
+    if record is None:
+        return f"not exported (edgeclf export {bundle.path} --format {fmt})"
+    flavour = (record.get("tensorrt") or {}).get("flavour", TRITON_TENSORRT_FLAVOUR)
+    if fmt == "tensorrt" and flavour != TRITON_TENSORRT_FLAVOUR:
+        return (f"{record['file']} was built with {flavour}, whose plans Triton's tensorrt backend "
+                f"(full TensorRT) cannot load; build the engine with full TensorRT (pip install 'edgeclf[gpu]')")
+    if record.get("status") != "validated":
+        why = (record.get("validation") or {}).get("skipped") or "it disagreed with Keras"
+        return f"{record['file']} is {record.get('status', 'not validated')}: {why}"
+    return None
+
+
+def _write_version(version_dir: Path, fmt: str, source: Path, record: dict[str, Any]) -> tuple[list[str], int | None]:
+    """Copy one artifact into ``version_dir`` under the file names its Triton backend expects.
+
+    Returns the file names and, for an engine, the largest batch of its profile.
+    """
+    version_dir.mkdir(parents=True)
+    names = list(PLATFORMS[ARTIFACT_RUNTIMES[fmt]]["files"])
+    if fmt == "tensorrt":
+        # Triton loads a bare plan: drop edgeclf's self-describing header.
+        header, plan = read_engine(source)
+        atomic_write_bytes(version_dir / names[0], plan)
+        return names, int(header["profile"]["max"][0])
+    shutil.copyfile(source, version_dir / names[0])
+    if fmt == "openvino":
+        shutil.copyfile(source.with_name(record["weights_file"]), version_dir / names[1])
+    return names, None
+
+
+def write_repository(bundle_path: str | Path, out: str | Path, *, name: str = "edgeclf",
+                     batching: Batching | None = None, overwrite: bool = False) -> RepositoryReport:
+    """Write a Triton model repository for every validated ONNX, OpenVINO and TensorRT artifact.
+
+    Args:
+        name: model name prefix; models are ``NAME_onnx``, ``NAME_openvino``, ``NAME_tensorrt``.
+        batching: max batch, preferred sizes, queue delay and instance count of every model
+            (an engine's max batch is capped at its profile's maximum).
+        overwrite: replace a non-empty ``out``.
+
+    Raises:
+        BundleError: no validated ONNX model in the bundle, or an artifact differs from the
+            file export validated.
+        OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
+        BackendUnavailableError: tritonclient (the config schema) is not installed.
+    """
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise InvalidInputError(f"model name must be letters, digits, '_' or '-'. Received: {name!r}")
+    batching = batching or Batching()
+    bundle = Bundle.load(bundle_path)
+    artifacts = bundle.meta.get("artifacts", {})
+    onnx_problem = _skip_reason("onnx", artifacts.get("onnx"), bundle)
+    if onnx_problem:
+        raise BundleError(f"a Triton repository needs the validated ONNX model: {onnx_problem}")
+    height, width = bundle.image_size
+    report = RepositoryReport(path=Path(out).absolute())
+    with staged_directory(out, overwrite) as stage:
+        for fmt, runtime in ARTIFACT_RUNTIMES.items():
+            record = artifacts.get(fmt)
+            reason = _skip_reason(fmt, record, bundle)
+            if reason:
+                report.skipped[fmt] = reason
+                continue
+            source = bundle.path / record["file"]
+            verify_artifact(source, record)
+            model = _model_name(name, runtime)
+            files, profile_max = _write_version(stage / model / "1", fmt, source, record)
+            model_batching = batching
+            if profile_max is not None and profile_max < batching.max_batch:
+                model_batching = Batching(profile_max, tuple(p for p in batching.preferred if p <= profile_max),
+                                          batching.queue_delay_us, batching.instances)
+            config = build_config(model, runtime, height, width, len(bundle.labels), model_batching)
+            text = config_text(config)
+            if parse_config(text) != config:  # the file says exactly what was built
+                raise BundleError(f"{model}: config.pbtxt does not read back as written")
+            (stage / model / "config.pbtxt").write_text(text)
+            (stage / model / LABELS_FILE).write_text(labels_text(bundle.labels))
+            report.models.append({"model": model, "runtime": runtime, "artifact": fmt,
+                                  "files": [f"{model}/1/{f}" for f in files],
+                                  "max_batch_size": config.max_batch_size})
+    return report

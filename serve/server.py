@@ -1,0 +1,285 @@
+"""``edgeclf serve``: the Predictor behind a real Triton Inference Server (PyTriton).
+
+Two models, both answering the integer label, its confidence and the logits:
+
+    NAME        pixels  uint8 [N, H, W, 3]  RGB at the model's size. Triton checks dtype and
+                                            shape per request, and its dynamic batcher groups
+                                            requests from all clients into one backend call.
+    NAME_image  image   bytes [N, 1]        encoded image files (PNG, JPEG, ...), decoded as
+                                            in training, then sent on to NAME.
+
+Why two: with dynamic batching one backend call serves many requests, and an error in
+that call fails all of them. A file that does not decode is a fault of one request, so
+``NAME_image`` runs each request on its own (several at once, one per instance) and
+only the decoded pixels meet other clients' requests in ``NAME``'s batcher.
+
+Bound to 127.0.0.1 unless told otherwise; SIGTERM or SIGINT stops the server after the
+requests in flight are answered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import sysconfig
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeclf.errors import BackendUnavailableError, InvalidInputError, PortInUseError, ServerError
+from edgeclf.serve.triton_config import Batching
+
+# On shutdown Triton waits this long for the requests in flight, then as long again for
+# the models to unload. Inference takes well under a second on CPU; the bound matters
+# because PyTriton's instances of a model whose callable has raised (a request that did
+# not decode) never finish unloading, and Triton would wait out the whole timeout.
+EXIT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where and how ``edgeclf serve`` listens and batches."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    name: str = "edgeclf"
+    backend: str = "auto"
+    precision: str | None = None
+    threads: int | None = None
+    batching: Batching = field(default_factory=Batching)
+    image_instances: int = 4  # requests of NAME_image decoded at the same time
+    log_file: Path | None = None  # Triton's own log (default: a new file in the temp directory)
+
+    def ports(self) -> dict[str, int]:
+        return {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
+
+
+_PORT_NAMES = {"http": "HTTP", "grpc": "gRPC", "metrics": "metrics"}
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Fail early, with the port's name, if a port is invalid, repeated or taken.
+
+    Raises:
+        InvalidInputError: a port outside 1..65535, or one port given twice.
+        PortInUseError: something already listens on ``host:port``.
+    """
+    for what, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise InvalidInputError(f"--{what}-port must be in 1..65535. Received: {port}")
+    seen: dict[int, str] = {}
+    for what, port in ports.items():
+        if port in seen:
+            raise InvalidInputError(f"--{what}-port and --{seen[port]}-port are both {port}; each needs its own port")
+        seen[port] = what
+    for what, port in ports.items():
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As the server will: a port in TIME_WAIT is free, one with a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise PortInUseError(f"{_PORT_NAMES[what]} port {port} on {host} is not available "
+                                     f"({exc.strerror}); stop what uses it or choose another with --{what}-port") from None
+
+
+def use_own_libpython() -> None:
+    """Make Triton's Python-backend stub load this interpreter's libpython.
+
+    The stub in PyTriton's wheel links ``libpython3.X.so``; the dynamic loader would take
+    the system's copy, and under another build of the same Python version the model then
+    fails to load (``'_thread.RLock' object has no attribute '_recursion_count'``). The
+    server inherits this process's environment.
+    """
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if not libdir or not Path(libdir).is_dir():
+        return
+    paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if libdir not in paths:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *paths])
+
+
+def _pytriton():
+    try:
+        from pytriton import model_config, triton
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"edgeclf serve needs PyTriton ({exc}); install it with: pip install 'edgeclf[serve]'"
+        ) from None
+    return model_config, triton
+
+
+class _Models:
+    """The two inference callables over one Predictor."""
+
+    def __init__(self, predictor, name: str, grpc_url: str) -> None:
+        self.predictor = predictor
+        self.name = name
+        self.grpc_url = grpc_url
+        self._local = threading.local()  # one gRPC client per instance thread
+
+    def outputs(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        predictions = self.predictor.decode(logits)
+        return {
+            "label": np.array([[p.label] for p in predictions], dtype=np.int64),
+            "confidence": np.array([[p.confidence] for p in predictions], dtype=np.float32),
+            "logits": logits.astype(np.float32),
+        }
+
+    def pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        return self.outputs(self.predictor.infer(np.ascontiguousarray(pixels, dtype=np.uint8)))
+
+    def image(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        from edgeclf.images import load_image
+
+        frames = np.stack([load_image(bytes(item), self.predictor.image_size)
+                           for item in image.reshape(len(image), -1)[:, 0]])
+        return self.outputs(self._forward(frames))
+
+    def _forward(self, frames: np.ndarray) -> np.ndarray:
+        """Send decoded pixels to the pixel model, where they join the dynamic batcher."""
+        import tritonclient.grpc as grpcclient
+
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = grpcclient.InferenceServerClient(self.grpc_url)
+        tensor = grpcclient.InferInput("pixels", list(frames.shape), "UINT8")
+        tensor.set_data_from_numpy(frames)
+        result = client.infer(self.name, [tensor], outputs=[grpcclient.InferRequestedOutput("logits")])
+        return result.as_numpy("logits")
+
+
+def _bind(triton, mc, models: _Models, options: ServeOptions, height: int, width: int, classes: int) -> None:
+    from pytriton.decorators import batch
+
+    b = options.batching
+    outputs = [mc.Tensor(name="label", dtype=np.int64, shape=(1,)),
+               mc.Tensor(name="confidence", dtype=np.float32, shape=(1,)),
+               mc.Tensor(name="logits", dtype=np.float32, shape=(classes,))]
+    triton.bind(
+        model_name=options.name,
+        infer_func=[batch(models.pixels)] * b.instances,
+        inputs=[mc.Tensor(name="pixels", dtype=np.uint8, shape=(height, width, 3))],
+        outputs=outputs,
+        config=mc.ModelConfig(max_batch_size=b.max_batch, batcher=mc.DynamicBatcher(
+            max_queue_delay_microseconds=b.queue_delay_us, preferred_batch_size=b.preferred_sizes())),
+        strict=True,
+    )
+    triton.bind(
+        model_name=f"{options.name}_image",
+        infer_func=[batch(models.image)] * options.image_instances,
+        inputs=[mc.Tensor(name="image", dtype=np.bytes_, shape=(1,))],
+        outputs=outputs,
+        # No dynamic batcher: each request runs alone, so a file that fails to decode
+        # fails its own request only.
+        config=mc.ModelConfig(max_batch_size=b.max_batch, batcher=None),
+        strict=True,
+    )
+
+
+def serve(bundle: str | Path, options: ServeOptions | None = None,
+          on_ready: Callable[[dict[str, Any]], None] | None = None,
+          stop: threading.Event | None = None) -> None:
+    """Serve ``bundle`` until SIGTERM/SIGINT (or ``stop`` is set), then drain and return.
+
+    Args:
+        on_ready: called once with the endpoints and models when requests are accepted.
+        stop: set it to stop the server (signals set it too when run in the main thread).
+
+    Raises:
+        PortInUseError: a port is taken (checked before anything is loaded).
+        BackendUnavailableError: PyTriton or the model's backend library is missing.
+        BundleError, IncompatibleArtifactError: as :meth:`Predictor.load`.
+    """
+    from edgeclf.runtime import Predictor
+
+    options = options or ServeOptions()
+    if options.image_instances < 1:
+        raise InvalidInputError(f"image instances must be >= 1. Received: {options.image_instances}")
+    check_ports(options.host, options.ports())
+    mc, pytriton_triton = _pytriton()
+    predictor = Predictor.load(bundle, options.backend, precision=options.precision,
+                               batch_size=options.batching.max_batch, threads=options.threads)
+    stop = stop or threading.Event()
+    previous = None
+    try:
+        use_own_libpython()
+        local_host = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
+        models = _Models(predictor, options.name, f"{local_host}:{options.grpc_port}")
+        # Triton logs to a file: read through PyTriton's pipe, its log costs as much CPU as
+        # inference when requests fail (each error logs a traceback).
+        log_file = options.log_file or Path(tempfile.mkstemp(prefix="edgeclf-triton-", suffix=".log")[1])
+        config = pytriton_triton.TritonConfig(
+            http_address=options.host, http_port=options.http_port,
+            grpc_address=options.host, grpc_port=options.grpc_port,
+            metrics_address=options.host, metrics_port=options.metrics_port,
+            exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=0, log_file=log_file)
+        previous = _install_signal_handlers(stop)
+        with pytriton_triton.Triton(config=config) as triton:
+            height, width = predictor.image_size
+            _bind(triton, mc, models, options, height, width, len(predictor.labels))
+            triton.connect()  # returns once both models are loaded and ready
+            if on_ready:
+                on_ready({**_endpoints(options, predictor), "log_file": str(log_file)})
+            while not stop.wait(0.5):
+                if not triton.is_alive():
+                    raise ServerError(f"the Triton server stopped unexpectedly; its log: {log_file}")
+            # Leaving the block stops Triton, which answers the requests in flight first.
+    finally:
+        _restore_signal_handlers(previous)
+        predictor.close()
+
+
+def _endpoints(options: ServeOptions, predictor) -> dict[str, Any]:
+    described = predictor.describe()
+    return {
+        "http": f"http://{options.host}:{options.http_port}",
+        "grpc": f"{options.host}:{options.grpc_port}",
+        "metrics": f"http://{options.host}:{options.metrics_port}/metrics",
+        "models": [options.name, f"{options.name}_image"],
+        "artifact": described["artifact"], "backend": described.get("backend"),
+        "labels": predictor.labels, "input": described["input"],
+        "batching": {"max_batch": options.batching.max_batch,
+                     "preferred": options.batching.preferred_sizes(),
+                     "queue_delay_us": options.batching.queue_delay_us},
+    }
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, Any] | None:
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers; the caller uses ``stop``
+    handler = lambda signum, frame: stop.set()  # noqa: E731
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signal_handlers(previous: dict[int, Any] | None) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler)
+
+
+def print_ready(info: dict[str, Any]) -> None:
+    """The CLI's start-up summary: what is served where, and how to stop it."""
+    name, image = info["models"]
+    size = info["input"]
+    print(f"serving {info['artifact']} ({info['backend']}); labels {info['labels']}")
+    print(f"  model {name!r}: pixels uint8 [N,{size['height']},{size['width']},3] -> label int64 [N,1], "
+          f"confidence, logits")
+    print(f"  model {image!r}: image bytes [N,1] (encoded image files) -> the same outputs")
+    b = info["batching"]
+    print(f"  dynamic batching: max {b['max_batch']}, preferred {b['preferred']}, "
+          f"queue delay {b['queue_delay_us']} us")
+    print(f"HTTP    {info['http']}  (health: {info['http']}/v2/health/ready)")
+    print(f"gRPC    {info['grpc']}")
+    print(f"metrics {info['metrics']}")
+    print(f"Triton log: {info['log_file']}")
+    print("ready; SIGTERM or Ctrl+C stops after the requests in flight are answered", flush=True)
+    sys.stdout.flush()

@@ -1,0 +1,314 @@
+"""Serving: Triton model repositories checked with Triton's protobuf, and a real Triton
+server (PyTriton) started on loopback answering HTTP and gRPC with the Predictor's integers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import NONCONTIGUOUS, run_cli
+from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError, PortInUseError
+from edgeclf.serve.repository import write_repository
+from edgeclf.serve.triton_config import Batching, build_config, config_text, parse_config
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+TRITON_DTYPES = {"UINT8": "TYPE_UINT8", "FLOAT": "TYPE_FP32", "INT64": "TYPE_INT64",
+                 "tensor(uint8)": "TYPE_UINT8", "tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64",
+                 "u8": "TYPE_UINT8", "f32": "TYPE_FP32", "i64": "TYPE_INT64"}
+
+
+def _config_io(config) -> dict[str, tuple[str, list[int]]]:
+    """name -> (Triton dtype, shape the model itself has, batch dimension first)."""
+    from tritonclient.grpc import model_config_pb2 as pb2
+
+    io = {}
+    for tensor in list(config.input) + list(config.output):
+        dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+        io[tensor.name] = (pb2.DataType.Name(tensor.data_type), [-1, *dims])
+    return io
+
+
+# -- the model repository ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def repository(exported, tmp_path_factory):
+    bundle, _ = exported
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    return write_repository(bundle.path, out, batching=Batching(max_batch=16, queue_delay_us=500, instances=2))
+
+
+def test_repository_configs_parse_and_match_the_real_artifacts(exported, repository):
+    import onnxruntime as ort
+    import openvino as ov
+
+    bundle, _ = exported
+    root = repository.path
+    assert sorted(p.name for p in root.iterdir()) == ["edgeclf_onnx", "edgeclf_openvino"]
+    # The engine here is TensorRT-RTX, which Triton's tensorrt backend cannot load: left out, with the reason.
+    assert "tensorrt-rtx" in repository.skipped["tensorrt"]
+
+    configs = {d.name: parse_config(d / "config.pbtxt") for d in root.iterdir()}
+    session = ort.InferenceSession(str(root / "edgeclf_onnx/1/model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_io = {t.name: (TRITON_DTYPES[t.type], [-1 if not isinstance(d, int) else d for d in t.shape])
+               for t in session.get_inputs() + session.get_outputs()}
+    ir = ov.Core().read_model(root / "edgeclf_openvino/1/model.xml")
+    ov_io = {t.get_any_name(): (TRITON_DTYPES[t.get_element_type().get_type_name()],
+                                [-1 if d.is_dynamic else d.get_length() for d in t.get_partial_shape()])
+             for t in list(ir.inputs) + list(ir.outputs)}
+    for name, actual in (("edgeclf_onnx", onnx_io), ("edgeclf_openvino", ov_io)):
+        config = configs[name]
+        assert config.name == name and config.max_batch_size == 16
+        assert _config_io(config) == actual, name
+        assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 500
+        assert config.instance_group[0].count == 2
+        assert (root / name / "labels.txt").read_text().split() == [str(v) for v in bundle.labels]
+    assert configs["edgeclf_onnx"].platform == "onnxruntime_onnx"
+    assert configs["edgeclf_openvino"].backend == "openvino"
+    assert (root / "edgeclf_onnx/1/model.onnx").read_bytes() == (bundle.path / "model.onnx").read_bytes()
+
+
+def test_tensorrt_config_matches_the_engine_header(exported):
+    from edgeclf.engine_file import read_engine_header
+
+    bundle, records = exported
+    header = read_engine_header(bundle.path / "model.fp16.engine")
+    h, w = bundle.image_size
+    config = parse_config(config_text(build_config("m_tensorrt", "tensorrt", h, w, len(bundle.labels),
+                                                   Batching(max_batch=header["profile"]["max"][0]))))
+    assert config.platform == "tensorrt_plan" and config.instance_group[0].kind == 1  # KIND_GPU
+    assert _config_io(config) == {t["name"]: (TRITON_DTYPES[t["dtype"]], t["shape"]) for t in header["io"]}
+
+
+def test_repository_bad_inputs(exported, tmp_path):
+    from edgeclf.bundle import Bundle
+
+    bundle, _ = exported
+    no_onnx = Bundle(tmp_path / "no_onnx", {**bundle.meta, "artifacts": {}})
+    no_onnx.path.mkdir()
+    no_onnx.save()
+    with pytest.raises(BundleError, match="needs the validated ONNX model.*not exported"):
+        write_repository(no_onnx.path, tmp_path / "r1")
+    assert not (tmp_path / "r1").exists()
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        write_repository(bundle.path, taken)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+
+    altered = tmp_path / "altered"
+    shutil.copytree(bundle.path, altered)
+    with open(altered / "model.openvino.bin", "r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"\x00" * 16)
+    with pytest.raises(BundleError, match="model.openvino.bin differs"):
+        write_repository(altered, tmp_path / "r2")
+    assert not (tmp_path / "r2").exists() and not list(tmp_path.glob(".r2.*"))
+
+    with pytest.raises(InvalidInputError, match="preferred batch sizes must lie in 1..8"):
+        Batching(max_batch=8, preferred=(4, 16))
+    with pytest.raises(InvalidInputError, match="max batch must be >= 1"):
+        Batching(max_batch=0)
+    with pytest.raises(InvalidInputError, match="model name"):
+        write_repository(bundle.path, tmp_path / "r3", name="bad name/..")
+    with pytest.raises(BundleError, match="not a valid Triton model config"):
+        parse_config('name: "x"\nmax_batch_size: "many"\n')
+
+
+def test_export_cli_writes_a_repository(exported, tmp_path):
+    bundle, _ = exported
+    done = run_cli("export", str(bundle.path), "--format", "triton", "--out", str(tmp_path / "repo"),
+                   "--max-batch", "8", "--preferred-batch", "4,8")
+    assert done.returncode == 0, done.stderr
+    assert "edgeclf_onnx" in done.stdout and "no tensorrt model" in done.stdout
+    config = parse_config(tmp_path / "repo/edgeclf_onnx/config.pbtxt")
+    assert config.max_batch_size == 8 and list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+
+    missing_out = run_cli("export", str(bundle.path), "--format", "triton")
+    assert missing_out.returncode == 1 and "--out REPO" in missing_out.stderr
+    stray_out = run_cli("export", str(bundle.path), "--format", "onnx", "--out", str(tmp_path / "x"))
+    assert stray_out.returncode == 1 and "only with --format triton" in stray_out.stderr
+
+
+# -- a real Triton server ---------------------------------------------------------------
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Server:
+    """``edgeclf serve`` in a subprocess, its output collected by a thread."""
+
+    def __init__(self, bundle: Path, tmp: Path) -> None:
+        self.http, self.grpc, self.metrics = _free_ports(3)
+        self.log = tmp / "serve.out"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeclf", "serve", str(bundle), "--backend", "onnx",
+             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+             "--max-batch", "16", "--image-instances", "3"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(180) or self.proc.poll() is not None:
+            self.stop()
+            pytest.fail("edgeclf serve did not become ready:\n" + "".join(self.lines[-40:]))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("ready"):
+                self.ready.set()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    bundle, _ = exported
+    srv = Server(bundle.path, tmp_path_factory.mktemp("serve"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def samples(exported, digits_dir):
+    """Real held-out PNG files with the Predictor's integer for each."""
+    from edgeclf.runtime import Predictor
+    from edgeclf.serve.load import samples_from_files
+
+    bundle, _ = exported
+    files = [p for digit in NONCONTIGUOUS.values() for p in sorted((digits_dir / "test" / str(digit)).glob("*.png"))[:12]]
+    with Predictor.load(bundle.path, "onnx") as predictor:
+        return samples_from_files(files, predictor)
+
+
+def _infer(module, url: str, model: str, name: str, data: np.ndarray, datatype: str) -> dict[str, np.ndarray]:
+    client = module.InferenceServerClient(url)
+    try:
+        tensor = module.InferInput(name, list(data.shape), datatype)
+        tensor.set_data_from_numpy(data)
+        result = client.infer(model, [tensor])
+        return {k: result.as_numpy(k) for k in ("label", "confidence", "logits")}
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_answers_the_predictors_integers(server, samples, protocol):
+    module, url = ((tritonclient_http, f"127.0.0.1:{server.http}") if protocol == "http"
+                   else (tritonclient_grpc, f"127.0.0.1:{server.grpc}"))
+    client = module.InferenceServerClient(url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("edgeclf") and client.is_model_ready("edgeclf_image")
+    client.close()
+
+    for chunk in (samples[:16], samples[16:32], samples[32:]):  # the server's max batch is 16
+        expected = [s.expected for s in chunk]
+        pixels = np.stack([s.pixels for s in chunk])
+        by_pixels = _infer(module, url, "edgeclf", "pixels", pixels, "UINT8")
+        assert by_pixels["label"][:, 0].tolist() == expected
+        assert by_pixels["logits"].shape == (len(chunk), 3)
+        assert np.all((by_pixels["confidence"] > 0) & (by_pixels["confidence"] <= 1))
+        files = np.array([[s.encoded] for s in chunk], dtype=np.object_)
+        by_files = _infer(module, url, "edgeclf_image", "image", files, "BYTES")
+        assert by_files["label"][:, 0].tolist() == expected
+        np.testing.assert_allclose(by_files["logits"], by_pixels["logits"], rtol=1e-5, atol=1e-5)
+    # One image alone gets the same integer as in a batch.
+    alone = _infer(module, url, "edgeclf_image", "image", np.array([[samples[5].encoded]], dtype=np.object_), "BYTES")
+    assert alone["label"].tolist() == [[samples[5].expected]]
+
+
+@pytest.mark.parametrize("kind, status", [("float32 pixels", "FP32"), ("wrong shape", "Expected"),
+                                          ("not an image", "not a readable image"),
+                                          ("truncated file", "corrupt or truncated")])
+def test_each_malformed_request_gets_its_own_error(server, samples, kind, status):
+    from edgeclf.serve.load import _malformed
+
+    name, data, datatype = _malformed(kind, samples[0])
+    model = "edgeclf" if name == "pixels" else "edgeclf_image"
+    with pytest.raises(InferenceServerException, match=status):
+        _infer(tritonclient_grpc, f"127.0.0.1:{server.grpc}", model, name, data, datatype)
+
+
+def test_bounded_load_run_with_malformed_requests_interleaved(server, samples):
+    from edgeclf.serve.load import run_load
+
+    report = run_load(samples, http_url=f"127.0.0.1:{server.http}", grpc_url=f"127.0.0.1:{server.grpc}",
+                      clients=16, requests=50, malformed_every=5, timeout_s=120)
+    summary = report.summary()
+    print("load run:", summary)
+    assert report.wrong == [] and report.unexpected_errors == [] and report.malformed_answered == []
+    assert summary["answered"] == 16 * 40 and summary["malformed_rejected"] == 16 * 10
+    assert summary["throughput_rps"] > 0 and summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"]
+
+
+def test_port_in_use_is_a_clear_error_at_start(exported):
+    bundle, _ = exported
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = run_cli("serve", str(bundle.path), "--http-port", str(port), timeout=120)
+        assert done.returncode == 1
+        assert f"HTTP port {port} on 127.0.0.1 is not available" in done.stderr and "--http-port" in done.stderr
+        assert time.monotonic() - started < 60  # refused before loading anything
+    from edgeclf.serve.server import check_ports
+
+    with pytest.raises(InvalidInputError, match="both 9000"):
+        check_ports("127.0.0.1", {"http": 9000, "grpc": 9000})
+    with pytest.raises(InvalidInputError, match="1..65535"):
+        check_ports("127.0.0.1", {"http": 0})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(PortInUseError):
+            check_ports("127.0.0.1", {"grpc": taken.getsockname()[1]})
+
+
+def test_triton_stub_uses_this_interpreters_libpython(monkeypatch):
+    import sysconfig
+
+    from edgeclf.serve.server import use_own_libpython
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/other")
+    use_own_libpython()
+    libdir = sysconfig.get_config_var("LIBDIR")
+    assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/opt/other"]
+    use_own_libpython()  # idempotent
+    assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/opt/other"]
+
+
+def test_sigterm_stops_the_server_gracefully(server):
+    # Last in this module: the shared server is stopped here.
+    code = server.stop(timeout=90)
+    assert code == 0, "".join(server.lines[-30:])
+    from edgeclf.serve.server import check_ports
+
+    check_ports("127.0.0.1", {"http": server.http, "grpc": server.grpc, "metrics": server.metrics})  # all freed
