@@ -23,7 +23,7 @@ DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --trai
 # two epochs, exported, benchmarked). About 45 minutes on 2 CPU cores.
 BENCH_DIR ?= runs/bench
 
-.PHONY: demo test install clean benchmarks
+.PHONY: demo test install clean benchmarks serve-loadtest
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +63,15 @@ test: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The main job's bundle served by a real Triton server (edgeclf serve, loopback), a bounded
+# load run against it (16 clients x 50 requests, every fifth malformed), then SIGTERM.
+SERVE_BACKEND ?= auto
+serve-loadtest: install
+	@test -f $(DEMO_DIR)/bundle/model.onnx || { echo "run 'make demo' first"; exit 1; }
+	@$(EDGECLF) serve $(DEMO_DIR)/bundle --backend $(SERVE_BACKEND) > $(DEMO_DIR)/serve.log 2>&1 & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT; \
+	for i in $$(seq 180); do grep -q '^ready' $(DEMO_DIR)/serve.log && break; \
+	    kill -0 $$pid 2>/dev/null || { cat $(DEMO_DIR)/serve.log; exit 1; }; sleep 1; done; \
+	grep -v '^[IWE][0-9]' $(DEMO_DIR)/serve.log; \
+	$(EDGECLF) loadtest $(DEMO_DIR)/bundle $(DEMO_DIR)/data/test --backend $(SERVE_BACKEND) --clients 16 --requests 50
