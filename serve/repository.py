@@ -19,10 +19,10 @@ from typing import Any
 
 from edgeclf.bundle import Bundle, verify_artifact
 from edgeclf.engine_file import read_engine
-from edgeclf.errors import BundleError, InvalidInputError
+from edgeclf.errors import BundleError
 from edgeclf.fsio import atomic_write_bytes, staged_directory
-from edgeclf.serve.triton_config import (LABELS_FILE, PLATFORMS, Batching, build_config, config_text,
-                                         parse_config, labels_text)
+from edgeclf.serve.triton_config import (LABELS_FILE, PLATFORMS, Batching, build_config, check_model_name,
+                                         config_text, labels_text, parse_config)
 
 # Bundle artifact -> the Triton runtime that serves it, in the order models are written.
 ARTIFACT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
@@ -90,8 +90,7 @@ def write_repository(bundle_path: str | Path, out: str | Path, *, name: str = "e
         OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
         BackendUnavailableError: tritonclient (the config schema) is not installed.
     """
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise InvalidInputError(f"model name must be letters, digits, '_' or '-'. Received: {name!r}")
+    check_model_name(name)
     batching = batching or Batching()
     bundle = Bundle.load(bundle_path)
     artifacts = bundle.meta.get("artifacts", {})

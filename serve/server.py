@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeclf.errors import BackendUnavailableError, InvalidInputError, PortInUseError, ServerError
-from edgeclf.serve.triton_config import Batching
+from edgeclf.serve.triton_config import Batching, check_model_name
 
 # On shutdown Triton waits this long for the requests in flight, then as long again for
 # the models to unload. Inference takes well under a second on CPU; the bound matters
@@ -203,6 +203,7 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
     from edgeclf.runtime import Predictor
 
     options = options or ServeOptions()
+    check_model_name(options.name)
     if options.image_instances < 1:
         raise InvalidInputError(f"image instances must be >= 1. Received: {options.image_instances}")
     check_ports(options.host, options.ports())

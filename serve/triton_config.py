@@ -69,6 +69,13 @@ class Batching:
         return sorted({s for s in sizes if s <= self.max_batch})
 
 
+def check_model_name(name: str) -> str:
+    """Triton model names: letters, digits, '_', '-' and '.', not starting with '.'."""
+    if not name or name.startswith(".") or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise InvalidInputError(f"a Triton model name takes letters, digits, '_', '-' and '.'. Received: {name!r}")
+    return name
+
+
 def build_config(name: str, runtime: str, height: int, width: int, classes: int,
                  batching: Batching) -> Any:
     """A ``ModelConfig`` message for one edgeclf graph served by ``runtime``.

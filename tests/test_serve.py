@@ -125,7 +125,7 @@ def test_repository_bad_inputs(exported, tmp_path):
         Batching(max_batch=8, preferred=(4, 16))
     with pytest.raises(InvalidInputError, match="max batch must be >= 1"):
         Batching(max_batch=0)
-    with pytest.raises(InvalidInputError, match="model name"):
+    with pytest.raises(InvalidInputError, match="Triton model name"):
         write_repository(bundle.path, tmp_path / "r3", name="bad name/..")
     with pytest.raises(BundleError, match="not a valid Triton model config"):
         parse_config('name: "x"\nmax_batch_size: "many"\n')
@@ -285,6 +285,8 @@ def test_port_in_use_is_a_clear_error_at_start(exported):
         check_ports("127.0.0.1", {"http": 9000, "grpc": 9000})
     with pytest.raises(InvalidInputError, match="1..65535"):
         check_ports("127.0.0.1", {"http": 0})
+    bad_name = run_cli("serve", str(bundle.path), "--model-name", "my model", timeout=120)
+    assert bad_name.returncode == 1 and "Triton model name" in bad_name.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
