@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -188,7 +189,7 @@ def samples_from_files(paths: list, predictor) -> list[Sample]:
     """Each file's bytes, its decoded pixels and the Predictor's integer for it."""
     from edgeclf.images import load_image
 
-    encoded = [open(p, "rb").read() for p in paths]
+    encoded = [Path(p).read_bytes() for p in paths]
     pixels = np.stack([load_image(data, predictor.image_size) for data in encoded])
     labels = [p.label for p in predictor.predict_batch(pixels)]
     return [Sample(e, px, int(label)) for e, px, label in zip(encoded, pixels, labels)]

@@ -13,7 +13,7 @@ into place when complete, so a failure leaves no partial repository.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +112,8 @@ def write_repository(bundle_path: str | Path, out: str | Path, *, name: str = "e
             files, profile_max = _write_version(stage / model / "1", fmt, source, record)
             model_batching = batching
             if profile_max is not None and profile_max < batching.max_batch:
-                model_batching = Batching(profile_max, tuple(p for p in batching.preferred if p <= profile_max),
-                                          batching.queue_delay_us, batching.instances)
+                model_batching = replace(
+                    batching, max_batch=profile_max, preferred=tuple(p for p in batching.preferred if p <= profile_max))
             config = build_config(model, runtime, height, width, len(bundle.labels), model_batching)
             text = config_text(config)
             if parse_config(text) != config:  # the file says exactly what was built

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import sysconfig
 import tempfile
 import threading
@@ -218,7 +217,7 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
         models = _Models(predictor, options.name, f"{local_host}:{options.grpc_port}")
         # Triton logs to a file: read through PyTriton's pipe, its log costs as much CPU as
         # inference when requests fail (each error logs a traceback).
-        log_file = options.log_file or Path(tempfile.mkstemp(prefix="edgeclf-triton-", suffix=".log")[1])
+        log_file = options.log_file or _new_log_file()
         config = pytriton_triton.TritonConfig(
             http_address=options.host, http_port=options.http_port,
             grpc_address=options.host, grpc_port=options.grpc_port,
@@ -238,6 +237,12 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
     finally:
         _restore_signal_handlers(previous)
         predictor.close()
+
+
+def _new_log_file() -> Path:
+    handle, name = tempfile.mkstemp(prefix="edgeclf-triton-", suffix=".log")
+    os.close(handle)  # Triton opens the file itself
+    return Path(name)
 
 
 def _endpoints(options: ServeOptions, predictor) -> dict[str, Any]:
@@ -283,4 +288,3 @@ def print_ready(info: dict[str, Any]) -> None:
     print(f"metrics {info['metrics']}")
     print(f"Triton log: {info['log_file']}")
     print("ready; SIGTERM or Ctrl+C stops after the requests in flight are answered", flush=True)
-    sys.stdout.flush()
