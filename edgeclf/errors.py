@@ -59,6 +59,10 @@ class IncompatibleArtifactError(EdgeclfError, ValueError):
     """An artifact was built for another device, library version or bundle."""
 
 
+class StorageError(EdgeclfError, OSError):
+    """A file could not be written: no space left, a quota, a read-only or forbidden path."""
+
+
 class PortInUseError(EdgeclfError, OSError):
     """A server port is already taken on the address it should listen on."""
 

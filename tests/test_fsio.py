@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from edgeclf.errors import OutputExistsError
-from edgeclf.fsio import atomic_path, atomic_write_json, staged_directory
+from edgeclf.errors import OutputExistsError, StorageError
+from edgeclf.fsio import atomic_path, atomic_write_bytes, atomic_write_json, staged_directory
 
 
 def test_atomic_write_json_and_mode(tmp_path):
@@ -62,3 +66,57 @@ def test_staged_directory_into_empty_existing_directory(tmp_path):
         (stage / "a").write_text("a")
     assert (out / "a").read_text() == "a"
     assert stat.S_IMODE(out.stat().st_mode) & 0o055
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_staged_directory_cleans_up_after_a_killed_run(tmp_path):
+    """``train --overwrite`` killed mid-way left its stage (and, between its two renames,
+    the parked old bundle): the next run removes the one and puts the other back."""
+    dead = _dead_pid()
+    stale = tmp_path / f".bundle.{dead}.abc123.tmp"
+    (stale / "half").mkdir(parents=True)
+    parked = tmp_path / f".other.{dead}.def456.old"
+    parked.mkdir()
+    (parked / "bundle.json").write_text("{}")
+    live = tmp_path / f".bundle.{os.getpid()}.ghi789.tmp"
+    live.mkdir()
+    with staged_directory(tmp_path / "bundle") as stage:
+        (stage / "a").write_text("a")
+    assert not stale.exists() and live.is_dir()
+    assert (tmp_path / "other" / "bundle.json").read_text() == "{}" and not parked.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount permission)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_is_one_storage_error_naming_path_and_space(small_disk):
+    target = small_disk / "model.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(StorageError) as info:
+        atomic_write_bytes(target, b"x" * (1 << 20))
+    message = str(info.value)
+    assert "\n" not in message and str(target) in message and "no space left on the device" in message
+    assert "1.0 MiB needed" in message and "free there" in message
+    assert target.read_bytes() == b"old" and sorted(p.name for p in small_disk.iterdir()) == ["model.bin"]
+    with pytest.raises(StorageError, match="no space left"):
+        with staged_directory(small_disk / "bundle") as stage:
+            (stage / "big").write_bytes(b"x" * (1 << 20))
+    assert sorted(p.name for p in small_disk.iterdir()) == ["model.bin"]
+
+
+def test_a_read_only_file_system_is_a_storage_error(small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(StorageError, match=f"cannot write {small_disk / 'x'}: read-only file system"):
+        atomic_write_bytes(small_disk / "x", b"x")
