@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.bundle import Bundle
+from edgeclf.bundle import Bundle, verify_model_file
 from edgeclf.errors import BundleError
 from edgeclf.fsio import atomic_write_json
 from edgeclf.train.data import LabelMap, load_dataset
@@ -22,15 +22,14 @@ def predict_logits(model, images: np.ndarray, batch_size: int = 64) -> np.ndarra
 
 
 def load_keras_model(bundle: Bundle):
-    """Load the bundle's ``model.keras``, with a typed error if it is missing or corrupt."""
+    """Load the bundle's ``model.keras``, with a typed error if it is missing, altered or corrupt."""
     import keras
 
-    if not bundle.model_path.is_file():
-        raise BundleError(f"bundle {bundle.path} has no {bundle.model_path.name}.")
+    path = verify_model_file(bundle)  # the file training wrote, not a replaced one
     try:
-        return keras.saving.load_model(bundle.model_path, compile=False)
+        return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # zip/h5/deserialisation errors come in many types
-        raise BundleError(f"cannot load {bundle.model_path}: {exc}") from None
+        raise BundleError(f"cannot load {path}: {exc}") from None
 
 
 def evaluate_bundle(
