@@ -20,8 +20,8 @@ import numpy as np
 
 from edgeclf.benchmarks.environment import environment
 from edgeclf.benchmarks.timing import time_interleaved
-from edgeclf.bundle import Bundle
-from edgeclf.errors import InvalidInputError
+from edgeclf.bundle import Bundle, artifact_files
+from edgeclf.errors import BundleError, InvalidInputError
 from edgeclf.images import IMAGE_EXTENSIONS, load_image
 from edgeclf.progress import log
 from edgeclf.runtime import Predictor
@@ -180,10 +180,14 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
         predictor.close()
     _speedups(rows)
     macs = None
-    if (bundle.path / "model.onnx").is_file():
+    onnx_record = bundle.meta.get("artifacts", {}).get("onnx")
+    if onnx_record is not None:
         from edgeclf.benchmarks.macs import count_macs
 
-        macs = count_macs(bundle.path / "model.onnx")
+        try:
+            macs = count_macs(artifact_files(bundle, onnx_record).entry)  # the recorded file, inside the bundle
+        except BundleError as exc:
+            log(f"no MAC count: {exc}")
     return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "environment": environment(), "bundle": str(bundle.path), "macs_per_image": macs,
             "image_size": list(bundle.image_size), "heldout_images": len(heldout),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeclf.bundle import Bundle
+from edgeclf.bundle import update_bundle
 from edgeclf.fsio import atomic_path, atomic_write_bytes, atomic_write_json
 
 
@@ -78,7 +78,6 @@ def write_results(result: dict[str, Any], out_dir: Path, bundle_path: Path | Non
     atomic_write_bytes(paths["markdown"], markdown_table(result).encode("utf-8"))
     save_chart(result, paths["chart"], batch=min(r["batch"] for r in result["rows"]))
     if bundle_path is not None:
-        bundle = Bundle.load(bundle_path)
-        bundle.meta["benchmarks"] = {k: result[k] for k in ("created", "environment", "config", "rows")}
-        bundle.save()
+        with update_bundle(bundle_path) as bundle:  # locked: a concurrent export keeps its records
+            bundle.meta["benchmarks"] = {k: result[k] for k in ("created", "environment", "config", "rows")}
     return paths

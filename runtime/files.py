@@ -28,7 +28,17 @@ def image_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, str
         elif path.exists():
             yield path, None  # any name: a file that is not an image fails at decoding, by name
         else:
-            yield path, "no such file or directory"
+            yield path, _missing_reason(path)
+
+
+def _missing_reason(path: Path) -> str:
+    """Why ``path`` cannot be opened: "no such file or directory", or the real reason
+    (a symlink loop, a permission) that ``Path.exists`` hides."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return "no such file or directory"
 
 
 def predict_paths(predictor, inputs: Iterable[str | os.PathLike], top_k: int = 1) -> Iterator[dict[str, Any]]:

@@ -8,17 +8,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgeclf.errors import BundleError, IncompatibleArtifactError, InvalidInputError
-from edgeclf.bundle import verify_artifact
+from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend
 from edgeclf.runtime.hardware import detect
 from edgeclf.runtime.inputs import is_batch, to_batch
+from edgeclf.runtime.metadata import check_artifact_metadata, check_model_path
 from edgeclf.runtime.selection import Choice, choose
 
 
@@ -89,29 +90,26 @@ class Predictor:
             raise InvalidInputError(f"batch_size must be >= 1. Received: {batch_size}")
         if precision not in (None, "fp32", "fp16", "bf16", "int8"):
             raise InvalidInputError(f"precision must be fp32, fp16, bf16 or int8. Received: {precision!r}")
-        if not path.exists():
-            raise BundleError(f"model not found: expected a bundle directory or an artifact file. Received: {path}")
+        check_model_path(path)
         hardware = detect()
         choice = choose(path, backend, precision, hardware, allow_unvalidated)
-        if verify and choice.record is not None:
-            verify_artifact(choice.path, choice.record)
+        bundle = Bundle.load(path) if choice.record is not None else None
+        weights = None
+        if bundle is not None:
+            # The files bundle.json names, inside the bundle, of the recorded size and sha256.
+            files = artifact_files(bundle, choice.record, verify=verify)
+            choice, weights = replace(choice, path=files.entry), files.weights
         runner = create_backend(choice.backend)
-        runner.load(choice.path, BackendOptions(threads=threads, precision=choice.precision_hint))
-        meta = runner.metadata
-        labels, size = meta.get("labels"), meta.get("input") or {}
-        if not labels or "height" not in size:
-            runner.close()
-            raise BundleError(f"{choice.path.name} carries no edgeclf metadata (labels, input size); "
-                              f"was it exported by edgeclf?")
-        if choice.format is not None:
-            from edgeclf.bundle import Bundle
-
-            expected = Bundle.load(path).labels
-            if list(labels) != expected:
-                runner.close()
+        runner.load(choice.path, BackendOptions(threads=threads, precision=choice.precision_hint, weights=weights))
+        try:
+            labels, size = check_artifact_metadata(runner, choice.path)
+            if bundle is not None and labels != bundle.labels:
                 raise IncompatibleArtifactError(f"{choice.path.name} decodes to labels {labels}, but the bundle's "
-                                                f"labels are {expected}: the artifact belongs to another model")
-        return cls(runner, choice, labels, (int(size["height"]), int(size["width"])), batch_size, choice.reason)
+                                                f"labels are {bundle.labels}: the artifact belongs to another model")
+        except BaseException:
+            runner.close()
+            raise
+        return cls(runner, choice, labels, size, batch_size, choice.reason)
 
     # -- inference -------------------------------------------------------------------------
 

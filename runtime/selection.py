@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeclf.bundle import BUNDLE_FILE, Bundle
+from edgeclf.bundle import BUNDLE_FILE, Bundle, artifact_present
 from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputError
 from edgeclf.runtime.backends import BACKEND_BY_SUFFIX, BACKENDS, missing_modules
 from edgeclf.runtime.hardware import Hardware
@@ -47,7 +47,7 @@ def _installed(backend: str, hardware: Hardware) -> bool:
 
 def _usable(bundle: Bundle, fmt: str, allow_unvalidated: bool) -> dict[str, Any] | None:
     record = bundle.meta.get("artifacts", {}).get(fmt)
-    if record is None or not (bundle.path / record["file"]).is_file():
+    if record is None or not artifact_present(bundle, record):
         return None
     if record.get("status") != "validated" and not allow_unvalidated:
         return None
@@ -55,7 +55,7 @@ def _usable(bundle: Bundle, fmt: str, allow_unvalidated: bool) -> dict[str, Any]
 
 
 def _choice(bundle: Bundle, fmt: str, record: dict, hint: str | None, reason: str) -> Choice:
-    return Choice(_backend_of(fmt), bundle.path / record["file"], fmt, hint, record, reason)
+    return Choice(_backend_of(fmt), bundle.inside(record["file"]), fmt, hint, record, reason)
 
 
 def _from_benchmarks(bundle: Bundle, hardware: Hardware) -> Choice | None:

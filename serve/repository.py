@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgeclf.bundle import Bundle, verify_artifact
+from edgeclf.bundle import Bundle, ArtifactFiles, artifact_files
 from edgeclf.engine_file import read_engine
 from edgeclf.errors import BundleError
 from edgeclf.fsio import atomic_write_bytes, staged_directory
@@ -56,7 +56,7 @@ def _skip_reason(fmt: str, record: dict[str, Any] | None, bundle: Bundle) -> str
     return None
 
 
-def _write_version(version_dir: Path, fmt: str, source: Path, record: dict[str, Any]) -> tuple[list[str], int | None]:
+def _write_version(version_dir: Path, fmt: str, source: ArtifactFiles) -> tuple[list[str], int | None]:
     """Copy one artifact into ``version_dir`` under the file names its Triton backend expects.
 
     Returns the file names and, for an engine, the largest batch of its profile.
@@ -65,12 +65,12 @@ def _write_version(version_dir: Path, fmt: str, source: Path, record: dict[str, 
     names = list(PLATFORMS[ARTIFACT_RUNTIMES[fmt]]["files"])
     if fmt == "tensorrt":
         # Triton loads a bare plan: drop edgeclf's self-describing header.
-        header, plan = read_engine(source)
+        header, plan = read_engine(source.entry)
         atomic_write_bytes(version_dir / names[0], plan)
         return names, int(header["profile"]["max"][0])
-    shutil.copyfile(source, version_dir / names[0])
+    shutil.copyfile(source.entry, version_dir / names[0])
     if fmt == "openvino":
-        shutil.copyfile(source.with_name(record["weights_file"]), version_dir / names[1])
+        shutil.copyfile(source.weights, version_dir / names[1])
     return names, None
 
 
@@ -106,10 +106,10 @@ def write_repository(bundle_path: str | Path, out: str | Path, *, name: str = "e
             if reason:
                 report.skipped[fmt] = reason
                 continue
-            source = bundle.path / record["file"]
-            verify_artifact(source, record)
+            # Inside the bundle, of the recorded size and sha256: never a file from elsewhere.
+            source = artifact_files(bundle, record)
             model = _model_name(name, runtime)
-            files, profile_max = _write_version(stage / model / "1", fmt, source, record)
+            files, profile_max = _write_version(stage / model / "1", fmt, source)
             model_batching = batching
             if profile_max is not None and profile_max < batching.max_batch:
                 model_batching = replace(

@@ -17,6 +17,9 @@ class BackendOptions:
     precision: str | None = None
     #: onnxruntime execution providers, in order; None: the best installed (TensorRT, CUDA, CPU).
     providers: tuple[str, ...] | None = None
+    #: OpenVINO: the IR's weights file, when it is not the .bin beside the .xml (a bundle
+    #: names it in bundle.json, checked to lie inside the bundle).
+    weights: Path | None = None
 
 
 class Backend(Protocol):

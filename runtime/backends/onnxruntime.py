@@ -22,6 +22,7 @@ class OnnxRuntimeBackend:
         self.session = None
         self.metadata: dict[str, Any] = {}
         self.max_batch: int | None = None
+        self.graph: dict[str, Any] = {}  # input shape, output names, classes: checked against metadata
         self._options = BackendOptions()
 
     def load(self, path: Path, options: BackendOptions) -> None:
@@ -40,6 +41,10 @@ class OnnxRuntimeBackend:
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/...
             raise BundleError(f"onnxruntime cannot load {path}: {exc}") from None
         self.metadata = read_onnx_metadata(self.session.get_modelmeta())
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        logits = outputs.get("logits") or [None]
+        self.graph = {"input_shape": self.session.get_inputs()[0].shape, "outputs": sorted(outputs),
+                      "classes": logits[-1]}
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         # InferenceSession.run is thread-safe; only the logits are fetched (decoding is numpy's).

@@ -22,6 +22,7 @@ class OpenVINOBackend:
         self.compiled = None
         self.metadata: dict[str, Any] = {}
         self.max_batch: int | None = None
+        self.graph: dict[str, Any] = {}  # input shape, output names, classes: checked against metadata
         self._local = threading.local()
         self._config: dict[str, Any] = {}
 
@@ -33,10 +34,17 @@ class OpenVINOBackend:
                                     f"Received: {options.precision!r}")
         core = ov.Core()
         try:
-            model = core.read_model(str(path))
+            model = core.read_model(str(path), str(options.weights)) if options.weights else \
+                core.read_model(str(path))
         except Exception as exc:
             raise BundleError(f"OpenVINO cannot read {path}: {exc}") from None
         self.metadata = read_openvino_metadata(model)
+        names = sorted(name for out in model.outputs for name in out.get_names())
+        logits = next((out.get_partial_shape() for out in model.outputs if "logits" in out.get_names()), None)
+        shape = model.inputs[0].get_partial_shape()
+        self.graph = {"input_shape": [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static
+                      else None, "outputs": names,
+                      "classes": logits[-1].get_length() if logits is not None and logits[-1].is_static else None}
         # INT8 IRs carry their precision in the graph; the hint sets what the rest runs in.
         # f32 by default: on AMX CPUs OpenVINO would otherwise pick BF16 unasked.
         self._config = {"INFERENCE_PRECISION_HINT": _HINTS[options.precision], "PERFORMANCE_HINT": "LATENCY"}

@@ -21,6 +21,7 @@ class TFLiteBackend:
         self.runner = None
         self.metadata: dict[str, Any] = {}
         self.max_batch: int | None = None
+        self.graph: dict[str, Any] = {}  # input shape, output names, classes: checked against metadata
         self._lock = threading.Lock()
         self._threads: int | None = None
 
@@ -33,9 +34,16 @@ class TFLiteBackend:
             self.metadata = read_tflite_metadata(path)
             interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self.runner = interpreter.get_signature_runner("serving_default")
+            inputs, outputs = self.runner.get_input_details(), self.runner.get_output_details()
+        except BundleError:
+            raise
         except Exception as exc:
             raise BundleError(f"LiteRT cannot load {path}: {exc}") from None
         self._threads = threads
+        pixels = inputs.get("pixels", {}).get("shape")
+        logits = outputs.get("logits", {}).get("shape")
+        self.graph = {"input_shape": [int(d) for d in pixels] if pixels is not None else None,
+                      "outputs": sorted(outputs), "classes": int(logits[-1]) if logits is not None else None}
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         # An interpreter is not thread-safe: calls take turns.
