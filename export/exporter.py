@@ -1,15 +1,21 @@
 """``export_bundle``: build each requested artifact, validate it against Keras, record it.
 
-Every artifact is written atomically into the bundle directory; its entry in
-``bundle.json`` (file, sha256, size, precision, validation figures, tool versions,
-build time) is saved as soon as it is done, so an interrupted export keeps what it
-finished. An artifact that fails validation is renamed ``*.unvalidated.<ext>`` (kept for
-inspection, never picked up as the artifact) and all failures are raised together.
+Each artifact is built and validated in a private staging directory inside the bundle,
+then its files and its entry in ``bundle.json`` (file, sha256, size, precision,
+validation figures, tool versions, build time) are put in force together by
+:func:`edgeclf.bundle.commit_artifact`, under the bundle's lock: concurrent exports keep
+each other's records, an interrupted export keeps what it finished, and a re-export
+killed at any point leaves either the old artifact and record or the new ones.
+
+A validated artifact is only ever replaced by a validated one. An artifact that fails
+validation is kept as ``*.unvalidated.<ext>`` for inspection (never picked up as the
+artifact) and all failures are raised together.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import importlib
 import os
 import time
@@ -23,10 +29,10 @@ from edgeclf.export.formats import ExportFormat, parse_formats
 from edgeclf.export.tensorrt_engine import EngineOptions
 from edgeclf.export.validate import RUNNERS, TOLERANCES, Tolerance, compare, format_check, skip_reason
 
-from edgeclf.bundle import Bundle
+from edgeclf.bundle import Bundle, commit_artifact, recover_bundle
 from edgeclf.engine_file import read_engine_header
-from edgeclf.errors import BackendUnavailableError, DataError, InvalidInputError, ValidationError
-from edgeclf.fsio import sha256_file
+from edgeclf.errors import BackendUnavailableError, ConversionError, DataError, InvalidInputError, ValidationError
+from edgeclf.fsio import sha256_file, staging_directory, storage_error, storage_errors
 from edgeclf.progress import log
 from edgeclf.versions import installed_versions
 
@@ -114,12 +120,24 @@ def _artifact_files(fmt: ExportFormat, entry: Path) -> list[Path]:
     return ir_files(entry) if fmt.runtime == "openvino" else [entry]
 
 
-def _mark_unvalidated(fmt: ExportFormat, entry: Path) -> Path:
-    """Rename an artifact (all its files) to ``*.unvalidated.*``; returns the new entry file."""
-    renamed = entry.with_name(f"{entry.stem}.unvalidated{entry.suffix}")
-    for old, new in zip(_artifact_files(fmt, entry), _artifact_files(fmt, renamed)):
-        os.replace(old, new)
-    return renamed
+def _unvalidated_name(fmt: ExportFormat) -> str:
+    """``model.int8.onnx`` -> ``model.int8.unvalidated.onnx``: kept for inspection, never run as the artifact."""
+    entry = Path(fmt.filename)
+    return f"{entry.stem}.unvalidated{entry.suffix}"
+
+
+def _build(builder: Callable, out: Path, source: Path | None, needed: int) -> None:
+    """Run one builder; running out of space (whatever library hit it) is one StorageError."""
+    try:
+        with storage_errors(out, needed):
+            builder(out, source)
+    except ConversionError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and storage_error(cause, out, needed) is not cause:
+            raise storage_error(cause, out, needed) from None
+        if "No space left on device" in str(exc):
+            raise storage_error(OSError(errno.ENOSPC, "No space left on device"), out, needed) from None
+        raise
 
 
 def _calibration_images(calibration, count: int) -> np.ndarray:
@@ -167,63 +185,118 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     builders = _builders(model, bundle, options, calib_images)
 
     tools = installed_versions(TOOL_PACKAGES)  # the same for every artifact of this run
+    for done in recover_bundle(bundle.path):  # what a killed export left behind
+        log(f"recovered an interrupted export: {done}")
+    needed = bundle.model_path.stat().st_size  # about what one FP32 artifact takes
     records, failures = [], []
     built: dict[str, Path] = {}  # format -> its file, for the formats converted from it
-    for fmt in wanted:
-        out = bundle.path / fmt.filename
-        log(f"exporting {fmt.name} -> {out.name}")
-        started = time.perf_counter()
-        builders[fmt.name](out, built.get(fmt.source) if fmt.source else None)
-        built[fmt.name] = out
-        files = _artifact_files(fmt, out)
-        record = {
-            "file": fmt.filename, "format": fmt.name, "precision": fmt.precision,
-            "size_bytes": sum(f.stat().st_size for f in files), "sha256": sha256_file(out),
-            "build_seconds": round(time.perf_counter() - started, 2),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "opset": options.opset, "tools": tools,
-        }
-        if len(files) > 1:
-            record["weights_file"] = files[1].name
-            record["weights_sha256"] = sha256_file(files[1])
-        if fmt.name == "openvino":
-            record["run_time_precisions"] = ["fp32", "bf16 (INFERENCE_PRECISION_HINT=bf16 on AMX CPUs)"]
-        if fmt.name == "onnx-int8":
-            record["calibration"] = {"images": len(calib_images), "method": options.calibration_method,
-                                     "reduce_range": options.int8_reduce_range}
-        if fmt.name == "tflite-int8":
-            record["calibration"] = {"images": len(calib_images), "method": "minmax (TFLite converter)"}
-        if fmt.name == "tensorrt":
-            header = read_engine_header(out)
-            record["tensorrt"] = header["tensorrt"]
-            record["target"] = header["target"]
-            record["profile"] = header["profile"]
-            record["source_sha256"] = header["onnx_sha256"]
-        skipped = skip_reason(fmt.runtime) if options.validate else "validation switched off (--no-validate)"
-        if skipped is None:
-            logits, label_out = RUNNERS[fmt.runtime](out, heldout.images)
-            tolerance = (options.tolerances or TOLERANCES).get(fmt.precision, TOLERANCES[fmt.precision])
-            report = compare(fmt.precision, logits, label_out, reference, heldout.values, bundle.labels,
-                             tolerance)
-            for check in report["checks"]:
-                log(format_check(fmt.name, check))
-            record["validation"] = report
-            record["status"] = "validated" if report["passed"] else "failed-validation"
-            if not report["passed"]:
-                kept = _mark_unvalidated(fmt, out)
-                record["file"] = kept.name
-                if len(files) > 1:
-                    record["weights_file"] = _artifact_files(fmt, kept)[1].name
-                built[fmt.name] = kept  # formats made from it are validated on their own
-                failed = [c["check"] for c in report["checks"] if not c["passed"]]
+    with staging_directory(bundle.path, "export") as stage:
+        run = _Run(bundle, stage, builders, heldout, reference, options, tools, needed,
+                   len(calib_images) if calib_images is not None else 0)
+        for fmt in wanted:
+            record, kept = _export_one(run, fmt, built)
+            built[fmt.name] = kept
+            records.append(record)
+            if record["status"] == "failed-validation":
+                failed = [c["check"] for c in record["validation"]["checks"] if not c["passed"]]
                 failures.append(f"{fmt.name}: {', '.join(failed)} (kept as {kept.name})")
-        else:
-            log(f"  {fmt.name:<13} not validated: {skipped}")
-            record["validation"] = {"skipped": skipped}
-            record["status"] = "unvalidated"
-        bundle.meta.setdefault("artifacts", {})[fmt.name] = record
-        bundle.save()
-        records.append(record)
     if failures:
         raise ValidationError("artifacts failed validation against the Keras model: " + "; ".join(failures))
     return records
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every artifact of one export run shares."""
+
+    bundle: Bundle
+    stage: Path  # the private staging directory inside the bundle
+    builders: dict[str, Callable]
+    heldout: Any  # the labelled images validation runs on
+    reference: np.ndarray | None  # Keras logits on them
+    options: ExportOptions
+    tools: dict[str, str]
+    needed: int  # bytes one artifact may take (for out-of-space messages)
+    calibration_count: int
+
+
+def _export_one(run: _Run, fmt: ExportFormat, built: dict[str, Path]) -> tuple[dict[str, Any], Path]:
+    """Build, validate and commit one artifact; returns its record and where its entry file now is."""
+    out = run.stage / fmt.filename
+    log(f"exporting {fmt.name} -> {fmt.filename}")
+    started = time.perf_counter()
+    _build(run.builders[fmt.name], out, built.get(fmt.source) if fmt.source else None, run.needed)
+    record = _new_record(run, fmt, out, time.perf_counter() - started)
+    _validate(run, fmt, out, record)
+    return _put_in_force(run, fmt, out, record)
+
+
+def _new_record(run: _Run, fmt: ExportFormat, out: Path, seconds: float) -> dict[str, Any]:
+    """The bundle.json entry of a freshly built artifact (before validation)."""
+    options, files = run.options, _artifact_files(fmt, out)
+    record = {
+        "file": fmt.filename, "format": fmt.name, "precision": fmt.precision,
+        "size_bytes": sum(f.stat().st_size for f in files), "sha256": sha256_file(out),
+        "build_seconds": round(seconds, 2),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "opset": options.opset, "tools": run.tools,
+    }
+    if len(files) > 1:
+        record["weights_file"] = files[1].name
+        record["weights_sha256"] = sha256_file(files[1])
+        record["weights_size_bytes"] = files[1].stat().st_size
+    if fmt.name == "openvino":
+        record["run_time_precisions"] = ["fp32", "bf16 (INFERENCE_PRECISION_HINT=bf16 on AMX CPUs)"]
+    if fmt.name == "onnx-int8":
+        record["calibration"] = {"images": run.calibration_count, "method": options.calibration_method,
+                                 "reduce_range": options.int8_reduce_range}
+    if fmt.name == "tflite-int8":
+        record["calibration"] = {"images": run.calibration_count, "method": "minmax (TFLite converter)"}
+    if fmt.name == "tensorrt":
+        header = read_engine_header(out)
+        record["tensorrt"] = header["tensorrt"]
+        record["target"] = header["target"]
+        record["profile"] = header["profile"]
+        record["source_sha256"] = header["onnx_sha256"]
+    return record
+
+
+def _validate(run: _Run, fmt: ExportFormat, out: Path, record: dict[str, Any]) -> None:
+    """Validate the built artifact against Keras; sets the record's ``validation`` and ``status``."""
+    skipped = skip_reason(fmt.runtime) if run.options.validate else "validation switched off (--no-validate)"
+    if skipped is not None:
+        log(f"  {fmt.name:<13} not validated: {skipped}")
+        record["validation"] = {"skipped": skipped}
+        record["status"] = "unvalidated"
+        return
+    logits, label_out = RUNNERS[fmt.runtime](out, run.heldout.images)
+    tolerance = (run.options.tolerances or TOLERANCES).get(fmt.precision, TOLERANCES[fmt.precision])
+    report = compare(fmt.precision, logits, label_out, run.reference, run.heldout.values, run.bundle.labels,
+                     tolerance)
+    for check in report["checks"]:
+        log(format_check(fmt.name, check))
+    record["validation"] = report
+    record["status"] = "validated" if report["passed"] else "failed-validation"
+
+
+def _put_in_force(run: _Run, fmt: ExportFormat, out: Path, record: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Move the staged artifact into the bundle with its record, or beside it when it must not
+    replace the artifact in force. Returns the record and the artifact's entry file."""
+    bundle_path, files = run.bundle.path, _artifact_files(fmt, out)
+    unvalidated = [f.name for f in _artifact_files(fmt, out.with_name(_unvalidated_name(fmt)))]
+    previous = (Bundle.load(bundle_path).meta.get("artifacts") or {}).get(fmt.name) or {}
+    if previous.get("status") == "validated" and record["status"] != "validated":
+        # Never trade a validated artifact for one that is not: the old one stays in force.
+        for src, name in zip(files, unvalidated):
+            with storage_errors(bundle_path / name):
+                os.replace(src, bundle_path / name)
+        log(f"  {fmt.name:<13} the earlier validated {previous['file']} stays in use; this build is kept as "
+            f"{unvalidated[0]}")
+        return {**record, "file": unvalidated[0]}, bundle_path / unvalidated[0]
+    names = unvalidated if record["status"] == "failed-validation" else [f.name for f in files]
+    record["file"] = names[0]
+    if len(names) > 1:
+        record["weights_file"] = names[1]
+    shas = [record["sha256"]] + ([record["weights_sha256"]] if len(files) > 1 else [])
+    commit_artifact(bundle_path, fmt.name, record, list(zip(files, names, shas)))
+    return record, bundle_path / names[0]

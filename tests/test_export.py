@@ -144,9 +144,14 @@ def test_metadata_round_trip(exported):
 
 
 def test_validation_failure_keeps_an_unvalidated_file(exported, tmp_path):
+    """A failed build is kept as *.unvalidated.*; it never replaces a validated artifact."""
     bundle, _ = exported
     path = tmp_path / "bundle"
     shutil.copytree(bundle.path, path)
+    meta = json.loads((path / "bundle.json").read_text())
+    for fmt in ("onnx-int8", "openvino-int8"):  # these two have no earlier artifact; onnx has a validated one
+        del meta["artifacts"][fmt]
+    (path / "bundle.json").write_text(json.dumps(meta))
     impossible = Tolerance(rtol=0.0, atol=0.0, min_agreement=1.01, max_accuracy_drop=-1.0)
     tolerances = {"fp32": impossible, "int8": impossible}
     with pytest.raises(ValidationError, match=r"onnx: max \|logit diff\|, top-1 agreement, accuracy drop "
@@ -155,9 +160,11 @@ def test_validation_failure_keeps_an_unvalidated_file(exported, tmp_path):
         export_bundle(path, "onnx,openvino-int8", ExportOptions(calibration_images=100, tolerances=tolerances))
     for name in ("model", "model.int8"):
         assert (path / f"{name}.unvalidated.onnx").is_file()
-        assert not (path / f"{name}.onnx").exists()
     artifacts = Bundle.load(path).meta["artifacts"]
-    for fmt, name in (("onnx", "model.unvalidated.onnx"), ("onnx-int8", "model.int8.unvalidated.onnx"),
+    # The validated ONNX model and its record are still in force, untouched.
+    assert artifacts["onnx"] == meta["artifacts"]["onnx"]
+    assert sha256_file(path / "model.onnx") == artifacts["onnx"]["sha256"]
+    for fmt, name in (("onnx-int8", "model.int8.unvalidated.onnx"),
                       ("openvino-int8", "model.int8.openvino.unvalidated.xml")):
         assert artifacts[fmt]["status"] == "failed-validation" and artifacts[fmt]["file"] == name
     # An IR's weights are renamed with it, so OpenVINO still finds them.
