@@ -245,7 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, name=args.model_name, backend=args.backend,
                            precision=args.precision, threads=args.threads, batching=_batching(args),
-                           image_instances=args.image_instances)
+                           image_instances=args.image_instances, max_request_mb=args.max_request_mb)
     serve(args.bundle, options, on_ready=print_ready)
     print("[edgeclf] server stopped", file=sys.stderr)
     return 0
@@ -445,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(p)
     p.add_argument("--image-instances", type=int, default=4,
                    help="encoded-image requests decoded at once (default 4)")
+    p.add_argument("--max-request-mb", type=float, default=64.0,
+                   help="larger requests (body, or declared tensor size) are refused before they are read "
+                        "(default 64)")
     _add_batching_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -492,7 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except EdgeclfError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever a library put in the message it carries.
+        print("error: " + " / ".join(line.strip() for line in str(exc).splitlines() if line.strip()),
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -58,11 +58,41 @@ def _read_header(handle, path: Path) -> dict[str, Any]:
     try:
         header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: the engine header is not valid JSON ({exc})") from exc
+        raise BundleError(f"{path}: the engine header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: the engine header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise BundleError(f"{path}: engine header format {found!r} is not supported; expected {FORMAT!r}")
+    _check_header(header, path)
     return header
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: (key path, check, what it must be): what readers of a header rely on.
+_HEADER_FIELDS = (
+    ("tensorrt.flavour", lambda v: isinstance(v, str), "a string"),
+    ("tensorrt.version", lambda v: isinstance(v, str), "a string"),
+    ("target.compute_capabilities", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+     "a list of strings such as ['8.6']"),
+    ("profile.max", lambda v: isinstance(v, list) and bool(v) and _is_int(v[0]) and v[0] > 0,
+     "a list beginning with a positive batch size"),
+    ("plan_bytes", lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    ("plan_sha256", lambda v: isinstance(v, str), "a string"),
+)
+
+
+def _check_header(header: dict[str, Any], path: Path) -> None:
+    for dotted, ok, expected in _HEADER_FIELDS:
+        value: Any = header
+        for key in dotted.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is None or not ok(value):
+            raise BundleError(f"{path}: engine header field {dotted!r} must be {expected}. "
+                              f"Received: {str(value)[:80]}")
 
 
 def read_engine_header(path: str | Path) -> dict[str, Any]:
