@@ -13,6 +13,10 @@ that call fails all of them. A file that does not decode is a fault of one reque
 ``NAME_image`` runs each request on its own (several at once, one per instance) and
 only the decoded pixels meet other clients' requests in ``NAME``'s batcher.
 
+Triton itself listens on private loopback ports; the public HTTP and gRPC ports belong
+to :mod:`edgeclf.serve.guard`, which refuses what Triton 2.51 cannot hold (a declared
+shape of 10**12 images aborts it) and turns Triton's error answers into one line.
+
 Bound to 127.0.0.1 unless told otherwise; SIGTERM or SIGINT stops the server after the
 requests in flight are answered.
 """
@@ -32,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeclf.errors import BackendUnavailableError, InvalidInputError, PortInUseError, ServerError
+from edgeclf.serve.guard import HttpGuard, Limits, grpc_guard
 from edgeclf.serve.triton_config import Batching, check_model_name
 
 # On shutdown Triton waits this long for the requests in flight, then as long again for
@@ -55,6 +60,7 @@ class ServeOptions:
     threads: int | None = None
     batching: Batching = field(default_factory=Batching)
     image_instances: int = 4  # requests of NAME_image decoded at the same time
+    max_request_mb: float = 64.0  # larger requests are refused before they are read
     log_file: Path | None = None  # Triton's own log (default: a new file in the temp directory)
 
     def ports(self) -> dict[str, int]:
@@ -205,22 +211,24 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
     check_model_name(options.name)
     if options.image_instances < 1:
         raise InvalidInputError(f"image instances must be >= 1. Received: {options.image_instances}")
+    if not options.max_request_mb > 0:
+        raise InvalidInputError(f"--max-request-mb must be > 0. Received: {options.max_request_mb}")
     check_ports(options.host, options.ports())
     mc, pytriton_triton = _pytriton()
     predictor = Predictor.load(bundle, options.backend, precision=options.precision,
                                batch_size=options.batching.max_batch, threads=options.threads)
     stop = stop or threading.Event()
     previous = None
+    guards: list[Any] = []
     try:
         use_own_libpython()
-        local_host = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
-        models = _Models(predictor, options.name, f"{local_host}:{options.grpc_port}")
+        private_http, private_grpc = free_loopback_ports(2)
+        models = _Models(predictor, options.name, f"127.0.0.1:{private_grpc}")
         # Triton logs to a file: read through PyTriton's pipe, its log costs as much CPU as
         # inference when requests fail (each error logs a traceback).
         log_file = options.log_file or _new_log_file()
         config = pytriton_triton.TritonConfig(
-            http_address=options.host, http_port=options.http_port,
-            grpc_address=options.host, grpc_port=options.grpc_port,
+            http_address="127.0.0.1", http_port=private_http, grpc_address="127.0.0.1", grpc_port=private_grpc,
             metrics_address=options.host, metrics_port=options.metrics_port,
             exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=0, log_file=log_file)
         previous = _install_signal_handlers(stop)
@@ -228,15 +236,51 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
             height, width = predictor.image_size
             _bind(triton, mc, models, options, height, width, len(predictor.labels))
             triton.connect()  # returns once both models are loaded and ready
+            guards = _start_guards(options, private_http, private_grpc)
             if on_ready:
                 on_ready({**_endpoints(options, predictor), "log_file": str(log_file)})
             while not stop.wait(0.5):
                 if not triton.is_alive():
                     raise ServerError(f"the Triton server stopped unexpectedly; its log: {log_file}")
+            _stop_guards(guards)  # no new requests; those in flight are answered
             # Leaving the block stops Triton, which answers the requests in flight first.
     finally:
+        _stop_guards(guards)
         _restore_signal_handlers(previous)
         predictor.close()
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """``count`` ports free on 127.0.0.1 now (for Triton's private endpoints)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _start_guards(options: ServeOptions, private_http: int, private_grpc: int) -> list[Any]:
+    """The public HTTP and gRPC endpoints, each checking requests before Triton sees them."""
+    limits = Limits(max_batch=options.batching.max_batch, max_request_bytes=int(options.max_request_mb * 2**20))
+    http_guard = HttpGuard((options.host, options.http_port), ("127.0.0.1", private_http), limits)
+    threading.Thread(target=http_guard.serve_forever, name="edgeclf-http-guard", daemon=True).start()
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    grpc = grpc_guard(f"{host}:{options.grpc_port}", f"127.0.0.1:{private_grpc}", limits)
+    return [http_guard, grpc]
+
+
+def _stop_guards(guards: list[Any]) -> None:
+    while guards:
+        guard = guards.pop()
+        if isinstance(guard, HttpGuard):
+            guard.shutdown()
+            guard.server_close()
+        else:
+            guard.stop(grace=EXIT_TIMEOUT_S).wait()
+            guard.edgeclf_channel.close()
 
 
 def _new_log_file() -> Path:

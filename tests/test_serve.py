@@ -167,7 +167,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgeclf", "serve", str(bundle), "--backend", "onnx",
              "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
-             "--max-batch", "16", "--image-instances", "3"],
+             "--max-batch", "16", "--image-instances", "3", "--max-request-mb", "2"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -266,6 +266,115 @@ def test_bounded_load_run_with_malformed_requests_interleaved(server, samples):
     assert report.wrong == [] and report.unexpected_errors == [] and report.malformed_answered == []
     assert summary["answered"] == 16 * 40 and summary["malformed_rejected"] == 16 * 10
     assert summary["throughput_rps"] > 0 and summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"]
+
+
+def _post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    import http.client
+    import json
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.http, timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+def _json_request(name: str, datatype: str, shape: list, data) -> bytes:
+    import json
+
+    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}).encode()
+
+
+def _assert_one_line(message: str) -> None:
+    assert "\n" not in message and "Traceback" not in message and 'File "' not in message, message
+
+
+@pytest.mark.parametrize("case, status, fragment", [
+    ("a declared shape of 10**12 images", 400, "exceeds the server's max batch 16"),
+    ("a declared size over the byte limit", 413, "over the server's request limit"),
+    ("a pixel of 256", 400, "UINT8 values must be integers in 0..255"),
+    ("a negative pixel", 400, "UINT8 values must be integers in 0..255"),
+    ("fewer values than the shape", 400, "needs 16875 values"),
+    ("JSON nested 100000 deep", 400, "nested too deeply"),
+    ("an undecodable image file", 400, "ImageDecodeError: not a readable image"),
+    ("unloading the model", 403, "not allowed through edgeclf serve"),
+])
+def test_http_requests_the_server_cannot_hold_are_refused_and_it_goes_on(server, samples, case, status, fragment):
+    pixels = samples[0].pixels
+    requests = {
+        "a declared shape of 10**12 images": ("/v2/models/edgeclf/infer", _json_request(
+            "pixels", "UINT8", [10**12, 75, 75, 3], [0] * 10)),
+        "a declared size over the byte limit": ("/v2/models/edgeclf/infer", _json_request(
+            "pixels", "UINT8", [16, 750, 750, 3], [0] * 10)),
+        "a pixel of 256": ("/v2/models/edgeclf/infer", _json_request(
+            "pixels", "UINT8", [1, 75, 75, 3], [256] + pixels.reshape(-1).tolist()[1:])),
+        "a negative pixel": ("/v2/models/edgeclf/infer", _json_request(
+            "pixels", "UINT8", [1, 75, 75, 3], [-1] + pixels.reshape(-1).tolist()[1:])),
+        "fewer values than the shape": ("/v2/models/edgeclf/infer", _json_request(
+            "pixels", "UINT8", [1, 75, 75, 3], [1, 2, 3])),
+        "JSON nested 100000 deep": ("/v2/models/edgeclf/infer", b"[" * 100000 + b"]" * 100000),
+        "an undecodable image file": ("/v2/models/edgeclf_image/infer", _json_request(
+            "image", "BYTES", [1, 1], ["this is not an image"])),
+        "unloading the model": ("/v2/repository/models/edgeclf/unload", b"{}"),
+    }
+    path, body = requests[case]
+    got, answer = _post(server, path, body)
+    assert got == status and fragment in answer["error"], answer
+    _assert_one_line(answer["error"])
+    # The server is still up and answers the next well-formed request correctly.
+    good = _infer(tritonclient_http, f"127.0.0.1:{server.http}", "edgeclf", "pixels", pixels[None], "UINT8")
+    assert good["label"].tolist() == [[samples[0].expected]]
+
+
+def test_a_content_length_over_the_limit_is_refused_unread(server):
+    with socket.create_connection(("127.0.0.1", server.http), timeout=30) as conn:
+        conn.sendall(b"POST /v2/models/edgeclf/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
+        head = conn.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413") and "exceeds the server's limit" in head
+
+
+def test_grpc_requests_the_server_cannot_hold_are_refused_and_it_goes_on(server, samples):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc}",
+                                    options=[("grpc.max_send_message_length", -1)])
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+    def request(shape, raw=None, uint=None, model="edgeclf", name="pixels", datatype="UINT8"):
+        message = service_pb2.ModelInferRequest(model_name=model)
+        tensor = message.inputs.add(name=name, datatype=datatype, shape=shape)
+        if uint is not None:
+            tensor.contents.uint_contents.extend(uint)
+        if raw is not None:
+            message.raw_input_contents.append(raw)
+        return message
+
+    pixels = samples[0].pixels.reshape(-1).tolist()
+    cases = [
+        (request([10**12, 75, 75, 3], raw=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "max batch 16"),
+        (request([1, 75, 75, 3], uint=[300] + pixels[1:]), grpc.StatusCode.INVALID_ARGUMENT, "0..255"),
+        (request([16, 75, 75, 3], raw=b"\0" * (3 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        (request([1, 1], model="edgeclf_image", name="image", datatype="BYTES",
+                 raw=len(b"junk").to_bytes(4, "little") + b"junk"),
+         grpc.StatusCode.INVALID_ARGUMENT, "ImageDecodeError: not a readable image"),
+    ]
+    try:
+        for message, code, fragment in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(message, timeout=60)
+            assert info.value.code() == code and fragment in info.value.details(), info.value.details()
+            _assert_one_line(info.value.details())
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="edgeclf"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        answer = stub.ModelInfer(request([1, 75, 75, 3], uint=pixels), timeout=60)
+        label = np.frombuffer(answer.raw_output_contents[[o.name for o in answer.outputs].index("label")], np.int64)
+        assert label.tolist() == [samples[0].expected]
+    finally:
+        channel.close()
 
 
 def test_port_in_use_is_a_clear_error_at_start(exported):
