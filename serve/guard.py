@@ -26,6 +26,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -190,8 +191,11 @@ class HttpGuard(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # many clients connect at once (socketserver's default is 5)
 
     def __init__(self, address: tuple[str, int], upstream: tuple[str, int], limits: Limits) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _HttpHandler)
         self.upstream = upstream
         self.limits = limits
@@ -279,7 +283,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
                     return
         status = response.status
         out_headers = {k: response.getheader(k) for k in self._RETURNED if response.getheader(k) is not None}
-        if status >= 400 and "json" in (response.getheader("Content-Type") or "json"):
+        if status >= 400:  # Triton sends its errors as JSON or, from a model, as text/plain JSON
             try:
                 message = json.loads(data).get("error", "")
             except (ValueError, AttributeError):
@@ -346,7 +350,10 @@ def grpc_guard(address: str, upstream: str, limits: Limits, workers: int = 32):
                 except Exception:  # noqa: BLE001 - a message that does not parse
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a ModelInferRequest")
             try:
-                return call(raw, timeout=context.time_remaining())
+                # Without a client deadline grpcio reports ~9.2e18 s remaining, which as a
+                # timeout overflows to an immediate DEADLINE_EXCEEDED: pass no deadline on.
+                remaining = context.time_remaining()
+                return call(raw, timeout=remaining if remaining < 1e9 else None)
             except grpc.RpcError as error:
                 relay_error(error, context)
         return grpc.unary_unary_rpc_method_handler(handler)
@@ -386,7 +393,9 @@ def grpc_guard(address: str, upstream: str, limits: Limits, workers: int = 32):
     server = grpc.server(ThreadPoolExecutor(max_workers=workers), handlers=[Generic()],
                          options=[("grpc.max_receive_message_length", limits.max_request_bytes),
                                   ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
-    server.add_insecure_port(address)
+    if server.add_insecure_port(address) == 0:  # older grpcio reports a failed bind this way
+        channel.close()
+        raise RuntimeError(f"Failed to bind to address {address}")
     server.start()
     server.edgeclf_channel = channel  # closed with the server
     return server

@@ -236,7 +236,7 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
             height, width = predictor.image_size
             _bind(triton, mc, models, options, height, width, len(predictor.labels))
             triton.connect()  # returns once both models are loaded and ready
-            guards = _start_guards(options, private_http, private_grpc)
+            _start_guards(options, private_http, private_grpc, guards)
             if on_ready:
                 on_ready({**_endpoints(options, predictor), "log_file": str(log_file)})
             while not stop.wait(0.5):
@@ -262,14 +262,23 @@ def free_loopback_ports(count: int) -> list[int]:
             s.close()
 
 
-def _start_guards(options: ServeOptions, private_http: int, private_grpc: int) -> list[Any]:
-    """The public HTTP and gRPC endpoints, each checking requests before Triton sees them."""
+def _start_guards(options: ServeOptions, private_http: int, private_grpc: int, guards: list[Any]) -> None:
+    """Start the public HTTP and gRPC endpoints, each checking requests before Triton sees them,
+    appending each to ``guards`` as it starts (so a failure still stops the ones started)."""
     limits = Limits(max_batch=options.batching.max_batch, max_request_bytes=int(options.max_request_mb * 2**20))
-    http_guard = HttpGuard((options.host, options.http_port), ("127.0.0.1", private_http), limits)
+    try:
+        http_guard = HttpGuard((options.host, options.http_port), ("127.0.0.1", private_http), limits)
+    except OSError as exc:  # taken since check_ports looked
+        raise PortInUseError(f"HTTP port {options.http_port} on {options.host} is not available "
+                             f"({exc.strerror}); choose another with --http-port") from None
+    guards.append(http_guard)
     threading.Thread(target=http_guard.serve_forever, name="edgeclf-http-guard", daemon=True).start()
     host = f"[{options.host}]" if ":" in options.host else options.host
-    grpc = grpc_guard(f"{host}:{options.grpc_port}", f"127.0.0.1:{private_grpc}", limits)
-    return [http_guard, grpc]
+    try:
+        guards.append(grpc_guard(f"{host}:{options.grpc_port}", f"127.0.0.1:{private_grpc}", limits))
+    except RuntimeError as exc:  # grpcio: "Failed to bind to address"
+        raise PortInUseError(f"gRPC port {options.grpc_port} on {options.host} is not available ({exc}); "
+                             f"choose another with --grpc-port") from None
 
 
 def _stop_guards(guards: list[Any]) -> None:

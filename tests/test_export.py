@@ -202,8 +202,11 @@ def test_calibration_images_none_or_few(exported, tmp_path):
     with pytest.raises(InvalidInputError, match="calibration image count must be >= 1"):
         export_bundle(path, "onnx-int8", ExportOptions(calibration_images=0))
     with pytest.warns(UserWarning, match="calibrating INT8 on only 20 images"):
-        export_bundle(path, "onnx-int8", ExportOptions(calibration_images=20, validate=False))
-    assert Bundle.load(path).meta["artifacts"]["onnx-int8"]["status"] == "unvalidated"
+        records = export_bundle(path, "onnx-int8", ExportOptions(calibration_images=20, validate=False))
+    # Not validated, so it does not replace the validated INT8 model: it is kept beside it.
+    assert (records[-1]["status"], records[-1]["file"]) == ("unvalidated", "model.int8.unvalidated.onnx")
+    assert (path / "model.int8.unvalidated.onnx").is_file()
+    assert Bundle.load(path).meta["artifacts"]["onnx-int8"] == bundle.meta["artifacts"]["onnx-int8"]
 
 
 def test_bundle_trained_on_arrays_needs_data(exported, tmp_path):

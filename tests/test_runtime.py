@@ -262,8 +262,17 @@ def test_bad_models_get_typed_errors(exported, tmp_path):
     bundle, _ = exported
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy)
+    size = (copy / "model.int8.onnx").stat().st_size
     with open(copy / "model.int8.onnx", "ab") as fh:
         fh.write(b"\0")
+    with pytest.raises(BundleError, match=rf"model.int8.onnx is {size + 1} bytes, bundle.json records {size}"):
+        Predictor.load(copy, "onnx-int8")
+    with open(copy / "model.int8.onnx", "r+b") as fh:  # the same size, one byte altered
+        fh.truncate(size)
+        fh.seek(size // 2)
+        byte = fh.read(1)
+        fh.seek(size // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(BundleError, match=r"model.int8.onnx differs from the file export validated"):
         Predictor.load(copy, "onnx-int8")
     (copy / "model.int8.onnx").unlink()

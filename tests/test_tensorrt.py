@@ -70,7 +70,9 @@ def test_bad_build_input(exported, tmp_path):
 def test_header_round_trip_and_damage(tmp_path):
     path = tmp_path / "m.engine"
     written = write_engine(path, {"labels": [3, 4], "tensorrt": {"flavour": "tensorrt-rtx", "version": "1.0"},
-                                  "target": {"compute_capabilities": ["8.6"]}}, b"PLAN" * 1000)
+                                  "target": {"compute_capabilities": ["8.6"]},
+                                  "profile": {"min": [1, 75, 75, 3], "opt": [8, 75, 75, 3], "max": [32, 75, 75, 3]}},
+                           b"PLAN" * 1000)
     assert path.read_bytes().startswith(MAGIC)
     header, plan = read_engine(path)
     assert header == written == read_engine_header(path) and header["format"] == FORMAT and plan == b"PLAN" * 1000
