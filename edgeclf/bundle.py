@@ -268,7 +268,10 @@ def pending_path(final: Path, sha256: str) -> Path:
 
 
 def _record_parts(bundle: Bundle, record: dict[str, Any]) -> list[tuple[Path, str, int | None]]:
-    """(final path, sha256, size) of each file of an artifact record; paths checked to stay inside."""
+    """(final path, sha256, size) of each file of an artifact record; paths checked to stay inside.
+
+    The size is None for the two files of an IR recorded before ``weights_size_bytes`` was
+    (only their total is known)."""
     weights_size = record.get("weights_size_bytes")
     entry_size = record["size_bytes"] - weights_size if weights_size is not None else None
     parts = [(bundle.inside(record["file"], "file"), record["sha256"],
@@ -278,15 +281,15 @@ def _record_parts(bundle: Bundle, record: dict[str, Any]) -> list[tuple[Path, st
     return parts
 
 
-def _matches(path: Path, sha256: str, size: int | None) -> str | None:
+def _matches(path: Path, sha256: str, size: int | None, total: int) -> str | None:
     """Why ``path`` is not the recorded file, or None. The size is compared before hashing:
     a file of the wrong size (a 1 TB sparse file) is refused without being read."""
     if not path.is_file():
         return f"{path} is missing (or not a regular file); bundle.json records it as an artifact"
     actual_size = path.stat().st_size
-    if size is not None and actual_size != size:
-        return (f"{path.name} is {actual_size} bytes, bundle.json records {size}: it was truncated or altered; "
-                f"export again")
+    if (size is not None and actual_size != size) or actual_size > total:
+        return (f"{path.name} is {actual_size} bytes, bundle.json records {size if size is not None else total}"
+                f"{'' if size is not None else ' for the whole artifact'}: it was truncated or altered; export again")
     actual = sha256_file(path)
     if actual != sha256:
         return (f"{path.name} differs from the file export validated (sha256 {actual[:12]}..., bundle.json says "
@@ -310,8 +313,8 @@ def artifact_files(bundle: Bundle, record: dict[str, Any], verify: bool = True) 
         if not verify:
             chosen.append(pending if not final.is_file() and pending.is_file() else final)
             continue
-        problem = _matches(final, sha256, size)
-        if problem is not None and pending.is_file() and _matches(pending, sha256, size) is None:
+        problem = _matches(final, sha256, size, record["size_bytes"])
+        if problem is not None and pending.is_file() and _matches(pending, sha256, size, record["size_bytes"]) is None:
             problem, final = None, pending
         if problem is not None:
             raise BundleError(problem)
