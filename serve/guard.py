@@ -203,6 +203,7 @@ class HttpGuard(ThreadingHTTPServer):
 
 class _HttpHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Triton's own endpoint
+    timeout = 120  # seconds a connection may sit idle or half-sent before it is closed
     server: HttpGuard
     _FORWARDED = ("Content-Type", "Inference-Header-Content-Length", "Accept", "Accept-Encoding")
     _RETURNED = ("Content-Type", "Inference-Header-Content-Length", "Content-Encoding")
