@@ -6,6 +6,7 @@ import platform
 import sys
 from typing import Any
 
+from edgeclf.runtime.fingerprint import fingerprint
 from edgeclf.runtime.hardware import detect
 from edgeclf.versions import installed_versions
 
@@ -19,4 +20,5 @@ def environment() -> dict[str, Any]:
         "cpu": hw.cpu_model, "cpu_vendor": hw.cpu_vendor, "cpu_flags": sorted(hw.cpu_flags), "cores": hw.cores,
         "gpu_compute_capability": hw.gpu_compute_capability, "platform": platform.platform(),
         "python": sys.version.split()[0], "versions": installed_versions(PACKAGES),
+        "machine": fingerprint(hw),  # the key auto matches stored rows against
     }

@@ -70,8 +70,18 @@ def save_chart(result: dict[str, Any], path: Path, batch: int = 1) -> None:
     plt.close(fig)
 
 
+def store_run(meta: dict[str, Any], run: dict[str, Any]) -> None:
+    """Keep ``run`` in bundle.json under its machine's key, beside other machines' latest runs."""
+    key = run["environment"]["machine"]["key"]
+    benchmarks = meta.get("benchmarks") or {}
+    machines = benchmarks.get("machines") or {}  # a bundle from before machine keys keeps none
+    machines[key] = run
+    meta["benchmarks"] = {"latest": key, "machines": machines}
+
+
 def write_results(result: dict[str, Any], out_dir: Path, bundle_path: Path | None = None) -> dict[str, Path]:
-    """bench.json, bench.md and bench.png in ``out_dir``; the rows also go into bundle.json."""
+    """bench.json, bench.md and bench.png in ``out_dir``; the rows also go into bundle.json, under
+    this machine's key (see :mod:`edgeclf.runtime.fingerprint`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "chart": out_dir / "bench.png"}
     atomic_write_json(paths["json"], result)
@@ -79,5 +89,5 @@ def write_results(result: dict[str, Any], out_dir: Path, bundle_path: Path | Non
     save_chart(result, paths["chart"], batch=min(r["batch"] for r in result["rows"]))
     if bundle_path is not None:
         with update_bundle(bundle_path) as bundle:  # locked: a concurrent export keeps its records
-            bundle.meta["benchmarks"] = {k: result[k] for k in ("created", "environment", "config", "rows")}
+            store_run(bundle.meta, {k: result[k] for k in ("created", "environment", "config", "rows")})
     return paths

@@ -202,20 +202,32 @@ def check_schema(meta: dict[str, Any], meta_path: Path) -> None:
     benchmarks = meta.get("benchmarks")
     if benchmarks is not None:
         _expect(isinstance(benchmarks, dict), meta_path, "benchmarks", "an object", benchmarks)
-        rows = benchmarks.get("rows", [])
-        _expect(isinstance(rows, list), meta_path, "benchmarks.rows", "a list", rows)
-        for i, row in enumerate(rows):
-            where = f"benchmarks.rows[{i}]"
-            _expect(isinstance(row, dict), meta_path, where, "an object", row)
-            for key, ok, expected in (("artifact", lambda v: v is None or isinstance(v, str), "a string or null"),
-                                      ("batch", _is_int, "an integer"),
-                                      ("p50_ms", lambda v: v is None or _is_number(v), "a number or null"),
-                                      ("agreement", lambda v: v is None or _is_number(v), "a number or null"),
-                                      ("status", lambda v: isinstance(v, str), "a string"),
-                                      ("precision_hint", lambda v: v is None or isinstance(v, str),
-                                       "a string or null")):
-                if key in row:
-                    _expect(ok(row[key]), meta_path, f"{where}.{key}", expected, row[key])
+        runs = {"benchmarks": benchmarks}  # a bundle from before machine keys: one run, no key
+        machines = benchmarks.get("machines", {})
+        _expect(isinstance(machines, dict), meta_path, "benchmarks.machines", "an object of machine -> run",
+                machines)
+        for key, run in machines.items():
+            _expect(isinstance(run, dict), meta_path, f"benchmarks.machines.{key}", "an object", run)
+            runs[f"benchmarks.machines.{key}"] = run
+        for where, run in runs.items():
+            _check_rows(run.get("rows", []), meta_path, f"{where}.rows")
+
+
+def _check_rows(rows: Any, meta_path: Path, where_rows: str) -> None:
+    """The benchmark row fields ``auto`` reads."""
+    _expect(isinstance(rows, list), meta_path, where_rows, "a list", rows)
+    fields = (("artifact", lambda v: v is None or isinstance(v, str), "a string or null"),
+              ("batch", _is_int, "an integer"),
+              ("p50_ms", lambda v: v is None or _is_number(v), "a number or null"),
+              ("agreement", lambda v: v is None or _is_number(v), "a number or null"),
+              ("status", lambda v: isinstance(v, str), "a string"),
+              ("precision_hint", lambda v: v is None or isinstance(v, str), "a string or null"))
+    for i, row in enumerate(rows):
+        where = f"{where_rows}[{i}]"
+        _expect(isinstance(row, dict), meta_path, where, "an object", row)
+        for key, ok, expected in fields:
+            if key in row:
+                _expect(ok(row[key]), meta_path, f"{where}.{key}", expected, row[key])
 
 
 @contextlib.contextmanager

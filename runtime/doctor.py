@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgeclf.runtime.backends import BACKENDS, missing_modules
+from edgeclf.runtime.fingerprint import machine_key
 from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.versions import installed_versions
 
@@ -59,12 +60,14 @@ def doctor() -> dict[str, Any]:
         "vnni": "yes" if hw.vnni else "no (INT8 runs, but without single-instruction INT8 dot products)",
     }
     return {"hardware": {"cpu": hw.cpu_model, "vendor": hw.cpu_vendor, "cores": hw.cores,
-                         "flags": sorted(hw.cpu_flags)}, "accelerators": accelerators, "backends": rows}
+                         "flags": sorted(hw.cpu_flags), "machine_key": machine_key(hw)},
+            "accelerators": accelerators, "backends": rows}
 
 
 def format_report(report: dict[str, Any]) -> str:
     hw = report["hardware"]
     lines = [f"CPU: {hw['cpu']} ({hw['vendor']}, {hw['cores']} cores; {', '.join(hw['flags']) or 'no notable flags'})"]
+    lines.append(f"machine key: {hw['machine_key']} (auto trusts benchmark rows stored under it)")
     lines += [f"{name}: {value}" for name, value in report["accelerators"].items()]
     lines.append("")
     for row in report["backends"]:

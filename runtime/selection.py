@@ -2,7 +2,8 @@
 
 ``backend`` may be "auto", a backend name ("openvino") or an artifact format
 ("onnx-int8"). "auto" takes the fastest validated artifact from benchmark results stored
-in the bundle by ``edgeclf bench``; without them, a fixed order for the hardware found:
+in the bundle by ``edgeclf bench`` on a machine like this one (same CPU model and ISA
+flags, same GPU); without them, a fixed order for the hardware found:
 TensorRT on an NVIDIA GPU, OpenVINO BF16 on Intel CPUs with AMX, OpenVINO INT8 on Intel
 CPUs with VNNI, ONNX Runtime FP32 otherwise.
 """
@@ -16,6 +17,7 @@ from typing import Any
 from edgeclf.bundle import BUNDLE_FILE, Bundle, artifact_present
 from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputError
 from edgeclf.runtime.backends import BACKEND_BY_SUFFIX, BACKENDS, missing_modules
+from edgeclf.runtime.fingerprint import describe_machine, machine_key
 from edgeclf.runtime.hardware import Hardware
 
 #: Top-1 agreement with Keras an artifact needs to be picked by "auto" from benchmarks.
@@ -59,7 +61,8 @@ def _choice(bundle: Bundle, fmt: str, record: dict, hint: str | None, reason: st
 
 
 def _from_benchmarks(bundle: Bundle, hardware: Hardware) -> Choice | None:
-    rows = (bundle.meta.get("benchmarks") or {}).get("rows", [])
+    run = ((bundle.meta.get("benchmarks") or {}).get("machines") or {}).get(machine_key(hardware))
+    rows = (run or {}).get("rows", [])
     ranked = sorted(
         (r for r in rows if r.get("status") == "ok" and r.get("batch") == 1 and r.get("artifact")
          and (r.get("agreement") or 0) >= AUTO_MIN_AGREEMENT),
@@ -69,9 +72,21 @@ def _from_benchmarks(bundle: Bundle, hardware: Hardware) -> Choice | None:
         record = _usable(bundle, row["artifact"], allow_unvalidated=False)
         if record is not None and _installed(_backend_of(row["artifact"]), hardware):
             return _choice(bundle, row["artifact"], record, row.get("precision_hint"),
-                           f"fastest validated artifact at batch 1 in this bundle's benchmarks "
-                           f"({row['p50_ms']:.2f} ms p50, agreement {row['agreement']:.3f})")
+                           f"fastest validated artifact at batch 1 in this bundle's benchmarks on this "
+                           f"machine ({row['p50_ms']:.2f} ms p50, agreement {row['agreement']:.3f})")
     return None
+
+
+def _no_benchmarks_here(bundle: Bundle) -> str:
+    """Why the hardware rules decide: no benchmarks at all, or only other machines'."""
+    benchmarks = bundle.meta.get("benchmarks") or {}
+    others = [describe_machine(run.get("environment", {}).get("machine", {}))
+              for run in (benchmarks.get("machines") or {}).values()]
+    if others:
+        return f"the bundle's benchmarks come from other machines ({'; '.join(others)}), not this one"
+    if benchmarks.get("rows"):
+        return "the bundle's benchmarks do not say which machine ran them"
+    return "no benchmark results in the bundle"
 
 
 def _by_hardware(bundle: Bundle, hardware: Hardware) -> Choice | None:
@@ -88,7 +103,7 @@ def _by_hardware(bundle: Bundle, hardware: Hardware) -> Choice | None:
     for fmt, hint, why in order:
         record = _usable(bundle, fmt, allow_unvalidated=False)
         if record is not None and _installed(_backend_of(fmt), hardware):
-            return _choice(bundle, fmt, record, hint, f"{why}; no benchmark results in the bundle")
+            return _choice(bundle, fmt, record, hint, f"{why}; {_no_benchmarks_here(bundle)}")
     return None
 
 

@@ -76,6 +76,7 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
     from edgeclf.bundle import Bundle
     from edgeclf.runtime.selection import choose
     from edgeclf.runtime.hardware import detect
+    from edgeclf.runtime.fingerprint import machine_key
 
     config = BenchConfig(artifacts=("onnx", "onnx-int8", "openvino-int8"), batches=(1, 4), duration_s=0.5,
                          warmup_s=0.2, min_runs=3)
@@ -101,7 +102,9 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
     page = render(saved, "make benchmarks")
     assert "GMAC per image" in page and "| onnx-int8 |" in page and "Reproduce: `make benchmarks`" in page
     # backend="auto" now picks from these results.
-    assert Bundle.load(bench_bundle).meta["benchmarks"]["rows"] == result["rows"]
+    stored = Bundle.load(bench_bundle).meta["benchmarks"]
+    assert stored["latest"] == machine_key() and stored["machines"][machine_key()]["rows"] == result["rows"]
+    assert saved["environment"]["machine"]["cpu_flags"] == sorted(detect().cpu_flags)
     assert "benchmarks" in choose(bench_bundle, "auto", None, detect()).reason
 
 

@@ -63,6 +63,8 @@ MALFORMED = {
     "rows not a list": (lambda m: m.update(benchmarks={"rows": "fast"}), "benchmarks.rows"),
     "row p50 a string": (lambda m: m.update(benchmarks={"rows": [{"p50_ms": "1", "batch": 1}]}),
                          "benchmarks.rows[0].p50_ms"),
+    "a machine's rows not a list": (lambda m: m.update(benchmarks={"machines": {"ab12": {"rows": {}}}}),
+                                    "benchmarks.machines.ab12.rows"),
     "model sha not hex": (lambda m: m["model"].update(sha256=None), "model.sha256"),
     "tensorrt not an object": (lambda m: m["artifacts"]["onnx"].update(tensorrt="rtx"), "artifacts.onnx.tensorrt"),
 }
@@ -210,3 +212,19 @@ def test_recovery_removes_what_dead_writers_left_and_spares_live_ones(bundle_dir
     assert not stale_dir.exists() and not stale_file.exists() and not orphan.exists()
     assert live.is_dir()
     Bundle.load(bundle_dir)
+
+
+def test_benchmark_runs_of_several_machines_coexist(bundle_dir):
+    from edgeclf.benchmarks.report import store_run
+
+    def run(key: str, p50: float) -> dict:
+        return {"created": "now", "config": {}, "environment": {"machine": {"key": key}},
+                "rows": [{"artifact": "onnx", "batch": 1, "p50_ms": p50, "agreement": 1.0, "status": "ok"}]}
+
+    for key, p50 in (("amx", 1.0), ("avx2", 9.0), ("amx", 2.0)):
+        with update_bundle(bundle_dir) as bundle:
+            store_run(bundle.meta, run(key, p50))
+    benchmarks = Bundle.load(bundle_dir).meta["benchmarks"]
+    assert benchmarks["latest"] == "amx" and sorted(benchmarks["machines"]) == ["amx", "avx2"]
+    assert benchmarks["machines"]["amx"]["rows"][0]["p50_ms"] == 2.0  # a machine's newest run replaces its older one
+    assert benchmarks["machines"]["avx2"]["rows"][0]["p50_ms"] == 9.0

@@ -16,6 +16,7 @@ from PIL import Image
 
 from edgeclf.errors import BundleError, EdgeclfError, ImageDecodeError, InvalidInputError
 from edgeclf.runtime import Predictor
+from edgeclf.runtime.fingerprint import fingerprint, machine_key
 from edgeclf.runtime.hardware import Hardware
 from edgeclf.runtime.selection import choose
 from tests.conftest import NONCONTIGUOUS, run_cli
@@ -108,17 +109,30 @@ def test_auto_choice_from_hardware_and_from_benchmarks(exported, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy)
     meta = json.loads((copy / "bundle.json").read_text())
-    meta["benchmarks"] = {"rows": [
+    rows = [
         {"artifact": "onnx", "batch": 1, "p50_ms": 9.0, "agreement": 1.0, "status": "ok"},
         {"artifact": "tflite-int8", "batch": 1, "p50_ms": 1.0, "agreement": 0.9, "status": "ok"},  # too inexact
         {"artifact": "openvino", "batch": 1, "p50_ms": 4.0, "agreement": 1.0, "status": "ok"},
         {"artifact": "openvino", "batch": 8, "p50_ms": 0.5, "agreement": 1.0, "status": "ok"},  # not batch 1
-    ]}
+    ]
+    # Rows that do not say which machine measured them are not trusted.
+    meta["benchmarks"] = {"rows": rows}
     (copy / "bundle.json").write_text(json.dumps(meta))
     picked = choose(copy, "auto", None, plain)
-    assert picked.format == "openvino" and "benchmarks" in picked.reason
+    assert picked.format == "onnx" and "do not say which machine" in picked.reason
+    # Rows of another machine (the AMX box) are not trusted on this one, but are on that one.
+    meta["benchmarks"] = {"machines": {machine_key(amx): {"environment": {"machine": fingerprint(amx)},
+                                                          "rows": rows}}}
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    picked = choose(copy, "auto", None, plain)
+    assert picked.format == "onnx" and "other machines (test (amx_bf16,amx_int8,avx512f))" in picked.reason
+    picked = choose(copy, "auto", None, amx)
+    assert picked.format == "openvino" and picked.precision_hint is None and "on this machine" in picked.reason
+    # This machine's own rows decide for the Predictor here.
+    meta["benchmarks"]["machines"][machine_key()] = {"environment": {"machine": fingerprint()}, "rows": rows}
+    (copy / "bundle.json").write_text(json.dumps(meta))
     with Predictor.load(copy) as predictor:
-        assert predictor.describe()["backend"] == "openvino"
+        assert predictor.describe()["backend"] == "openvino" and "benchmarks" in predictor.describe()["reason"]
 
 
 def test_lone_artifacts_describe_themselves(exported, reference, tmp_path):
@@ -351,7 +365,9 @@ def test_cli_predict_reports_failures_and_goes_on(exported, test_files, tmp_path
 def test_doctor_says_what_is_usable_and_why_not():
     out = run_cli("doctor", "--json")
     assert out.returncode == 0, out.stderr
-    rows = {r["backend"]: r for r in json.loads(out.stdout)["backends"]}
+    report = json.loads(out.stdout)
+    assert report["hardware"]["machine_key"] == machine_key()  # what bench stores its rows under
+    rows = {r["backend"]: r for r in report["backends"]}
     assert rows["onnxruntime"]["usable"] and "CPUExecutionProvider" in rows["onnxruntime"]["why"]
     assert rows["openvino"]["usable"] and rows["tflite"]["usable"]
     from edgeclf.gpu import local_compute_capability
