@@ -359,7 +359,7 @@ def verify_model_file(bundle: Bundle) -> Path:
 
 
 def commit_artifact(bundle_path: str | Path, fmt: str, record: dict[str, Any],
-                    staged: list[tuple[Path, str, str]]) -> None:
+                    staged: list[tuple[Path, str, str]]) -> dict[str, Any] | None:
     """Put an artifact's new files and its record in force together.
 
     ``staged`` lists (built file, final name, sha256). Under the bundle's lock: each file
@@ -368,10 +368,17 @@ def commit_artifact(bundle_path: str | Path, fmt: str, record: dict[str, Any],
     the save, the old record and files stay in force (the pending files are removed by
     the next :func:`recover_bundle`); killed after it, readers find the new files under
     their pending names until the next writer finishes the renames.
+
+    A validated artifact is only replaced by a validated one, decided under the same lock:
+    returns None when ``record`` was committed, or the validated record kept in force
+    instead (the built files are then left where they are).
     """
     bundle_path = Path(bundle_path)
     with bundle_lock(bundle_path):
         bundle = Bundle.load(bundle_path)
+        previous = bundle.meta.get("artifacts", {}).get(fmt) or {}
+        if previous.get("status") == "validated" and record.get("status") != "validated":
+            return previous
         moves = []
         for built, name, sha256 in staged:
             final = bundle.inside(name)
@@ -384,6 +391,7 @@ def commit_artifact(bundle_path: str | Path, fmt: str, record: dict[str, Any],
         for pending, final in moves:
             with storage_errors(final):
                 os.replace(pending, final)
+    return None
 
 
 def recover_bundle(bundle_path: str | Path) -> list[str]:

@@ -122,7 +122,6 @@ def _size(n: int | None) -> str:
         if n < 1024 or unit == "TiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
 
 
 @contextlib.contextmanager

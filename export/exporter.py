@@ -15,7 +15,6 @@ artifact) and all failures are raised together.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import importlib
 import os
 import time
@@ -132,12 +131,12 @@ def _build(builder: Callable, out: Path, source: Path | None, needed: int) -> No
         with storage_errors(out, needed):
             builder(out, source)
     except ConversionError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, OSError) and storage_error(cause, out, needed) is not cause:
-            raise storage_error(cause, out, needed) from None
-        if "No space left on device" in str(exc):
-            raise storage_error(OSError(errno.ENOSPC, "No space left on device"), out, needed) from None
-        raise
+        # The converter's message may carry the OSError (or only its text) that stopped it.
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(None, str(exc))
+        converted = storage_error(cause, out, needed)
+        if converted is cause:
+            raise
+        raise converted from None
 
 
 def _calibration_images(calibration, count: int) -> np.ndarray:
@@ -284,19 +283,20 @@ def _put_in_force(run: _Run, fmt: ExportFormat, out: Path, record: dict[str, Any
     replace the artifact in force. Returns the record and the artifact's entry file."""
     bundle_path, files = run.bundle.path, _artifact_files(fmt, out)
     unvalidated = [f.name for f in _artifact_files(fmt, out.with_name(_unvalidated_name(fmt)))]
-    previous = (Bundle.load(bundle_path).meta.get("artifacts") or {}).get(fmt.name) or {}
-    if previous.get("status") == "validated" and record["status"] != "validated":
-        # Never trade a validated artifact for one that is not: the old one stays in force.
-        for src, name in zip(files, unvalidated):
-            with storage_errors(bundle_path / name):
-                os.replace(src, bundle_path / name)
-        log(f"  {fmt.name:<13} the earlier validated {previous['file']} stays in use; this build is kept as "
-            f"{unvalidated[0]}")
-        return {**record, "file": unvalidated[0]}, bundle_path / unvalidated[0]
     names = unvalidated if record["status"] == "failed-validation" else [f.name for f in files]
     record["file"] = names[0]
     if len(names) > 1:
         record["weights_file"] = names[1]
     shas = [record["sha256"]] + ([record["weights_sha256"]] if len(files) > 1 else [])
-    commit_artifact(bundle_path, fmt.name, record, list(zip(files, names, shas)))
-    return record, bundle_path / names[0]
+    kept = commit_artifact(bundle_path, fmt.name, record, list(zip(files, names, shas)))
+    if kept is None:
+        return record, bundle_path / names[0]
+    # A validated artifact is in force and this build is not validated: keep it beside, unused.
+    for src, name in zip(files, unvalidated):
+        with storage_errors(bundle_path / name):
+            os.replace(src, bundle_path / name)
+    log(f"  {fmt.name:<13} the earlier validated {kept['file']} stays in use; this build is kept as {unvalidated[0]}")
+    record["file"] = unvalidated[0]
+    if len(unvalidated) > 1:
+        record["weights_file"] = unvalidated[1]
+    return record, bundle_path / unvalidated[0]

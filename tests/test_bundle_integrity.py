@@ -228,3 +228,15 @@ def test_benchmark_runs_of_several_machines_coexist(bundle_dir):
     assert benchmarks["latest"] == "amx" and sorted(benchmarks["machines"]) == ["amx", "avx2"]
     assert benchmarks["machines"]["amx"]["rows"][0]["p50_ms"] == 2.0  # a machine's newest run replaces its older one
     assert benchmarks["machines"]["avx2"]["rows"][0]["p50_ms"] == 9.0
+
+
+def test_commit_never_trades_a_validated_artifact_for_one_that_is_not(bundle_dir):
+    before = (bundle_dir / "model.onnx").read_bytes()
+    record_before = Bundle.load(bundle_dir).meta["artifacts"]["onnx"]
+    staged = bundle_dir.parent / "built.onnx"
+    staged.write_bytes(b"failed build")
+    record = {"file": "model.onnx", "sha256": _sha(b"failed build"), "size_bytes": 12, "status": "failed-validation"}
+    kept = commit_artifact(bundle_dir, "onnx", record, [(staged, "model.onnx", record["sha256"])])
+    assert kept == record_before and staged.read_bytes() == b"failed build"  # left for the caller to keep aside
+    assert Bundle.load(bundle_dir).meta["artifacts"]["onnx"] == record_before
+    assert (bundle_dir / "model.onnx").read_bytes() == before

@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import NONCONTIGUOUS, run_cli
 from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError, PortInUseError
 from edgeclf.serve.repository import write_repository
+from edgeclf.serve.server import free_loopback_ports
 from edgeclf.serve.triton_config import Batching, build_config, config_text, parse_config
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
@@ -148,21 +149,11 @@ def test_export_cli_writes_a_repository(exported, tmp_path):
 
 # -- a real Triton server ---------------------------------------------------------------
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class Server:
     """``edgeclf serve`` in a subprocess, its output collected by a thread."""
 
     def __init__(self, bundle: Path, tmp: Path) -> None:
-        self.http, self.grpc, self.metrics = _free_ports(3)
+        self.http, self.grpc, self.metrics = free_loopback_ports(3)
         self.log = tmp / "serve.out"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgeclf", "serve", str(bundle), "--backend", "onnx",
