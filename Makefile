@@ -2,7 +2,8 @@
 #   make demo   the main job end to end on the bundled real dataset (digits):
 #               write it as PNGs, train, evaluate, export (ONNX FP32/FP16/INT8, TensorRT
 #               FP16 engine, OpenVINO FP32/INT8, TFLite FP32/FP16/INT8) and validate every
-#               artifact against Keras, predict a few test images with the runtime, and
+#               artifact against Keras, verify them with the runtime's own backends,
+#               predict a few test images with the runtime, and
 #               benchmark every backend (latency, throughput, accuracy) in one table
 #   make test   the test suite
 # Both create .venv and install what they need on first use.
@@ -39,6 +40,8 @@ demo: install
 	    --image-size $(IMAGE_SIZE) --weights $(WEIGHTS) $(DEMO_TRAIN_ARGS)
 	$(EDGECLF) evaluate $(DEMO_DIR)/bundle $(DEMO_DIR)/data/test --report $(DEMO_DIR)/report
 	$(EDGECLF) export $(DEMO_DIR)/bundle --format all
+	@# Every artifact checked again as the device would: runtime backends on the stored verification set.
+	$(EDGECLF) verify $(DEMO_DIR)/bundle
 	@# A few held-out test images (about one per class), run by the device runtime (no TensorFlow).
 	$(EDGECLF) predict $(DEMO_DIR)/bundle $$(find $(DEMO_DIR)/data/test -name '*.png' | sort | awk 'NR % 36 == 1')
 	@# Every backend side by side with the Keras baselines; the table ends the job.

@@ -1,11 +1,13 @@
 """``edgeclf bench``: every backend side by side, with accuracy, in one run.
 
 For each batch size, every contestant is timed *interleaved* (one call each, in turn):
-each artifact's raw backend call and its whole ``Predictor`` call, and the Keras
-baselines (``model.predict`` per call, as the seed article predicts, and the model
-under ``tf.function``). Interleaving keeps the ratios honest on a noisy machine.
-Accuracy and top-1 agreement with Keras come from the held-out real images. A
-contestant that fails is recorded as a failed row; the others carry on.
+each artifact's raw backend call and its whole ``Predictor`` call, and, where TensorFlow
+is installed, the Keras baselines (``model.predict`` per call, as the seed article
+predicts, and the model under ``tf.function``). Interleaving keeps the ratios honest on a
+noisy machine. Accuracy and top-1 agreement with Keras come from the bundle's
+verification set (held-out real images with the Keras logits), so bench runs on a
+device without TensorFlow. A contestant that fails is recorded as a failed row; the
+others carry on.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import numpy as np
 from edgeclf.benchmarks.environment import environment
 from edgeclf.benchmarks.timing import time_interleaved
 from edgeclf.bundle import Bundle, artifact_files
-from edgeclf.errors import BundleError, InvalidInputError
+from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputError
 from edgeclf.images import IMAGE_EXTENSIONS, load_image
 from edgeclf.progress import log
 from edgeclf.runtime import Predictor
 from edgeclf.runtime.backends import BACKENDS, missing_modules
 from edgeclf.runtime.hardware import detect
+from edgeclf.runtime.verifier import passed_here
+from edgeclf.verification import VerificationSet, load_verification_set
 
 PREDICT = "keras model.predict"
 TF_FUNCTION = "keras tf.function"
@@ -41,7 +45,8 @@ class BenchConfig:
     warmup_s: float = 2.0
     min_runs: int = 5
     threads: int | None = None
-    baselines: bool = True
+    #: Time the Keras model too; None: where TensorFlow is installed.
+    baselines: bool | None = None
     #: Add OpenVINO BF16 (the FP32 IR with a BF16 hint); None: only on CPUs with AMX.
     bf16: bool | None = None
 
@@ -74,12 +79,17 @@ def contestants(bundle: Bundle, config: BenchConfig) -> list[tuple[str, str, str
         names = list(config.artifacts)
     else:
         names = [f for info in BACKENDS.values() if not missing_modules(info) for f in info.formats
-                 if artifacts.get(f, {}).get("status") == "validated"
-                 and (not info.needs_gpu or detect().gpu_compute_capability)]
+                 if _trusted(bundle, f) and (not info.needs_gpu or detect().gpu_compute_capability)]
     rows = [(name, name, None) for name in names]
     if "openvino" in names and (config.bf16 if config.bf16 is not None else detect().amx):
         rows.append(("openvino-bf16", "openvino", "bf16"))
     return rows
+
+
+def _trusted(bundle: Bundle, fmt: str) -> bool:
+    """Validated by export, or by ``edgeclf verify`` on this kind of machine."""
+    status = bundle.meta.get("artifacts", {}).get(fmt, {}).get("status")
+    return status == "validated" or (status == "unvalidated" and passed_here(bundle, fmt, detect()))
 
 
 def sample_image_file(bundle: Bundle) -> Path | None:
@@ -92,18 +102,21 @@ def sample_image_file(bundle: Bundle) -> Path | None:
 
 def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dict[str, Any]:
     """Benchmark the bundle's artifacts; returns {"environment", "config", "rows", "created"}."""
-    from edgeclf.export.reference import reference_sets
-    from edgeclf.train.evaluate import load_keras_model, predict_logits
-
     config = config or BenchConfig()
     bundle = Bundle.load(bundle_path)
     entries = contestants(bundle, config)
-    _, heldout = reference_sets(bundle)
+    baselines_wanted = _tensorflow_here() if config.baselines is None else config.baselines
+    if baselines_wanted and not _tensorflow_here():
+        raise BackendUnavailableError("the Keras baselines need TensorFlow, which is not installed here: "
+                                      "pip install 'edgeclf[train]', or bench without them (--no-baselines)")
+    heldout = _reference(bundle)
+    env = environment()
+    machine = env["machine"]["key"]  # every row says which machine measured it
     table = np.asarray(bundle.labels)
-    model = load_keras_model(bundle)
-    keras_labels = table[predict_logits(model, heldout.images).argmax(axis=1)]
+    keras_labels = table[heldout.logits.argmax(axis=1)]
     accuracy_keras = float(np.mean(keras_labels == heldout.values))
-    log(f"{len(heldout)} held-out images; Keras accuracy {accuracy_keras:.4f}")
+    log(f"{len(heldout)} verification images; Keras accuracy {accuracy_keras:.4f}"
+        + ("" if baselines_wanted else " (from the stored reference: no TensorFlow baselines)"))
 
     predictors: dict[str, Predictor] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -130,8 +143,12 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
         }
 
     baselines: dict[str, Any] = {}
-    if config.baselines:
+    if baselines_wanted:
         import tensorflow as tf
+
+        from edgeclf.train.evaluate import load_keras_model
+
+        model = load_keras_model(bundle)
 
         serve = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         baselines = {PREDICT: lambda x: model.predict(x, verbose=0),
@@ -160,7 +177,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
         timings = time_interleaved(fns, config.warmup_s, config.duration_s, config.min_runs, errors=errors,
                                    group=lambda key: key.split("|")[0])
         for name in [*predictors, *baselines, *(["decode"] if sample is not None else [])]:
-            row: dict[str, Any] = {"name": name, "batch": batch_size,
+            row: dict[str, Any] = {"name": name, "batch": batch_size, "machine": machine,
                                    **info.get(name, {"backend": "Pillow", "artifact": None})}
             error = errors.get(f"{name}|raw") or errors.get(f"{name}|predictor")
             if error:
@@ -174,7 +191,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
                            overhead_pct=100.0 * (pstats["p50_ms"] - stats["p50_ms"]) / stats["p50_ms"])
             rows.append(row)
         for name, error in failed.items():
-            rows.append({"name": name, "batch": batch_size, "status": "failed", "error": error,
+            rows.append({"name": name, "batch": batch_size, "machine": machine, "status": "failed", "error": error,
                          "artifact": dict((n, a) for n, a, _ in entries)[name]})
     for predictor in predictors.values():
         predictor.close()
@@ -186,13 +203,34 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
 
         try:
             macs = count_macs(artifact_files(bundle, onnx_record).entry)  # the recorded file, inside the bundle
-        except BundleError as exc:
-            log(f"no MAC count: {exc}")
+        except (BundleError, ImportError) as exc:  # the onnx package is not part of a device install
+            log(f"no MAC count ({exc}): counting reads the ONNX graph with the onnx package")
     return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "environment": environment(), "bundle": str(bundle.path), "macs_per_image": macs,
+            "environment": env, "bundle": str(bundle.path), "macs_per_image": macs,
             "image_size": list(bundle.image_size), "heldout_images": len(heldout),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
             "rows": rows}
+
+
+def _tensorflow_here() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _reference(bundle: Bundle) -> VerificationSet:
+    """The images accuracy and agreement are measured on, with the Keras logits: the bundle's
+    verification set; for a bundle exported before it existed, the held-out images run
+    through Keras (needs TensorFlow)."""
+    if "verification_set" in bundle.meta or not _tensorflow_here():
+        return load_verification_set(bundle)
+    from edgeclf.export.reference import reference_sets
+    from edgeclf.train.evaluate import load_keras_model, predict_logits
+
+    log("no verification set in this bundle (exported by an older edgeclf): running Keras on the held-out images")
+    _, heldout = reference_sets(bundle)
+    logits = predict_logits(load_keras_model(bundle), heldout.images)
+    return VerificationSet(heldout.images, np.asarray(heldout.values), logits)
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:

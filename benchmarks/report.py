@@ -19,7 +19,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         f"{env['cpu']} ({env['cores']} cores; {', '.join(env['cpu_flags']) or 'no AVX-512/VNNI/AMX'}), "
         f"{'GPU ' + env['gpu_compute_capability'] if env['gpu_compute_capability'] else 'no GPU'}; "
-        f"{h}x{w} input; accuracy on {result['heldout_images']} held-out images.",
+        f"{h}x{w} input; accuracy on {result['heldout_images']} held-out images (the bundle's verification set).",
         "",
         "| name | precision | batch | p50 ms | p99 ms | images/s | Predictor p50 ms | overhead | "
         "x model.predict | x ORT FP32 | accuracy | agreement | MB | load s |",
@@ -41,7 +41,11 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def save_chart(result: dict[str, Any], path: Path, batch: int = 1) -> None:
-    """Latency per contestant at ``batch`` (p50 bar, p99 whisker), accuracy beside."""
+    """Latency per contestant at ``batch`` (p50 bar, p99 whisker), accuracy beside.
+
+    Raises:
+        ImportError: matplotlib is not installed (a device install has no need of it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +90,10 @@ def write_results(result: dict[str, Any], out_dir: Path, bundle_path: Path | Non
     paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "chart": out_dir / "bench.png"}
     atomic_write_json(paths["json"], result)
     atomic_write_bytes(paths["markdown"], markdown_table(result).encode("utf-8"))
-    save_chart(result, paths["chart"], batch=min(r["batch"] for r in result["rows"]))
+    try:
+        save_chart(result, paths["chart"], batch=min(r["batch"] for r in result["rows"]))
+    except ImportError:
+        del paths["chart"]  # no matplotlib on a device install: the JSON and the table say it all
     if bundle_path is not None:
         with update_bundle(bundle_path) as bundle:  # locked: a concurrent export keeps its records
             store_run(bundle.meta, {k: result[k] for k in ("created", "environment", "config", "rows")})

@@ -211,6 +211,36 @@ def check_schema(meta: dict[str, Any], meta_path: Path) -> None:
             runs[f"benchmarks.machines.{key}"] = run
         for where, run in runs.items():
             _check_rows(run.get("rows", []), meta_path, f"{where}.rows")
+    _check_verification(meta, meta_path)
+
+
+def _check_verification(meta: dict[str, Any], meta_path: Path) -> None:
+    """The verification set's record and the per-machine check results ``auto`` reads."""
+    vset = meta.get("verification_set")
+    if vset is not None:
+        _expect(isinstance(vset, dict), meta_path, "verification_set", "an object", vset)
+        _expect(isinstance(vset.get("file"), str) and bool(vset["file"]), meta_path, "verification_set.file",
+                "a file name", vset.get("file"))
+        _expect(isinstance(vset.get("sha256"), str) and bool(_SHA256.match(vset["sha256"])), meta_path,
+                "verification_set.sha256", "a sha256 (64 lower-case hex digits)", vset.get("sha256"))
+        _expect(_is_int(vset.get("size_bytes")) and vset["size_bytes"] >= 0, meta_path,
+                "verification_set.size_bytes", "a non-negative integer", vset.get("size_bytes"))
+    verified = meta.get("verified")
+    if verified is None:
+        return
+    _expect(isinstance(verified, dict), meta_path, "verified", "an object", verified)
+    machines = verified.get("machines", {})
+    _expect(isinstance(machines, dict), meta_path, "verified.machines", "an object of machine -> results", machines)
+    for key, here in machines.items():
+        _expect(isinstance(here, dict) and isinstance(here.get("results", {}), dict), meta_path,
+                f"verified.machines.{key}", "an object with results", here)
+        for entry, result in here.get("results", {}).items():
+            where = f"verified.machines.{key}.results.{entry}"
+            _expect(isinstance(result, dict), meta_path, where, "an object", result)
+            _expect(isinstance(result.get("passed"), bool), meta_path, f"{where}.passed", "true or false",
+                    result.get("passed"))
+            _expect(isinstance(result.get("artifact_sha256"), str), meta_path, f"{where}.artifact_sha256",
+                    "a sha256", result.get("artifact_sha256"))
 
 
 def _check_rows(rows: Any, meta_path: Path, where_rows: str) -> None:

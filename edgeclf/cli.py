@@ -175,6 +175,7 @@ def _export_formats(args: argparse.Namespace, formats: str) -> None:
     options = ExportOptions(opset=args.opset, calibration_images=args.calibration_images,
                             calibration_method=args.calibration_method,
                             int8_reduce_range=not args.full_range_int8, validate=not args.no_validate,
+                            verification_images=args.verification_images,
                             data=args.data, engine=engine)
     records = export_bundle(args.bundle, formats, options)
     print(f"{'format':<13} {'file':<24} {'MB':>7} {'build s':>8} {'max|diff|':>10} {'agree':>7} "
@@ -222,13 +223,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batches = _int_list(args.batch, "--batch")
     config = BenchConfig(artifacts=tuple(args.backends.split(",")) if args.backends else None, batches=batches,
                          duration_s=args.duration, warmup_s=args.warmup, threads=args.threads,
-                         baselines=not args.no_baselines)
+                         baselines=False if args.no_baselines else None)
     result = run_bench(args.bundle, config)
     out = Path(args.out) if args.out else Path(args.bundle) / "benchmarks"
     paths = write_results(result, out, Path(args.bundle))
     print(markdown_table(result))
-    print(f"[edgeclf] wrote {paths['json']}, {paths['markdown']}, {paths['chart']}; results stored in bundle.json",
-          file=sys.stderr)
+    print(f"[edgeclf] wrote {', '.join(str(p) for p in paths.values())}; results stored in bundle.json under "
+          f"this machine's key", file=sys.stderr)
     return 0
 
 
@@ -279,6 +280,37 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from edgeclf.runtime.checks import format_check
+    from edgeclf.runtime.verifier import verify
+
+    report = verify(args.model, args.backend, args.precision, record=not args.no_record)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"machine {report.machine['key']}: {report.machine['cpu_model']} "
+              f"({', '.join(report.machine['cpu_flags']) or 'no listed ISA flags'})")
+        for name, result in report.results.items():
+            if "error" in result:
+                print(f"  {name:<13} {result['error']}")
+            for check in result.get("checks", []):
+                print(format_check(name, check))
+        print(f"{'entry':<15} {'backend':<12} {'images':>6} {'max|diff|':>10} {'agree':>7} {'acc':>7} "
+              f"{'acc drop':>8}  result")
+        for name, r in report.results.items():
+            figures = (f"{r['images']:>6} {r['max_abs_logit_diff']:>10.3g} {r['top1_agreement']:>7.4f} "
+                       f"{r['accuracy']:>7.4f} {r['accuracy_keras'] - r['accuracy']:>+8.4f}") if "images" in r else f"{'-':>43}"
+            backend = (r.get("run_by") or {}).get("backend", "-")
+            print(f"{name:<15} {backend:<12} {figures}  {'passed' if r['passed'] else 'FAILED'}")
+        print(f"[edgeclf] verified in {report.seconds:.1f} s"
+              + ("; results stored in bundle.json under this machine's key" if not args.no_record else ""),
+              file=sys.stderr)
+    if not report.passed:
+        print("error: verification failed: " + "; ".join(report.failures()), file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edgeclf.runtime.doctor import doctor, format_report
 
@@ -317,7 +349,7 @@ def _add_batching_arguments(group) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from edgeclf.train.backbones import BACKBONES  # plain data, no TensorFlow
     from edgeclf.train.strategy import STRATEGIES  # imports TensorFlow only when called
-    from edgeclf.export.formats import FORMATS  # plain data
+    from edgeclf.formats import FORMATS  # plain data
     from edgeclf.export.onnx_int8 import CALIBRATION_METHODS  # numpy only at import
 
     parser = argparse.ArgumentParser(
@@ -390,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="labelled images for calibration and validation instead of the bundle's training data")
     p.add_argument("--no-validate", action="store_true", help="skip validation against Keras (not recommended)")
+    p.add_argument("--verification-images", type=int, default=256,
+                   help="held-out images kept in the bundle as its verification set, with the Keras logits; "
+                        "validation here and 'edgeclf verify' on the device run on them (default 256)")
     trt = p.add_argument_group("TensorRT engine")
     trt.add_argument("--batch-profile", default="1,8,32", metavar="MIN,OPT,MAX",
                      help="batch sizes of the optimisation profile (default 1,8,32)")
@@ -429,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="timed seconds per batch size (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per batch size (default 2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per inference (default: all)")
-    p.add_argument("--no-baselines", action="store_true", help="skip the Keras baselines")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the Keras baselines (left out anyway where TensorFlow is not installed)")
     p.add_argument("--out", default=None, help="directory for bench.json/.md/.png (default BUNDLE/benchmarks)")
     p.set_defaults(func=cmd_bench)
 
@@ -469,6 +505,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loadtest)
+
+    p = sub.add_parser("verify", help="check the bundle's artifacts on this machine against the Keras reference "
+                                      "(no TensorFlow)",
+                       description="Runs each artifact through the runtime's own backend on the verification set "
+                                   "export stored in the bundle and checks max |logit diff|, top-1 agreement, "
+                                   "accuracy drop and the graph's label output against the tolerances export "
+                                   "used. Results are stored in bundle.json under this machine's fingerprint "
+                                   "(auto runs OpenVINO BF16 only once it passed here). Exit status 1 if a "
+                                   "check fails.")
+    p.add_argument("model", help="bundle directory")
+    p.add_argument("--backend", default="all",
+                   help="all (default: every artifact a backend here runs), auto (what predict would run), a "
+                        "backend (onnxruntime, openvino, tflite, tensorrt) or an artifact name such as onnx-int8")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default=None,
+                   help="only entries of this precision (bf16: the FP32 OpenVINO IR run in BF16)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--no-record", action="store_true", help="do not store the results in bundle.json")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("doctor", help="which backends and accelerators are usable here, and why not")
     p.add_argument("--json", action="store_true")

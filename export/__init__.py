@@ -1,7 +1,7 @@
 """Export: ONNX FP32 (tf2onnx), FP16 and INT8, each validated against the Keras model.
 
-Needs ``pip install 'edgeclf[export]'``. Names are imported on first use, so the CLI's
-help can read the format list without TensorFlow.
+Needs ``pip install 'edgeclf[export]'``. Names are imported on first use; the formats
+themselves are plain data in :mod:`edgeclf.formats`.
 
 Example:
     >>> from edgeclf.export import export_bundle
@@ -13,8 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"ExportOptions": "exporter", "export_bundle": "exporter", "FORMATS": "formats",
-            "parse_formats": "formats"}
+_EXPORTS = {"ExportOptions": "exporter", "export_bundle": "exporter"}
 __all__ = sorted(_EXPORTS)
 
 

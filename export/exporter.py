@@ -1,5 +1,10 @@
 """``export_bundle``: build each requested artifact, validate it against Keras, record it.
 
+Export first writes the bundle's verification set (a sample of the held-out images with
+the Keras logits, see :mod:`edgeclf.verification`). Each artifact is then validated on
+it through the runtime's own Predictor and backend, exactly as it will run on the device
+(:func:`edgeclf.runtime.verifier.check_entry`, the code path of ``edgeclf verify``).
+
 Each artifact is built and validated in a private staging directory inside the bundle,
 then its files and its entry in ``bundle.json`` (file, sha256, size, precision,
 validation figures, tool versions, build time) are put in force together by
@@ -24,19 +29,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from edgeclf.export.formats import ExportFormat, parse_formats
 from edgeclf.export.tensorrt_engine import EngineOptions
-from edgeclf.export.validate import RUNNERS, TOLERANCES, Tolerance, compare, format_check, skip_reason
 
 from edgeclf.bundle import Bundle, commit_artifact, recover_bundle
 from edgeclf.engine_file import read_engine_header
-from edgeclf.errors import BackendUnavailableError, ConversionError, DataError, InvalidInputError, ValidationError
+from edgeclf.errors import (BackendUnavailableError, ConversionError, DataError, EdgeclfError, InvalidInputError,
+                            ValidationError)
+from edgeclf.formats import Format, entries, parse_formats
 from edgeclf.fsio import sha256_file, staging_directory, storage_error, storage_errors
 from edgeclf.progress import log
+from edgeclf.runtime.backends import BACKENDS, missing_modules
+from edgeclf.runtime.checks import TOLERANCES, Tolerance, format_check
+from edgeclf.runtime.hardware import Hardware, detect
+from edgeclf.runtime.verifier import check_entry, store_results
+from edgeclf.verification import DEFAULT_IMAGES, VerificationSet, sample_indices, write_verification_set
 from edgeclf.versions import installed_versions
 
-#: Formats calibrated on training images.
-CALIBRATED = ("onnx-int8", "tflite-int8")
 #: Fewer calibration images than this give a warning: activation ranges get noisy.
 MIN_CALIBRATION_IMAGES = 100
 TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino",
@@ -50,8 +58,10 @@ class ExportOptions:
     calibration_method: str = "minmax"
     int8_reduce_range: bool = True  # 7-bit weights: exact on CPUs without VNNI (see onnx_int8)
     validate: bool = True
+    #: Held-out images kept in the bundle as its verification set (validation runs on them).
+    verification_images: int = DEFAULT_IMAGES
     data: str | Path | None = None  # labelled images instead of the bundle's own
-    tolerances: dict[str, Tolerance] | None = None  # per precision; defaults: validate.TOLERANCES
+    tolerances: dict[str, Tolerance] | None = None  # per precision; defaults: checks.TOLERANCES
     engine: EngineOptions = field(default_factory=EngineOptions)  # TensorRT build settings
 
 
@@ -66,9 +76,9 @@ def _importable(module: str) -> bool:
     return False
 
 
-def _check_modules(formats: list[ExportFormat]) -> None:
+def _check_modules(formats: list[Format]) -> None:
     for fmt in formats:
-        missing = [m for m in fmt.modules if not _importable(m)]
+        missing = [m for m in fmt.build_modules if not _importable(m)]
         if missing:
             raise BackendUnavailableError(
                 f"format {fmt.name!r} needs {missing}, which are not installed; "
@@ -76,11 +86,11 @@ def _check_modules(formats: list[ExportFormat]) -> None:
             )
 
 
-def _installed_only(formats: list[ExportFormat]) -> list[ExportFormat]:
+def _installed_only(formats: list[Format]) -> list[Format]:
     """For ``all``: the formats whose libraries are installed; a warning names the rest."""
-    kept: list[ExportFormat] = []
+    kept: list[Format] = []
     for fmt in formats:
-        missing = [m for m in fmt.modules if not _importable(m)]
+        missing = [m for m in fmt.build_modules if not _importable(m)]
         if missing or (fmt.source and fmt.source not in {k.name for k in kept}):
             why = f"needs {missing}: pip install 'edgeclf[{fmt.extra}]'" if missing else f"needs {fmt.source}"
             warnings.warn(f"'all' skips {fmt.name}: {why}", stacklevel=3)
@@ -113,13 +123,13 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
     }
 
 
-def _artifact_files(fmt: ExportFormat, entry: Path) -> list[Path]:
+def _artifact_files(fmt: Format, entry: Path) -> list[Path]:
     from edgeclf.export.openvino_ir import ir_files
 
-    return ir_files(entry) if fmt.runtime == "openvino" else [entry]
+    return ir_files(entry) if fmt.backend == "openvino" else [entry]
 
 
-def _unvalidated_name(fmt: ExportFormat) -> str:
+def _unvalidated_name(fmt: Format) -> str:
     """``model.int8.onnx`` -> ``model.int8.unvalidated.onnx``: kept for inspection, never run as the artifact."""
     entry = Path(fmt.filename)
     return f"{entry.stem}.unvalidated{entry.suffix}"
@@ -168,19 +178,21 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
         ValidationError: one or more artifacts disagree with Keras beyond tolerance.
     """
     from edgeclf.export.reference import reference_sets
-    from edgeclf.train.evaluate import load_keras_model, predict_logits
+    from edgeclf.train.evaluate import load_keras_model
 
     options = options or ExportOptions()
     wanted = parse_formats(formats)
     if formats == "all" or formats == ["all"]:
         wanted = _installed_only(wanted)
     _check_modules(wanted)
+    if options.verification_images < 1:
+        raise InvalidInputError(f"verification image count must be >= 1. Received: {options.verification_images}")
     bundle = Bundle.load(bundle_path)
     model = load_keras_model(bundle)
     calibration, heldout = reference_sets(bundle, options.data)
     calib_images = _calibration_images(calibration, options.calibration_images) \
-        if any(f.name in CALIBRATED for f in wanted) else None
-    reference = predict_logits(model, heldout.images) if options.validate else None
+        if any(f.calibrated for f in wanted) else None
+    reference = _write_reference(bundle, model, heldout, options)
     builders = _builders(model, bundle, options, calib_images)
 
     tools = installed_versions(TOOL_PACKAGES)  # the same for every artifact of this run
@@ -188,13 +200,13 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
         log(f"recovered an interrupted export: {done}")
     needed = bundle.model_path.stat().st_size  # about what one FP32 artifact takes
     records, failures = [], []
-    built: dict[str, Path] = {}  # format -> its file, for the formats converted from it
+    built: dict[str, tuple[Path, dict[str, Any]]] = {}  # format -> its file and record, for those made from it
     with staging_directory(bundle.path, "export") as stage:
-        run = _Run(bundle, stage, builders, heldout, reference, options, tools, needed,
-                   len(calib_images) if calib_images is not None else 0)
+        run = _Run(bundle, stage, builders, reference, options, tools, needed,
+                   len(calib_images) if calib_images is not None else 0, detect())
         for fmt in wanted:
             record, kept = _export_one(run, fmt, built)
-            built[fmt.name] = kept
+            built[fmt.name] = kept, record
             records.append(record)
             if record["status"] == "failed-validation":
                 failed = [c["check"] for c in record["validation"]["checks"] if not c["passed"]]
@@ -204,6 +216,28 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     return records
 
 
+def _write_reference(bundle: Bundle, model, heldout, options: ExportOptions) -> VerificationSet:
+    """The verification set: a reproducible sample of the held-out images with their Keras
+    logits, written into the bundle; every artifact of this run is validated on it."""
+    from edgeclf.train.evaluate import predict_logits
+
+    keep = sample_indices(len(heldout), options.verification_images)
+    images = heldout.images[keep]
+    reference = VerificationSet(images, np.asarray(heldout.values)[keep], predict_logits(model, images))
+    settings, data = bundle.meta["training"]["settings"], bundle.meta["training"]["data"]
+    drawn = {"from": str(options.data) if options.data is not None else
+             ("the held-out split of " + str(data["source"]) if data.get("validation") == "split"
+              else str(data.get("validation"))),
+             "split": {"val_split": settings.get("val_split"), "seed": settings.get("seed")}
+             if options.data is not None or data.get("validation") == "split" else None,
+             "held_out_images": len(heldout), "kept": len(keep), "sample": "uniform without replacement, seed 0",
+             "reference": "Keras model.keras logits (float32)", "model_sha256": bundle.meta.get("model", {}).get("sha256")}
+    record = write_verification_set(bundle.path, reference, drawn)
+    log(f"verification set: {record['images']} of {len(heldout)} held-out images -> {record['file']} "
+        f"({record['size_bytes'] / 1e6:.1f} MB)")
+    return reference
+
+
 @dataclass(frozen=True)
 class _Run:
     """What every artifact of one export run shares."""
@@ -211,26 +245,33 @@ class _Run:
     bundle: Bundle
     stage: Path  # the private staging directory inside the bundle
     builders: dict[str, Callable]
-    heldout: Any  # the labelled images validation runs on
-    reference: np.ndarray | None  # Keras logits on them
+    reference: VerificationSet  # what validation runs on, also kept in the bundle
     options: ExportOptions
     tools: dict[str, str]
     needed: int  # bytes one artifact may take (for out-of-space messages)
     calibration_count: int
+    hardware: Hardware
 
 
-def _export_one(run: _Run, fmt: ExportFormat, built: dict[str, Path]) -> tuple[dict[str, Any], Path]:
+def _export_one(run: _Run, fmt: Format, built: dict[str, tuple[Path, dict]]) -> tuple[dict[str, Any], Path]:
     """Build, validate and commit one artifact; returns its record and where its entry file now is."""
     out = run.stage / fmt.filename
+    source = built.get(fmt.source) if fmt.source else None
     log(f"exporting {fmt.name} -> {fmt.filename}")
     started = time.perf_counter()
-    _build(run.builders[fmt.name], out, built.get(fmt.source) if fmt.source else None, run.needed)
-    record = _new_record(run, fmt, out, time.perf_counter() - started)
-    _validate(run, fmt, out, record)
-    return _put_in_force(run, fmt, out, record)
+    _build(run.builders[fmt.name], out, source[0] if source else None, run.needed)
+    record = _new_record(run, fmt, out, time.perf_counter() - started, source[1] if source else None)
+    run_time = _validate(run, fmt, out, record)
+    record, kept = _put_in_force(run, fmt, out, record)
+    if kept.name == fmt.filename and "checks" in record["validation"]:
+        # The figures behind this artifact, on this kind of machine: what `auto` and `verify` read.
+        results = {fmt.name: {**record["validation"], "format": fmt.name, "precision_hint": None}, **run_time}
+        store_results(run.bundle.path, {name: {**r, "artifact_sha256": record["sha256"], "by": "export"}
+                                        for name, r in results.items()}, run.hardware)
+    return record, kept
 
 
-def _new_record(run: _Run, fmt: ExportFormat, out: Path, seconds: float) -> dict[str, Any]:
+def _new_record(run: _Run, fmt: Format, out: Path, seconds: float, source: dict | None) -> dict[str, Any]:
     """The bundle.json entry of a freshly built artifact (before validation)."""
     options, files = run.options, _artifact_files(fmt, out)
     record = {
@@ -244,11 +285,15 @@ def _new_record(run: _Run, fmt: ExportFormat, out: Path, seconds: float) -> dict
         record["weights_file"] = files[1].name
         record["weights_sha256"] = sha256_file(files[1])
         record["weights_size_bytes"] = files[1].stat().st_size
-    if fmt.name == "openvino":
-        record["run_time_precisions"] = ["fp32", "bf16 (INFERENCE_PRECISION_HINT=bf16 on AMX CPUs)"]
+    if fmt.run_time_precisions:
+        record["run_time_precisions"] = list(fmt.run_time_precisions)
     if fmt.name == "onnx-int8":
         record["calibration"] = {"images": run.calibration_count, "method": options.calibration_method,
                                  "reduce_range": options.int8_reduce_range}
+        # 8-bit weights overflow AVX2's u8 x s8 pair sums (VPMADDUBSW) on CPUs without VNNI.
+        record["needs_int8_dot_product"] = not options.int8_reduce_range
+    if fmt.name == "openvino-int8" and source is not None:
+        record["needs_int8_dot_product"] = bool(source.get("needs_int8_dot_product"))  # the same weights
     if fmt.name == "tflite-int8":
         record["calibration"] = {"images": run.calibration_count, "method": "minmax (TFLite converter)"}
     if fmt.name == "tensorrt":
@@ -260,25 +305,59 @@ def _new_record(run: _Run, fmt: ExportFormat, out: Path, seconds: float) -> dict
     return record
 
 
-def _validate(run: _Run, fmt: ExportFormat, out: Path, record: dict[str, Any]) -> None:
-    """Validate the built artifact against Keras; sets the record's ``validation`` and ``status``."""
-    skipped = skip_reason(fmt.runtime) if run.options.validate else "validation switched off (--no-validate)"
+def _cannot_validate(fmt: Format, hardware: Hardware) -> str | None:
+    """Why the artifact cannot be run here to validate it, or None."""
+    info = BACKENDS[fmt.backend]
+    if info.needs_gpu and hardware.gpu_compute_capability is None:
+        return ("no NVIDIA GPU here: the engine was built ahead of time from the validated FP16 ONNX; its header "
+                "lets the device refuse a mismatch, and `edgeclf verify` on the GPU machine validates it")
+    missing = missing_modules(info)
+    if missing:
+        return f"running it needs {missing}: pip install 'edgeclf[{info.extra}]'"
+    return None
+
+
+def _check(run: _Run, fmt: Format, out: Path, hint: str | None, tolerance: Tolerance) -> dict[str, Any]:
+    """The artifact run by the runtime's Predictor on the verification set, compared with Keras."""
+    try:
+        return check_entry(out, fmt.backend, hint, run.reference, run.bundle.labels, tolerance)
+    except EdgeclfError as exc:  # built, but the runtime cannot load it: that is a failed validation
+        return {"error": f"{type(exc).__name__}: {exc}", "passed": False,
+                "checks": [{"check": "loads in the runtime", "value": False, "limit": True, "passed": False}]}
+
+
+def _validate(run: _Run, fmt: Format, out: Path, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Validate the built artifact against Keras; sets the record's ``validation`` and ``status``.
+
+    Returns the results of its run-time precisions (BF16 on AMX CPUs), which do not decide
+    its status: a failed BF16 run only keeps ``auto`` from running the IR in BF16."""
+    skipped = _cannot_validate(fmt, run.hardware) if run.options.validate else \
+        "validation switched off (--no-validate)"
     if skipped is not None:
         log(f"  {fmt.name:<13} not validated: {skipped}")
         record["validation"] = {"skipped": skipped}
         record["status"] = "unvalidated"
-        return
-    logits, label_out = RUNNERS[fmt.runtime](out, run.heldout.images)
-    tolerance = (run.options.tolerances or TOLERANCES).get(fmt.precision, TOLERANCES[fmt.precision])
-    report = compare(fmt.precision, logits, label_out, run.reference, run.heldout.values, run.bundle.labels,
-                     tolerance)
+        return {}
+    tolerances = run.options.tolerances or {}
+    report = _check(run, fmt, out, None, tolerances.get(fmt.precision, TOLERANCES[fmt.precision]))
     for check in report["checks"]:
         log(format_check(fmt.name, check))
     record["validation"] = report
     record["status"] = "validated" if report["passed"] else "failed-validation"
+    run_time: dict[str, dict[str, Any]] = {}
+    for name, hint in entries(fmt.name)[1:]:
+        if hint == "bf16" and not run.hardware.amx:
+            log(f"  {name:<13} not validated: BF16 runs natively only on CPUs with AMX; `edgeclf verify` "
+                f"validates it on such a device")
+            continue
+        result = _check(run, fmt, out, hint, tolerances.get(hint, TOLERANCES[hint]))
+        for check in result["checks"]:
+            log(format_check(name, check))
+        run_time[name] = {**result, "format": fmt.name, "precision_hint": hint}
+    return run_time
 
 
-def _put_in_force(run: _Run, fmt: ExportFormat, out: Path, record: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+def _put_in_force(run: _Run, fmt: Format, out: Path, record: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     """Move the staged artifact into the bundle with its record, or beside it when it must not
     replace the artifact in force. Returns the record and the artifact's entry file."""
     bundle_path, files = run.bundle.path, _artifact_files(fmt, out)

@@ -4,7 +4,8 @@ Nothing here imports TensorFlow. Names are imported on first use, so ``import
 edgeclf.runtime`` costs nothing until a Predictor is made.
 
 Example:
-    >>> from edgeclf.runtime import Predictor
+    >>> from edgeclf.runtime import Predictor, verify
+    >>> verify("runs/demo/bundle").passed    # every artifact checked on this machine
     >>> Predictor.load("runs/demo/bundle").predict("digit.png").label
 """
 
@@ -14,8 +15,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"Predictor": "predictor", "Prediction": "predictor", "BACKENDS": "backends",
-            "BackendOptions": "backends", "doctor": "doctor"}
-__all__ = ["BACKENDS", "BackendOptions", "Prediction", "Predictor", "doctor"]
+            "BackendOptions": "backends", "doctor": "doctor", "verify": "verifier"}
+__all__ = ["BACKENDS", "BackendOptions", "Prediction", "Predictor", "doctor", "verify"]
 
 
 def __getattr__(name: str) -> Any:

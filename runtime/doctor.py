@@ -9,12 +9,8 @@ from edgeclf.runtime.fingerprint import machine_key
 from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.versions import installed_versions
 
-_DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "openvino": ("openvino",),
-                  "tflite": ("ai-edge-litert",), "tensorrt": ("tensorrt", "tensorrt-rtx-cu12")}
-
-
 def _version(backend: str) -> str | None:
-    found = installed_versions(_DISTRIBUTIONS[backend])
+    found = installed_versions(BACKENDS[backend].distributions)
     return next((f"{name} {version}" for name, version in found.items()), None)
 
 

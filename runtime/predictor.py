@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from edgeclf.runtime.backends import BackendOptions, create_backend
 from edgeclf.runtime.hardware import detect
 from edgeclf.runtime.inputs import is_batch, to_batch
 from edgeclf.runtime.metadata import check_artifact_metadata, check_model_path
-from edgeclf.runtime.selection import Choice, choose
+from edgeclf.runtime.selection import Choice, choose, needs_int8_dot_product
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class Predictor:
         check_model_path(path)
         hardware = detect()
         choice = choose(path, backend, precision, hardware, allow_unvalidated)
+        if choice.record is not None and needs_int8_dot_product(choice.record) and not hardware.vnni:
+            warnings.warn(f"{choice.format} has full-range 8-bit INT8 weights, made for CPUs with VNNI, AMX or ARM "
+                          f"dot product; this CPU has none, so its answers may differ from the model's. "
+                          f"`edgeclf verify {path} --backend {choice.format}` measures by how much here",
+                          stacklevel=2)
         bundle = Bundle.load(path) if choice.record is not None else None
         weights = None
         if bundle is not None:

@@ -6,6 +6,11 @@ in the bundle by ``edgeclf bench`` on a machine like this one (same CPU model an
 flags, same GPU); without them, a fixed order for the hardware found:
 TensorRT on an NVIDIA GPU, OpenVINO BF16 on Intel CPUs with AMX, OpenVINO INT8 on Intel
 CPUs with VNNI, ONNX Runtime FP32 otherwise.
+
+"auto" never runs what was not checked for this machine: a run-time precision (OpenVINO
+BF16) only once export or ``edgeclf verify`` passed it on a machine like this one, and
+an INT8 artifact with full-range 8-bit weights only on CPUs with INT8 dot products
+(VNNI, AMX, ARM dot product), since AVX2 alone saturates on them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from edgeclf.bundle import BUNDLE_FILE, Bundle, artifact_present
 from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputError
 from edgeclf.runtime.backends import BACKEND_BY_SUFFIX, BACKENDS, missing_modules
 from edgeclf.runtime.fingerprint import describe_machine, machine_key
+from edgeclf.formats import entry_name
 from edgeclf.runtime.hardware import Hardware
+from edgeclf.runtime.verifier import passed_here
 
 #: Top-1 agreement with Keras an artifact needs to be picked by "auto" from benchmarks.
 AUTO_MIN_AGREEMENT = 0.99
@@ -47,12 +54,29 @@ def _installed(backend: str, hardware: Hardware) -> bool:
     return not missing_modules(info) and (not info.needs_gpu or hardware.gpu_compute_capability is not None)
 
 
-def _usable(bundle: Bundle, fmt: str, allow_unvalidated: bool) -> dict[str, Any] | None:
+def needs_int8_dot_product(record: dict[str, Any]) -> bool:
+    """Whether an INT8 artifact has full-range 8-bit weights, which saturate on AVX2 without VNNI.
+
+    Records from before the field existed say it through their calibration settings."""
+    return bool(record.get("needs_int8_dot_product", (record.get("calibration") or {}).get("reduce_range") is False))
+
+
+def _usable(bundle: Bundle, fmt: str, allow_unvalidated: bool, hardware: Hardware,
+            hint: str | None = None, auto: bool = False) -> dict[str, Any] | None:
+    """The artifact's record if it may run here. Validated means by export, or by ``edgeclf
+    verify`` on this kind of machine (a TensorRT engine built without a GPU is checked on
+    the GPU device). For "auto", only what was checked for this kind of machine."""
     record = bundle.meta.get("artifacts", {}).get(fmt)
     if record is None or not artifact_present(bundle, record):
         return None
     if record.get("status") != "validated" and not allow_unvalidated:
-        return None
+        if record.get("status") != "unvalidated" or not passed_here(bundle, fmt, hardware):
+            return None
+    if auto:
+        if needs_int8_dot_product(record) and not hardware.vnni:
+            return None
+        if hint is not None and not passed_here(bundle, entry_name(fmt, hint), hardware):
+            return None
     return record
 
 
@@ -69,7 +93,7 @@ def _from_benchmarks(bundle: Bundle, hardware: Hardware) -> Choice | None:
         key=lambda r: r["p50_ms"],
     )
     for row in ranked:
-        record = _usable(bundle, row["artifact"], allow_unvalidated=False)
+        record = _usable(bundle, row["artifact"], False, hardware, row.get("precision_hint"), auto=True)
         if record is not None and _installed(_backend_of(row["artifact"]), hardware):
             return _choice(bundle, row["artifact"], record, row.get("precision_hint"),
                            f"fastest validated artifact at batch 1 in this bundle's benchmarks on this "
@@ -94,17 +118,34 @@ def _by_hardware(bundle: Bundle, hardware: Hardware) -> Choice | None:
     if hardware.gpu_compute_capability:
         order.append(("tensorrt", None, f"NVIDIA GPU (compute capability {hardware.gpu_compute_capability})"))
     if hardware.intel and hardware.amx:
-        order.append(("openvino", "bf16", "Intel CPU with AMX: OpenVINO in BF16"))
+        order.append(("openvino", "bf16", "Intel CPU with AMX: OpenVINO in BF16, verified on this machine"))
     if hardware.intel and hardware.vnni:
         order.append(("openvino-int8", None, "Intel CPU with VNNI: OpenVINO INT8"))
     order += [("onnx", None, "ONNX Runtime FP32, the portable default"),
               ("openvino", None, "OpenVINO FP32 (onnxruntime not installed)"),
               ("tflite", None, "LiteRT FP32 (onnxruntime and openvino not installed)")]
     for fmt, hint, why in order:
-        record = _usable(bundle, fmt, allow_unvalidated=False)
+        record = _usable(bundle, fmt, False, hardware, hint, auto=True)
         if record is not None and _installed(_backend_of(fmt), hardware):
-            return _choice(bundle, fmt, record, hint, f"{why}; {_no_benchmarks_here(bundle)}")
+            held = "".join(f"; {note}" for note in _held_back(bundle, hardware))
+            return _choice(bundle, fmt, record, hint, f"{why}; {_no_benchmarks_here(bundle)}{held}")
     return None
+
+
+def _held_back(bundle: Bundle, hardware: Hardware) -> list[str]:
+    """What "auto" left out on this machine until it is checked here, for ``describe()["reason"]``."""
+    notes = []
+    for fmt, record in bundle.meta.get("artifacts", {}).items():
+        if record.get("status") != "validated":
+            continue
+        if needs_int8_dot_product(record) and not hardware.vnni:
+            notes.append(f"{fmt} left out: its full-range INT8 weights need a CPU with VNNI/AMX/ARM dot product "
+                         f"(`edgeclf verify {bundle.path} --backend {fmt}` shows how far it drifts here)")
+    if hardware.amx and "openvino" in bundle.meta.get("artifacts", {}) \
+            and not passed_here(bundle, "openvino-bf16", hardware):
+        notes.append(f"OpenVINO BF16 left out until it passes here: `edgeclf verify {bundle.path} "
+                     f"--backend openvino --precision bf16`")
+    return notes
 
 
 def choose(path: Path, backend: str, precision: str | None, hardware: Hardware,
@@ -148,7 +189,7 @@ def choose(path: Path, backend: str, precision: str | None, hardware: Hardware,
             formats = tuple(f for f in formats if bundle.meta.get("artifacts", {}).get(f, {}).get("precision")
                             == precision) or (f"{name}/{precision}",)
     for fmt in formats:
-        record = _usable(bundle, fmt, allow_unvalidated)
+        record = _usable(bundle, fmt, allow_unvalidated, hardware)
         if record is not None:
             return _choice(bundle, fmt, record, hint, f"asked for {backend}" + (f" in {precision}" if precision else ""))
     have = {f: r.get("status") for f, r in bundle.meta.get("artifacts", {}).items()}

@@ -20,12 +20,13 @@ from typing import Any
 from edgeclf.bundle import Bundle, ArtifactFiles, artifact_files
 from edgeclf.engine_file import read_engine
 from edgeclf.errors import BundleError
+from edgeclf.formats import FORMATS
 from edgeclf.fsio import atomic_write_bytes, staged_directory
 from edgeclf.serve.triton_config import (LABELS_FILE, PLATFORMS, Batching, build_config, check_model_name,
                                          config_text, labels_text, parse_config)
 
 # Bundle artifact -> the Triton runtime that serves it, in the order models are written.
-ARTIFACT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+ARTIFACT_RUNTIMES = {f.name: f.backend for f in FORMATS.values() if f.triton}
 # Triton's tensorrt backend links full TensorRT: a TensorRT-RTX plan does not load there.
 TRITON_TENSORRT_FLAVOUR = "tensorrt"
 

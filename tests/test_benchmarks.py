@@ -110,6 +110,7 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
 
 def test_a_backend_failing_mid_run_becomes_a_failed_row(bench_bundle, monkeypatch):
     import json
+    from dataclasses import replace
 
     from edgeclf.benchmarks.harness import BenchConfig, run_bench
     from edgeclf.runtime import backends
@@ -132,8 +133,11 @@ def test_a_backend_failing_mid_run_becomes_a_failed_row(bench_bundle, monkeypatc
     module = types.ModuleType("flaky_backend")
     module.FlakyBackend = FailsAfterAFewCalls
     monkeypatch.setitem(sys.modules, "flaky_backend", module)
+    from edgeclf.formats import FORMATS
+
     monkeypatch.setitem(backends.BACKENDS, "flaky", backends.BackendInfo(
-        "flaky", "flaky_backend:FlakyBackend", ("onnx-flaky",), ("onnxruntime",), "cpu"))
+        "flaky", "flaky_backend:FlakyBackend", ("onnxruntime",), "cpu", ("onnxruntime",)))
+    monkeypatch.setitem(FORMATS, "onnx-flaky", replace(FORMATS["onnx"], name="onnx-flaky", backend="flaky"))
     meta = json.loads((bench_bundle / "bundle.json").read_text())
     meta["artifacts"]["onnx-flaky"] = dict(meta["artifacts"]["onnx"], format="onnx-flaky")
     (bench_bundle / "bundle.json").write_text(json.dumps(meta))

@@ -19,10 +19,11 @@ from edgeclf.gpu import local_compute_capability
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from edgeclf.export import ExportOptions, export_bundle, parse_formats  # noqa: E402
+from edgeclf.export import ExportOptions, export_bundle  # noqa: E402
+from edgeclf.formats import parse_formats  # noqa: E402
 from edgeclf.export.metadata import read_onnx_metadata  # noqa: E402
 from edgeclf.export.reference import reference_sets  # noqa: E402
-from edgeclf.export.validate import Tolerance  # noqa: E402
+from edgeclf.runtime.checks import Tolerance  # noqa: E402
 
 
 def test_every_format_is_produced_validated_and_recorded(exported):

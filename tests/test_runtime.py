@@ -100,11 +100,11 @@ def test_auto_choice_from_hardware_and_from_benchmarks(exported, tmp_path):
     bundle, _ = exported
     plain = Hardware("AuthenticAMD", "test", frozenset({"avx2"}), 2, None)
     assert choose(bundle.path, "auto", None, plain).format == "onnx"
-    amx = Hardware("GenuineIntel", "test", frozenset({"avx512f", "amx_bf16", "amx_int8"}), 2, None)
-    picked = choose(bundle.path, "auto", None, amx)
-    assert (picked.format, picked.precision_hint) == ("openvino", "bf16") and "AMX" in picked.reason
     vnni = Hardware("GenuineIntel", "test", frozenset({"avx512_vnni"}), 2, None)
     assert choose(bundle.path, "auto", None, vnni).format == "openvino-int8"
+    # AMX: BF16 waits until it passed on this machine (tests/test_verify.py); INT8 meanwhile.
+    amx = Hardware("GenuineIntel", "test", frozenset({"avx512f", "amx_bf16", "amx_int8"}), 2, None)
+    assert choose(bundle.path, "auto", None, amx).format == "openvino-int8"
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy)

@@ -1,7 +1,8 @@
 """The backend registry: one module per backend, its library imported only when used.
 
-``BACKENDS`` maps a name to where its class lives, what it runs, the modules it needs
-and the extra that installs them; nothing here imports a backend library.
+``BACKENDS`` maps a name to where its class lives, the modules it needs and the extra
+that installs them; what it runs comes from the format registry (:mod:`edgeclf.formats`).
+Nothing here imports a backend library.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 from dataclasses import dataclass
 
 from edgeclf.errors import BackendUnavailableError, InvalidInputError
+from edgeclf.formats import FORMATS
 from edgeclf.runtime.backends.base import Backend, BackendOptions
 
 __all__ = ["BACKENDS", "Backend", "BackendOptions", "BackendInfo", "create_backend", "missing_modules"]
@@ -19,25 +21,31 @@ __all__ = ["BACKENDS", "Backend", "BackendOptions", "BackendInfo", "create_backe
 class BackendInfo:
     name: str
     target: str  # "module:Class"
-    #: Artifact formats it runs (bundle.json names), in order of preference.
-    formats: tuple[str, ...]
     #: Modules it needs; "a|b" means either.
     modules: tuple[str, ...]
     extra: str
+    #: Distributions whose versions doctor and benchmark records report.
+    distributions: tuple[str, ...]
     needs_gpu: bool = False
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The artifact formats it runs, in order of preference (the format registry's order)."""
+        return tuple(f.name for f in FORMATS.values() if f.backend == self.name)
 
 
 BACKENDS: dict[str, BackendInfo] = {
     b.name: b
     for b in (
-        BackendInfo("tensorrt", "edgeclf.runtime.backends.tensorrt:TensorRTBackend", ("tensorrt",),
-                    ("tensorrt|tensorrt_rtx", "cuda.bindings|cuda"), "gpu", needs_gpu=True),
-        BackendInfo("openvino", "edgeclf.runtime.backends.openvino:OpenVINOBackend",
-                    ("openvino", "openvino-int8"), ("openvino",), "openvino"),
-        BackendInfo("onnxruntime", "edgeclf.runtime.backends.onnxruntime:OnnxRuntimeBackend",
-                    ("onnx", "onnx-fp16", "onnx-int8"), ("onnxruntime",), "cpu"),
-        BackendInfo("tflite", "edgeclf.runtime.backends.tflite:TFLiteBackend",
-                    ("tflite", "tflite-fp16", "tflite-int8"), ("ai_edge_litert",), "tflite"),
+        BackendInfo("tensorrt", "edgeclf.runtime.backends.tensorrt:TensorRTBackend",
+                    ("tensorrt|tensorrt_rtx", "cuda.bindings|cuda"), "gpu", ("tensorrt", "tensorrt-rtx-cu12"),
+                    needs_gpu=True),
+        BackendInfo("openvino", "edgeclf.runtime.backends.openvino:OpenVINOBackend", ("openvino",), "openvino",
+                    ("openvino",)),
+        BackendInfo("onnxruntime", "edgeclf.runtime.backends.onnxruntime:OnnxRuntimeBackend", ("onnxruntime",),
+                    "cpu", ("onnxruntime", "onnxruntime-gpu")),
+        BackendInfo("tflite", "edgeclf.runtime.backends.tflite:TFLiteBackend", ("ai_edge_litert",), "tflite",
+                    ("ai-edge-litert",)),
     )
 }
 

@@ -23,7 +23,8 @@ class BackendOptions:
 
 
 class Backend(Protocol):
-    """Runs one artifact. ``infer`` takes uint8 NHWC pixels and returns float32 logits [N, K].
+    """Runs one artifact. ``infer`` takes uint8 NHWC pixels and returns float32 logits [N, K];
+    ``run`` returns any named outputs (export validation and ``verify`` check ``label`` too).
 
     ``infer`` must be safe to call from several threads at once (a backend whose library
     is not serialises calls itself). ``max_batch`` is the largest batch one call takes
@@ -37,6 +38,10 @@ class Backend(Protocol):
     def load(self, path: Path, options: BackendOptions) -> None: ...
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+        """The named graph outputs: validation also reads ``label``, the graph's own decoding."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 

@@ -50,6 +50,9 @@ class OnnxRuntimeBackend:
         # InferenceSession.run is thread-safe; only the logits are fetched (decoding is numpy's).
         return self.session.run(["logits"], {"pixels": batch})[0]
 
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, self.session.run(list(outputs), {"pixels": batch})))
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self.session.get_providers() if self.session else [],
                 "threads": self._options.threads or "default (all cores)"}

@@ -64,6 +64,11 @@ class OpenVINOBackend:
         request.infer({0: batch})
         return request.get_tensor("logits").data.copy()  # the request's buffer is reused next call
 
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+        request = self._request()
+        request.infer({0: batch})
+        return {name: request.get_tensor(name).data.copy() for name in outputs}
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": "CPU", **{k.lower(): v for k, v in self._config.items()}}
 

@@ -50,6 +50,11 @@ class TFLiteBackend:
         with self._lock:
             return self.runner(pixels=batch)["logits"]
 
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+        with self._lock:
+            result = self.runner(pixels=batch)
+        return {name: result[name] for name in outputs}
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "delegate": "XNNPACK (CPU)", "threads": self._threads}
 

@@ -1,0 +1,221 @@
+"""``edgeclf verify``: check a bundle's artifacts on the machine that runs them, without TensorFlow.
+
+Numerics depend on the CPU (an INT8 artifact exact on a VNNI workstation can saturate on
+an AVX2 device), so an artifact validated at export is checked again where it runs: each
+chosen entry is loaded by the Predictor, run on the bundle's verification set and
+compared with the Keras reference logits, against the tolerances export used. Results
+are stored in bundle.json under this machine's fingerprint; ``auto`` reads them (BF16
+runs only once it has passed here).
+
+    >>> from edgeclf.runtime import verify
+    >>> report = verify("runs/demo/bundle", "all")
+    >>> report.passed
+    True
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeclf.bundle import BUNDLE_FILE, Bundle, update_bundle
+from edgeclf.errors import BackendUnavailableError, EdgeclfError, InvalidInputError
+from edgeclf.formats import FORMATS, entries, entry_name
+from edgeclf.progress import log
+from edgeclf.runtime.backends import BACKENDS, missing_modules
+from edgeclf.runtime.checks import TOLERANCES, Tolerance, artifact_outputs, compare, tolerance_for
+from edgeclf.runtime.fingerprint import fingerprint, machine_key
+from edgeclf.runtime.hardware import Hardware, detect
+from edgeclf.verification import VerificationSet, load_verification_set
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One way to run an artifact: its format and, for run-time precisions, the hint."""
+
+    format: str
+    hint: str | None = None
+
+    @property
+    def name(self) -> str:
+        return entry_name(self.format, self.hint)
+
+    @property
+    def precision(self) -> str:
+        return self.hint or FORMATS[self.format].precision
+
+
+@dataclass
+class VerifyReport:
+    bundle: Path
+    machine: dict[str, Any]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # entry name -> result
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r["passed"] for r in self.results.values())
+
+    def failures(self) -> list[str]:
+        """"onnx-int8: top-1 agreement 0.7812 < 0.95" for each failed check (or error)."""
+        out = []
+        for name, result in self.results.items():
+            if "error" in result:
+                out.append(f"{name}: {result['error']}")
+            for check in result.get("checks", []):
+                if not check["passed"]:
+                    out.append(f"{name}: {check['check']} {_figure(check['value'])} "
+                               f"(limit {_figure(check['limit'])})")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": str(self.bundle), "machine": self.machine, "passed": self.passed,
+                "seconds": round(self.seconds, 2), "results": self.results}
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def check_entry(path: Path, backend: str, hint: str | None, reference: VerificationSet,
+                labels: list[int], tolerance: Tolerance) -> dict[str, Any]:
+    """Load ``path`` (a bundle entry or a lone artifact file) exactly as the Predictor runs it,
+    run it on the verification set and compare with the Keras logits.
+
+    Raises:
+        EdgeclfError: the artifact cannot be loaded (altered, built for another machine,
+            its backend missing).
+    """
+    from edgeclf.runtime.predictor import Predictor
+
+    with Predictor.load(path, backend, precision=hint, allow_unvalidated=True) as predictor:
+        logits, label_out = artifact_outputs(predictor, reference.images)
+        described = predictor.describe()
+    report = compare(hint or "fp32", logits, label_out, reference.logits, reference.values, labels, tolerance)
+    report["run_by"] = {k: v for k, v in described.items() if k not in ("labels", "input", "reason", "hardware")}
+    return report
+
+
+def _runnable(fmt: str, hardware: Hardware) -> bool:
+    info = BACKENDS[FORMATS[fmt].backend]
+    return not missing_modules(info) and (not info.needs_gpu or hardware.gpu_compute_capability is not None)
+
+
+def _no_backend_here(bundle: Bundle, formats: list[str]) -> BackendUnavailableError:
+    extras = sorted({BACKENDS[FORMATS[f].backend].extra for f in formats})
+    return BackendUnavailableError(
+        f"no backend installed here can run the artifacts of {bundle.path} ({', '.join(formats) or 'none'}); "
+        f"install one: " + ", ".join(f"pip install 'edgeclf[{e}]'" for e in extras)
+        + ("" if formats else f" after exporting with `edgeclf export {bundle.path}`"))
+
+
+def select_entries(bundle: Bundle, backend: str, precision: str | None, hardware: Hardware) -> list[Entry]:
+    """The entries ``backend`` ("auto", "all", a backend or a format name) stands for here.
+
+    Raises:
+        InvalidInputError: an unknown name or precision, or nothing of that precision.
+        BackendUnavailableError: no backend installed here runs any chosen artifact.
+        BundleError: "auto" finds nothing it would run.
+    """
+    if precision not in (None, *TOLERANCES):
+        raise InvalidInputError(f"precision must be one of {list(TOLERANCES)}. Received: {precision!r}")
+    artifacts = bundle.meta.get("artifacts", {})
+    if backend == "auto":
+        from edgeclf.runtime.predictor import Predictor
+
+        with Predictor.load(bundle.path, "auto", precision=precision) as predictor:
+            return [Entry(predictor.choice.format, predictor.choice.precision_hint)]
+    if backend == "all":
+        formats = list(FORMATS)
+    elif backend in BACKENDS:
+        formats = list(BACKENDS[backend].formats)
+    elif backend in FORMATS:
+        formats = [backend]
+    else:
+        raise InvalidInputError(f"--backend must be 'auto', 'all', a backend {list(BACKENDS)} or a format "
+                                f"{list(FORMATS)}. Received: {backend!r}")
+    # Failed artifacts are kept beside the bundle for inspection, never run: nothing to verify.
+    present = [f for f in formats if f in artifacts and artifacts[f].get("status") != "failed-validation"]
+    runnable = [f for f in present if _runnable(f, hardware)]
+    if not runnable:
+        raise _no_backend_here(bundle, present)
+    chosen = []
+    for fmt in runnable:
+        for name, hint in entries(fmt):
+            # A run-time precision is tried where it is native (BF16: AMX) or when asked for.
+            wanted = (hint is None and precision in (None, FORMATS[fmt].precision)) or \
+                (hint is not None and (precision == hint or (precision is None and hint == "bf16" and hardware.amx)))
+            if wanted:
+                chosen.append(Entry(fmt, hint))
+    if not chosen:
+        raise InvalidInputError(f"no artifact of {bundle.path} runnable here is in {precision}; it has "
+                                f"{ {f: artifacts[f].get('precision') for f in runnable} }")
+    return chosen
+
+
+def verify(path: str | Path, backend: str = "all", precision: str | None = None, *,
+           record: bool = True, hardware: Hardware | None = None) -> VerifyReport:
+    """Check the bundle's artifacts here against its verification set; store the results.
+
+    Args:
+        backend: "all" (every artifact a backend here runs), "auto" (what the Predictor
+            would pick), a backend name or an artifact format.
+        precision: only entries of this precision ("fp32", "fp16", "int8", "bf16").
+        record: store the results in bundle.json under this machine's fingerprint.
+
+    Raises:
+        BundleError: not a bundle, no verification set (exported by an older edgeclf), or
+            the set was altered.
+        BackendUnavailableError: no backend installed here runs any chosen artifact.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    if not (path / BUNDLE_FILE).is_file():
+        raise InvalidInputError(f"verify needs a bundle directory (it holds the verification set). Received: {path}")
+    hw = hardware or detect()
+    bundle = Bundle.load(path)
+    reference = load_verification_set(bundle)
+    chosen = select_entries(bundle, backend, precision, hw)
+    log(f"verifying {', '.join(e.name for e in chosen)} on {len(reference)} images ({hw.summary()})")
+    report = VerifyReport(bundle.path, fingerprint(hw))
+    for entry in chosen:
+        artifact = bundle.meta["artifacts"][entry.format]
+        # The limits export checked this artifact against; a run-time precision has its own.
+        tolerance = tolerance_for(entry.precision, artifact if entry.hint is None else None)
+        result: dict[str, Any] = {"format": entry.format, "precision_hint": entry.hint,
+                                  "artifact_sha256": artifact["sha256"], "by": "verify"}
+        try:
+            result.update(check_entry(bundle.path, entry.format, entry.hint, reference, bundle.labels, tolerance))
+        except EdgeclfError as exc:  # one artifact that cannot run must not hide the others' results
+            result.update(passed=False, error=f"{type(exc).__name__}: {exc}")
+        report.results[entry.name] = result
+        log(f"  {entry.name:<14} {'passed' if result['passed'] else 'FAILED'}")
+    report.seconds = time.perf_counter() - started
+    if record:
+        store_results(bundle.path, report.results, hw)
+    return report
+
+
+def store_results(bundle_path: str | Path, results: dict[str, dict[str, Any]], hardware: Hardware) -> None:
+    """Merge ``results`` (entry name -> result) into bundle.json under this machine's key, under
+    the lock: concurrent verify, bench and export runs keep each other's records."""
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    with update_bundle(bundle_path) as bundle:
+        machines = bundle.meta.setdefault("verified", {}).setdefault("machines", {})
+        here = machines.setdefault(machine_key(hardware), {})
+        here["machine"] = fingerprint(hardware)
+        stored = here.setdefault("results", {})
+        for name, result in results.items():
+            stored[name] = {**result, "created": created}
+
+
+def passed_here(bundle: Bundle, entry: str, hardware: Hardware) -> bool:
+    """Whether ``entry`` passed its checks on this kind of machine, for the artifact now in force."""
+    fmt = next((f for f in FORMATS for name, _ in entries(f) if name == entry), None)
+    artifact = bundle.meta.get("artifacts", {}).get(fmt) if fmt else None
+    here = ((bundle.meta.get("verified") or {}).get("machines") or {}).get(machine_key(hardware)) or {}
+    result = (here.get("results") or {}).get(entry) or {}
+    return bool(artifact and result.get("passed") is True and result.get("artifact_sha256") == artifact["sha256"])

@@ -1,0 +1,255 @@
+"""``edgeclf verify`` and the verification set: trust checked where the model runs.
+
+Export keeps a sample of the held-out images with the Keras logits in the bundle and
+validates every artifact on it through the runtime's own backends; verify runs the same
+code on the device, without TensorFlow, and ``auto`` obeys what passed on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeclf.bundle import Bundle
+from edgeclf.errors import BackendUnavailableError, BundleError
+from edgeclf.formats import FORMATS, entry_name
+from edgeclf.fsio import sha256_file
+from edgeclf.runtime.fingerprint import fingerprint, machine_key
+from edgeclf.runtime.hardware import Hardware, detect
+from edgeclf.runtime.selection import choose
+from edgeclf.runtime.verifier import store_results, verify
+from edgeclf.verification import load_verification_set
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_ARTIFACTS = ("onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "tflite", "tflite-fp16",
+                 "tflite-int8")
+AVX2 = Hardware("AuthenticAMD", "test avx2", frozenset({"avx2"}), 2, None)
+VNNI = Hardware("GenuineIntel", "test vnni", frozenset({"avx2", "avx512f", "avx512_vnni"}), 2, None)
+AMX = Hardware("GenuineIntel", "test amx", frozenset({"avx512f", "avx512_vnni", "amx_bf16", "amx_int8"}), 2, None)
+
+
+@pytest.fixture
+def bundle_copy(exported, tmp_path) -> Path:
+    path = tmp_path / "bundle"
+    shutil.copytree(exported[0].path, path, ignore=shutil.ignore_patterns("benchmarks"))
+    return path
+
+
+def _edit(path: Path, change) -> None:
+    meta = json.loads((path / "bundle.json").read_text())
+    change(meta)
+    (path / "bundle.json").write_text(json.dumps(meta))
+
+
+def test_the_verification_set_is_the_held_out_reference_export_validated_on(exported):
+    from edgeclf.export.reference import reference_sets
+    from edgeclf.train.evaluate import load_keras_model, predict_logits
+
+    bundle, records = exported
+    record = bundle.meta["verification_set"]
+    reference = load_verification_set(bundle)
+    _, heldout = reference_sets(bundle)
+    assert len(reference) == record["images"] == min(256, len(heldout))
+    assert record["sha256"] == sha256_file(bundle.path / record["file"])
+    assert record["drawn"]["held_out_images"] == len(heldout) and record["drawn"]["split"]["seed"] == 0
+    # Real held-out images with their true labels, and the Keras model's own logits on them.
+    rows = {img.tobytes(): value for img, value in zip(heldout.images, heldout.values)}
+    assert all(rows[img.tobytes()] == value for img, value in zip(reference.images, reference.values))
+    keras = predict_logits(load_keras_model(bundle), reference.images)
+    np.testing.assert_allclose(reference.logits, keras, rtol=1e-5, atol=1e-5)
+    for r in records:
+        if "images" in r["validation"]:
+            assert r["validation"]["images"] == len(reference)
+
+
+def test_verify_gives_the_figures_export_recorded_for_every_cpu_artifact(bundle_copy, exported):
+    _, records = exported
+    report = verify(bundle_copy, "all")
+    assert report.passed, report.failures()
+    by_format = {r["format"]: r for r in records}
+    for artifact in CPU_ARTIFACTS:
+        result, validation = report.results[artifact], by_format[artifact]["validation"]
+        assert result["run_by"]["backend"] == FORMATS[artifact].backend  # the runtime's own backend ran it
+        for key in ("images", "top1_agreement", "accuracy", "accuracy_keras"):
+            assert result[key] == validation[key], (artifact, key)
+        assert result["max_abs_logit_diff"] == pytest.approx(validation["max_abs_logit_diff"], rel=1e-6, abs=1e-7)
+        assert result["tolerance"] == validation["tolerance"]
+    # Stored under this machine's key, next to export's own results, for the artifacts in force.
+    stored = Bundle.load(bundle_copy).meta["verified"]["machines"][machine_key()]
+    assert stored["machine"]["cpu_model"] == detect().cpu_model
+    assert {name: r["by"] for name, r in stored["results"].items() if name in CPU_ARTIFACTS} == \
+        {a: "verify" for a in CPU_ARTIFACTS}
+    assert "tensorrt" not in report.results  # no GPU here: not runnable, not reported as passed
+
+
+def test_verify_cli_fails_naming_the_artifact_and_the_check(bundle_copy):
+    # The tolerance export recorded is the one verify applies: tighten it beyond reach.
+    _edit(bundle_copy, lambda m: m["artifacts"]["onnx-int8"]["validation"]["tolerance"].update(min_agreement=1.01))
+    out = run_cli("verify", str(bundle_copy), "--backend", "onnxruntime")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "error: verification failed: onnx-int8: top-1 agreement" in out.stderr
+    table = {line.split()[0]: line.split() for line in out.stdout.splitlines() if "onnxruntime" in line}
+    assert table["onnx"][-1] == "passed" and table["onnx-int8"][-1] == "FAILED"
+    assert "Traceback" not in out.stderr
+    ok = run_cli("verify", str(bundle_copy), "--backend", "onnx", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["results"]["onnx"]["checks"][0]["check"] == "max |logit diff|"
+
+
+def test_a_missing_or_altered_verification_set_is_refused(bundle_copy):
+    path = bundle_copy / "verification.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="differs from the verification set export wrote"):
+        verify(bundle_copy, "onnx")
+    _edit(bundle_copy, lambda m: m.pop("verification_set"))
+    out = run_cli("verify", str(bundle_copy))
+    assert out.returncode == 1 and "has no verification set" in out.stderr and "edgeclf export" in out.stderr
+    _edit(bundle_copy, lambda m: m.update(verification_set={"file": "../../etc/passwd", "sha256": "0" * 64,
+                                                               "size_bytes": 1}))
+    with pytest.raises(BundleError, match="inside the bundle"):
+        verify(bundle_copy, "onnx")
+
+
+def test_verify_where_no_backend_runs_any_artifact_names_the_extras(bundle_copy):
+    # Only the TensorRT engine is left, and there is no GPU here.
+    _edit(bundle_copy, lambda m: m.update(artifacts={"tensorrt": m["artifacts"]["tensorrt"]}))
+    with pytest.raises(BackendUnavailableError, match=r"no backend installed here can run .*tensorrt.*"
+                                                      r"pip install 'edgeclf\[gpu\]'"):
+        verify(bundle_copy, "all", hardware=AVX2)
+
+
+def test_concurrent_verify_runs_lose_no_record(bundle_copy):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    procs = [subprocess.Popen([sys.executable, "-m", "edgeclf", "verify", str(bundle_copy), "--backend", b],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for b in ("onnxruntime", "tflite", "openvino")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    results = Bundle.load(bundle_copy).meta["verified"]["machines"][machine_key()]["results"]
+    assert all(results[a]["by"] == "verify" for a in CPU_ARTIFACTS)
+
+
+def test_auto_runs_bf16_only_once_it_passed_on_this_machine(bundle_copy):
+    bundle = Bundle.load(bundle_copy)
+    picked = choose(bundle_copy, "auto", None, AMX)
+    assert picked.precision_hint is None and picked.format == "openvino-int8"
+    assert "OpenVINO BF16 left out until it passes here" in picked.reason
+    sha = bundle.meta["artifacts"]["openvino"]["sha256"]
+    # Passed on another machine: still not here.
+    store_results(bundle_copy, {"openvino-bf16": {"passed": True, "artifact_sha256": sha}}, VNNI)
+    assert choose(bundle_copy, "auto", None, AMX).precision_hint is None
+    # Passed here, but for an artifact since replaced: not trusted either.
+    store_results(bundle_copy, {"openvino-bf16": {"passed": True, "artifact_sha256": "f" * 64}}, AMX)
+    assert choose(bundle_copy, "auto", None, AMX).precision_hint is None
+    store_results(bundle_copy, {"openvino-bf16": {"passed": True, "artifact_sha256": sha}}, AMX)
+    picked = choose(bundle_copy, "auto", None, AMX)
+    assert (picked.format, picked.precision_hint) == ("openvino", "bf16") and "verified" in picked.reason
+    # A benchmark row for BF16 on this machine counts only while the check stands.
+    rows = [{"artifact": "openvino", "precision_hint": "bf16", "batch": 1, "p50_ms": 1.0, "agreement": 1.0,
+             "status": "ok"}, {"artifact": "onnx", "batch": 1, "p50_ms": 9.0, "agreement": 1.0, "status": "ok"}]
+    _edit(bundle_copy, lambda m: m.update(benchmarks={"machines": {machine_key(AMX): {
+        "environment": {"machine": fingerprint(AMX)}, "rows": rows}}}))
+    assert choose(bundle_copy, "auto", None, AMX).precision_hint == "bf16"
+    store_results(bundle_copy, {"openvino-bf16": {"passed": False, "artifact_sha256": sha}}, AMX)
+    picked = choose(bundle_copy, "auto", None, AMX)
+    assert (picked.format, picked.precision_hint) == ("onnx", None) and "benchmarks" in picked.reason
+
+
+def test_full_range_int8_is_not_picked_by_auto_without_int8_dot_products(bundle_copy):
+    _edit(bundle_copy, lambda m: m["artifacts"]["onnx-int8"].update(needs_int8_dot_product=True))
+    rows = [{"artifact": "onnx-int8", "batch": 1, "p50_ms": 1.0, "agreement": 1.0, "status": "ok"},
+            {"artifact": "onnx", "batch": 1, "p50_ms": 9.0, "agreement": 1.0, "status": "ok"}]
+    _edit(bundle_copy, lambda m: m.update(benchmarks={"machines": {
+        machine_key(hw): {"environment": {"machine": fingerprint(hw)}, "rows": rows} for hw in (AVX2, VNNI)}}))
+    picked = choose(bundle_copy, "auto", None, AVX2)
+    assert picked.format == "onnx"
+    assert choose(bundle_copy, "auto", None, VNNI).format == "onnx-int8"
+    # Asked for by name it still runs, with a warning, wherever this test runs.
+    from edgeclf.runtime import Predictor
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Predictor.load(bundle_copy, "onnx-int8").close()
+    warned = [str(w.message) for w in caught if "full-range 8-bit INT8" in str(w.message)]
+    assert bool(warned) == (not detect().vnni)
+
+
+def test_export_marks_full_range_int8_artifacts(exported):
+    _, records = exported
+    by_format = {r["format"]: r for r in records}
+    # The default build has 7-bit weights: exact without VNNI, so no CPU needs to be told apart.
+    assert by_format["onnx-int8"]["needs_int8_dot_product"] is False
+    assert by_format["openvino-int8"]["needs_int8_dot_product"] is False
+
+
+def test_a_device_install_verifies_and_benches_without_tensorflow(bundle_copy, exported, tmp_path):
+    """``pip install '.[cpu]'`` from the package metadata into a new venv: no TensorFlow, no
+    OpenVINO, no LiteRT. verify and bench there give the figures export recorded."""
+    # The project as a user gets it (no build outputs, no venv), installed by pip from its metadata.
+    source = tmp_path / "edgeclf-src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "runs",
+                                                                "__pycache__", "tests"))
+    venv = tmp_path / "device"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{source}[cpu]"],
+                         capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    edgeclf = str(venv / "bin" / "edgeclf")
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import tensorflow"], capture_output=True)
+    assert check.returncode != 0  # truly without TensorFlow
+    out = subprocess.run([edgeclf, "verify", str(bundle_copy), "--json"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert set(report["results"]) == {"onnx", "onnx-fp16", "onnx-int8"}  # what onnxruntime runs
+    validation = {r["format"]: r["validation"] for r in exported[1]}
+    for name, result in report["results"].items():
+        assert result["top1_agreement"] == validation[name]["top1_agreement"]
+        assert result["accuracy"] == validation[name]["accuracy"]
+    bench = subprocess.run([edgeclf, "bench", str(bundle_copy), "--batch", "1", "--duration", "1", "--warmup",
+                            "0.2", "--out", str(tmp_path / "bench")], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=600)
+    assert bench.returncode == 0, bench.stderr
+    result = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert "keras model.predict" not in rows  # no TensorFlow: no Keras baselines
+    assert rows["onnx"]["agreement"] == validation["onnx"]["top1_agreement"]
+    assert rows["onnx"]["machine"] == machine_key()
+    assert not (tmp_path / "bench" / "bench.png").exists()  # no matplotlib on a device
+
+
+def test_bad_verify_and_export_arguments_are_refused_up_front(bundle_copy):
+    from edgeclf.errors import InvalidInputError
+    from edgeclf.export import ExportOptions, export_bundle
+
+    with pytest.raises(InvalidInputError, match="verification image count must be >= 1. Received: 0"):
+        export_bundle(bundle_copy, "onnx", ExportOptions(verification_images=0))
+    with pytest.raises(InvalidInputError, match="--backend must be 'auto', 'all', a backend"):
+        verify(bundle_copy, "caffe")
+    with pytest.raises(InvalidInputError, match="needs a bundle directory"):
+        verify(bundle_copy / "model.onnx")
+    out = run_cli("verify", str(bundle_copy), "--backend", "onnxruntime", "--precision", "bf16")
+    assert out.returncode == 1 and "is in bf16" in out.stderr
+
+
+def test_verify_is_part_of_the_runtime_api(bundle_copy):
+    import edgeclf.runtime
+
+    with edgeclf.runtime.Predictor.load(bundle_copy) as predictor:
+        auto = entry_name(predictor.choice.format, predictor.choice.precision_hint)
+    report = edgeclf.runtime.verify(bundle_copy, "auto", record=False)
+    assert list(report.results) == [auto] and report.passed and report.seconds > 0
+    # Not recorded: what this machine holds is still export's own result.
+    assert Bundle.load(bundle_copy).meta["verified"]["machines"][machine_key()]["results"][auto]["by"] == "export"
