@@ -1,8 +1,9 @@
 """``export_bundle``: build each requested artifact, validate it against Keras, record it.
 
-Export first writes the bundle's verification set (a sample of the held-out images with
-the Keras logits, see :mod:`edgeclf.verification`). Each artifact is then validated on
-it through the runtime's own Predictor and backend, exactly as it will run on the device
+Export draws the bundle's verification set (a sample of the held-out images with the
+Keras logits, see :mod:`edgeclf.verification`; written into the bundle with the first
+artifact). Each artifact is validated on it through the runtime's own Predictor and
+backend, exactly as it will run on the device
 (:func:`edgeclf.runtime.verifier.check_entry`, the code path of ``edgeclf verify``).
 
 Each artifact is built and validated in a private staging directory inside the bundle,
@@ -192,7 +193,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     calibration, heldout = reference_sets(bundle, options.data)
     calib_images = _calibration_images(calibration, options.calibration_images) \
         if any(f.calibrated for f in wanted) else None
-    reference = _write_reference(bundle, model, heldout, options)
+    reference, drawn = _reference(bundle, model, heldout, options)
     builders = _builders(model, bundle, options, calib_images)
 
     tools = installed_versions(TOOL_PACKAGES)  # the same for every artifact of this run
@@ -202,7 +203,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     records, failures = [], []
     built: dict[str, tuple[Path, dict[str, Any]]] = {}  # format -> its file and record, for those made from it
     with staging_directory(bundle.path, "export") as stage:
-        run = _Run(bundle, stage, builders, reference, options, tools, needed,
+        run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed,
                    len(calib_images) if calib_images is not None else 0, detect())
         for fmt in wanted:
             record, kept = _export_one(run, fmt, built)
@@ -216,9 +217,9 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     return records
 
 
-def _write_reference(bundle: Bundle, model, heldout, options: ExportOptions) -> VerificationSet:
+def _reference(bundle: Bundle, model, heldout, options: ExportOptions) -> tuple[VerificationSet, dict[str, Any]]:
     """The verification set: a reproducible sample of the held-out images with their Keras
-    logits, written into the bundle; every artifact of this run is validated on it."""
+    logits (every artifact of this run is validated on it), and how it was drawn."""
     from edgeclf.train.evaluate import predict_logits
 
     keep = sample_indices(len(heldout), options.verification_images)
@@ -232,10 +233,7 @@ def _write_reference(bundle: Bundle, model, heldout, options: ExportOptions) -> 
              if options.data is not None or data.get("validation") == "split" else None,
              "held_out_images": len(heldout), "kept": len(keep), "sample": "uniform without replacement, seed 0",
              "reference": "Keras model.keras logits (float32)", "model_sha256": bundle.meta.get("model", {}).get("sha256")}
-    record = write_verification_set(bundle.path, reference, drawn)
-    log(f"verification set: {record['images']} of {len(heldout)} held-out images -> {record['file']} "
-        f"({record['size_bytes'] / 1e6:.1f} MB)")
-    return reference
+    return reference, drawn
 
 
 @dataclass(frozen=True)
@@ -245,12 +243,14 @@ class _Run:
     bundle: Bundle
     stage: Path  # the private staging directory inside the bundle
     builders: dict[str, Callable]
-    reference: VerificationSet  # what validation runs on, also kept in the bundle
+    reference: VerificationSet  # what validation runs on, kept in the bundle with the first artifact
+    drawn: dict[str, Any]
     options: ExportOptions
     tools: dict[str, str]
     needed: int  # bytes one artifact may take (for out-of-space messages)
     calibration_count: int
     hardware: Hardware
+    written: list[dict] = field(default_factory=list)  # the verification set's record, once written
 
 
 def _export_one(run: _Run, fmt: Format, built: dict[str, tuple[Path, dict]]) -> tuple[dict[str, Any], Path]:
@@ -262,6 +262,10 @@ def _export_one(run: _Run, fmt: Format, built: dict[str, tuple[Path, dict]]) -> 
     _build(run.builders[fmt.name], out, source[0] if source else None, run.needed)
     record = _new_record(run, fmt, out, time.perf_counter() - started, source[1] if source else None)
     run_time = _validate(run, fmt, out, record)
+    if not run.written:  # with the first artifact: an export that makes none leaves the bundle as it was
+        run.written.append(write_verification_set(run.bundle.path, run.reference, run.drawn))
+        log(f"verification set: {len(run.reference)} held-out images -> {run.written[0]['file']} "
+            f"({run.written[0]['size_bytes'] / 1e6:.1f} MB)")
     record, kept = _put_in_force(run, fmt, out, record)
     if kept.name == fmt.filename and "checks" in record["validation"]:
         # The figures behind this artifact, on this kind of machine: what `auto` and `verify` read.

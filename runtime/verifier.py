@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeclf.bundle import BUNDLE_FILE, Bundle, update_bundle
-from edgeclf.errors import BackendUnavailableError, EdgeclfError, InvalidInputError
+from edgeclf.errors import BackendUnavailableError, BundleError, EdgeclfError, InvalidInputError
 from edgeclf.formats import FORMATS, entries, entry_name
 from edgeclf.progress import log
 from edgeclf.runtime.backends import BACKENDS, missing_modules
@@ -108,8 +108,7 @@ def _no_backend_here(bundle: Bundle, formats: list[str]) -> BackendUnavailableEr
     extras = sorted({BACKENDS[FORMATS[f].backend].extra for f in formats})
     return BackendUnavailableError(
         f"no backend installed here can run the artifacts of {bundle.path} ({', '.join(formats) or 'none'}); "
-        f"install one: " + ", ".join(f"pip install 'edgeclf[{e}]'" for e in extras)
-        + ("" if formats else f" after exporting with `edgeclf export {bundle.path}`"))
+        f"install one: " + ", ".join(f"pip install 'edgeclf[{e}]'" for e in extras))
 
 
 def select_entries(bundle: Bundle, backend: str, precision: str | None, hardware: Hardware) -> list[Entry]:
@@ -139,6 +138,10 @@ def select_entries(bundle: Bundle, backend: str, precision: str | None, hardware
                                 f"{list(FORMATS)}. Received: {backend!r}")
     # Failed artifacts are kept beside the bundle for inspection, never run: nothing to verify.
     present = [f for f in formats if f in artifacts and artifacts[f].get("status") != "failed-validation"]
+    if not present:
+        raise BundleError(f"{bundle.path} has no artifact for {backend!r} to verify (it has "
+                          f"{ {f: r.get('status') for f, r in artifacts.items()} or 'none'}); export one with "
+                          f"`edgeclf export {bundle.path}`")
     runnable = [f for f in present if _runnable(f, hardware)]
     if not runnable:
         raise _no_backend_here(bundle, present)
