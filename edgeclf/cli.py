@@ -165,6 +165,7 @@ def _write_triton(args: argparse.Namespace) -> None:
 def _export_formats(args: argparse.Namespace, formats: str) -> None:
     _quiet_tensorflow()
     from edgeclf.export import ExportOptions, export_bundle
+    from edgeclf.export.int8_search import Int8Target
     from edgeclf.export.tensorrt_engine import EngineOptions
 
     engine = EngineOptions(batch_profile=_int_triple(args.batch_profile, "--batch-profile"),
@@ -176,6 +177,8 @@ def _export_formats(args: argparse.Namespace, formats: str) -> None:
                             calibration_method=args.calibration_method,
                             int8_reduce_range=not args.full_range_int8, validate=not args.no_validate,
                             verification_images=args.verification_images,
+                            int8_target=Int8Target(args.int8_min_agreement, args.int8_max_accuracy_drop,
+                                                   args.int8_search_trials, args.int8_search_seconds),
                             data=args.data, engine=engine)
     records = export_bundle(args.bundle, formats, options)
     print(f"{'format':<13} {'file':<24} {'MB':>7} {'build s':>8} {'max|diff|':>10} {'agree':>7} "
@@ -186,6 +189,26 @@ def _export_formats(args: argparse.Namespace, formats: str) -> None:
                    f"{v['accuracy_delta']:>+8.4f}") if "top1_agreement" in v else f"{'-':>10} {'-':>7} {'-':>7} {'-':>8}"
         print(f"{r['format']:<13} {r['file']:<24} {r['size_bytes'] / 1e6:>7.1f} {r['build_seconds']:>8.1f} "
               f"{figures}  {r['status']}")
+    if args.report:
+        for r in records:
+            if "layers" in r.get("quantization", {}):
+                print(quantization_report(r))
+
+
+def quantization_report(record: dict) -> str:
+    """The INT8 search of one artifact: target, trials, and the layers ranked by added error."""
+    q = record["quantization"]
+    lines = [f"\n{record['format']}: target agreement >= {q['target']['min_agreement']}, accuracy drop <= "
+             f"{q['target']['max_accuracy_drop']}; {'met' if q['met'] else 'NOT met'} with {q['kept_fp32_layers']} "
+             f"layer(s) in FP32 ({q['seconds']:.0f} s; ranked on {q['ranked_on']}, judged on {q['judged_on']})"]
+    for t in [q["plain"], *q["trials"]]:
+        lines.append(f"  {t.get('layers', 0):>4} in FP32: agreement {t['agreement']:.4f}, accuracy drop "
+                     f"{t['accuracy_drop']:+.4f}{'  ok' if t['passed'] else ''}")
+    lines.append(f"  {'node':<40} {'op':<7} {'added NSR':>10} {'SQNR dB':>8}  kept FP32")
+    for layer in q["layers"]:
+        lines.append(f"  {layer['node'][:40]:<40} {layer['op']:<7} {layer['added_nsr']:>10.2e} "
+                     f"{layer['output_sqnr_db']:>8.1f}  {'yes' if layer['kept_fp32'] else ''}")
+    return "\n".join(lines)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -422,6 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="labelled images for calibration and validation instead of the bundle's training data")
     p.add_argument("--no-validate", action="store_true", help="skip validation against Keras (not recommended)")
+    int8 = p.add_argument_group("INT8 accuracy target (onnx-int8 and the OpenVINO IR made from it)")
+    int8.add_argument("--int8-min-agreement", type=float, default=0.99,
+                      help="top-1 agreement with Keras INT8 must reach; layers are kept in FP32 until it does "
+                           "(default 0.99)")
+    int8.add_argument("--int8-max-accuracy-drop", type=float, default=0.005,
+                      help="largest accuracy drop against Keras allowed (default 0.005)")
+    int8.add_argument("--int8-search-trials", type=int, default=12,
+                      help="most quantizations the FP32-fallback search tries after plain INT8 (default 12)")
+    int8.add_argument("--int8-search-seconds", type=float, default=900,
+                      help="time bound of that search (default 900)")
+    p.add_argument("--report", action="store_true",
+                   help="also print the INT8 per-layer error report (the layers ranked, those kept in FP32)")
     p.add_argument("--verification-images", type=int, default=256,
                    help="held-out images kept in the bundle as its verification set, with the Keras logits; "
                         "validation here and 'edgeclf verify' on the device run on them (default 256)")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from edgeclf.export.int8_search import Int8Target
 from edgeclf.export.tensorrt_engine import EngineOptions
 
 from edgeclf.bundle import Bundle, commit_artifact, recover_bundle
@@ -46,6 +47,8 @@ from edgeclf.runtime.verifier import check_entry, store_results
 from edgeclf.verification import DEFAULT_IMAGES, VerificationSet, sample_indices, write_verification_set
 from edgeclf.versions import installed_versions
 
+#: INT8 formats validated against ExportOptions.int8_target (the QDQ search and what is made from it).
+INT8_SEARCHED = ("onnx-int8", "openvino-int8")
 #: Fewer calibration images than this give a warning: activation ranges get noisy.
 MIN_CALIBRATION_IMAGES = 100
 TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino",
@@ -63,6 +66,9 @@ class ExportOptions:
     verification_images: int = DEFAULT_IMAGES
     data: str | Path | None = None  # labelled images instead of the bundle's own
     tolerances: dict[str, Tolerance] | None = None  # per precision; defaults: checks.TOLERANCES
+    #: What onnx-int8 (and the OpenVINO IR made from it) must reach; the search keeps layers in
+    #: FP32 until it does. tflite-int8 has no such search yet: it keeps TOLERANCES["int8"].
+    int8_target: Int8Target = field(default_factory=Int8Target)
     engine: EngineOptions = field(default_factory=EngineOptions)  # TensorRT build settings
 
 
@@ -100,21 +106,24 @@ def _installed_only(formats: list[Format]) -> list[Format]:
     return kept
 
 
-def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.ndarray) -> dict[str, Callable]:
+def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.ndarray,
+              reference: VerificationSet, also_openvino: bool) -> dict[str, Callable]:
+    from edgeclf.export.int8_search import quantize_to_target
     from edgeclf.export.onnx_fp16 import onnx_to_fp16
     from edgeclf.export.onnx_fp32 import keras_to_onnx
-    from edgeclf.export.onnx_int8 import onnx_to_int8
     from edgeclf.export.metadata import artifact_metadata
     from edgeclf.export.openvino_ir import onnx_to_openvino
     from edgeclf.export.tensorrt_engine import onnx_to_engine
     from edgeclf.export.tflite import keras_to_tflite
 
-    # Each builder takes (output path, path of the artifact it is converted from).
+    # Each builder takes (output path, path of the artifact it is converted from); what one
+    # returns (the INT8 search's report) joins the artifact's record.
     return {
         "onnx": lambda out, src: keras_to_onnx(model, bundle, out, options.opset),
         "onnx-fp16": lambda out, src: onnx_to_fp16(src, out),
-        "onnx-int8": lambda out, src: onnx_to_int8(src, out, calibration, options.calibration_method,
-                                                   options.int8_reduce_range),
+        "onnx-int8": lambda out, src: {"quantization": quantize_to_target(
+            src, out, calibration, reference, bundle.labels, options.int8_target, options.calibration_method,
+            options.int8_reduce_range, also_openvino)},
         "openvino": lambda out, src: onnx_to_openvino(src, out),
         "openvino-int8": lambda out, src: onnx_to_openvino(src, out),
         "tensorrt": lambda out, src: onnx_to_engine(src, out, artifact_metadata(bundle, "fp16"), options.engine),
@@ -136,11 +145,13 @@ def _unvalidated_name(fmt: Format) -> str:
     return f"{entry.stem}.unvalidated{entry.suffix}"
 
 
-def _build(builder: Callable, out: Path, source: Path | None, needed: int) -> None:
-    """Run one builder; running out of space (whatever library hit it) is one StorageError."""
+def _build(builder: Callable, out: Path, source: Path | None, needed: int) -> dict[str, Any]:
+    """Run one builder; running out of space (whatever library hit it) is one StorageError.
+
+    Returns what the builder adds to the artifact's record (usually nothing)."""
     try:
         with storage_errors(out, needed):
-            builder(out, source)
+            return builder(out, source) or {}
     except ConversionError as exc:
         # The converter's message may carry the OSError (or only its text) that stopped it.
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(None, str(exc))
@@ -194,7 +205,8 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     calib_images = _calibration_images(calibration, options.calibration_images) \
         if any(f.calibrated for f in wanted) else None
     reference, drawn = _reference(bundle, model, heldout, options)
-    builders = _builders(model, bundle, options, calib_images)
+    builders = _builders(model, bundle, options, calib_images, reference,
+                         also_openvino=any(f.name == "openvino-int8" for f in wanted))
 
     tools = installed_versions(TOOL_PACKAGES)  # the same for every artifact of this run
     for done in recover_bundle(bundle.path):  # what a killed export left behind
@@ -259,8 +271,9 @@ def _export_one(run: _Run, fmt: Format, built: dict[str, tuple[Path, dict]]) -> 
     source = built.get(fmt.source) if fmt.source else None
     log(f"exporting {fmt.name} -> {fmt.filename}")
     started = time.perf_counter()
-    _build(run.builders[fmt.name], out, source[0] if source else None, run.needed)
+    extra = _build(run.builders[fmt.name], out, source[0] if source else None, run.needed)
     record = _new_record(run, fmt, out, time.perf_counter() - started, source[1] if source else None)
+    record.update(extra)
     run_time = _validate(run, fmt, out, record)
     if not run.written:  # with the first artifact: an export that makes none leaves the bundle as it was
         run.written.append(write_verification_set(run.bundle.path, run.reference, run.drawn))
@@ -298,6 +311,8 @@ def _new_record(run: _Run, fmt: Format, out: Path, seconds: float, source: dict 
         record["needs_int8_dot_product"] = not options.int8_reduce_range
     if fmt.name == "openvino-int8" and source is not None:
         record["needs_int8_dot_product"] = bool(source.get("needs_int8_dot_product"))  # the same weights
+        if "quantization" in source:  # the same layers in FP32
+            record["quantization"] = {"from": fmt.source, "kept_fp32": source["quantization"]["kept_fp32"]}
     if fmt.name == "tflite-int8":
         record["calibration"] = {"images": run.calibration_count, "method": "minmax (TFLite converter)"}
     if fmt.name == "tensorrt":
@@ -321,6 +336,16 @@ def _cannot_validate(fmt: Format, hardware: Hardware) -> str | None:
     return None
 
 
+def _tolerance(options: ExportOptions, fmt: Format) -> Tolerance:
+    """What the artifact is validated against: the INT8 target for the INT8 formats the search
+    serves; otherwise the given or default tolerance of its precision."""
+    if options.tolerances and fmt.precision in options.tolerances:
+        return options.tolerances[fmt.precision]
+    if fmt.name in INT8_SEARCHED:
+        return options.int8_target.tolerance()
+    return TOLERANCES[fmt.precision]
+
+
 def _check(run: _Run, fmt: Format, out: Path, hint: str | None, tolerance: Tolerance) -> dict[str, Any]:
     """The artifact run by the runtime's Predictor on the verification set, compared with Keras."""
     try:
@@ -342,8 +367,7 @@ def _validate(run: _Run, fmt: Format, out: Path, record: dict[str, Any]) -> dict
         record["validation"] = {"skipped": skipped}
         record["status"] = "unvalidated"
         return {}
-    tolerances = run.options.tolerances or {}
-    report = _check(run, fmt, out, None, tolerances.get(fmt.precision, TOLERANCES[fmt.precision]))
+    report = _check(run, fmt, out, None, _tolerance(run.options, fmt))
     for check in report["checks"]:
         log(format_check(fmt.name, check))
     record["validation"] = report
@@ -354,7 +378,7 @@ def _validate(run: _Run, fmt: Format, out: Path, record: dict[str, Any]) -> dict
             log(f"  {name:<13} not validated: BF16 runs natively only on CPUs with AMX; `edgeclf verify` "
                 f"validates it on such a device")
             continue
-        result = _check(run, fmt, out, hint, tolerances.get(hint, TOLERANCES[hint]))
+        result = _check(run, fmt, out, hint, (run.options.tolerances or {}).get(hint, TOLERANCES[hint]))
         for check in result["checks"]:
             log(format_check(name, check))
         run_time[name] = {**result, "format": fmt.name, "precision_hint": hint}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -39,8 +40,20 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+def never_quantized(model) -> list[str]:
+    """Nodes always left in FP32: the in-graph preprocessing and the label decoding.
+
+    Args:
+        model: an ONNX ModelProto or the path of one.
+    """
+    import onnx
+
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    return preprocessing_nodes(proto) + [n.name for n in proto.graph.node if n.op_type in ("ArgMax", "Gather")]
+
+
 def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: str = "minmax",
-                 reduce_range: bool = True) -> None:
+                 reduce_range: bool = True, keep_fp32: Sequence[str] = (), cache: Path | None = None) -> None:
     """Quantize ``src`` to ``out``: QDQ format, per-channel INT8 weights, UINT8 activations.
 
     Unsigned activations with signed weights (U8S8) is the layout x86 integer kernels
@@ -56,6 +69,10 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
             weights: on an AVX2 machine here, top-1 agreement with Keras was 0.78 with
             8-bit per-channel weights and 0.98 with 7-bit ones. An artifact may run on
             such a CPU, so 7 bits is the default.
+        keep_fp32: names of nodes left in FP32 (the accuracy-aware search picks them).
+        cache: a JSON file of calibrated ranges: written by the first call, read by the
+            next ones, so a search that quantizes again with other ``keep_fp32``
+            nodes calibrates only once.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -65,7 +82,7 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
     if method not in methods:
         raise InvalidInputError(f"unknown calibration method {method!r}; expected one of {list(methods)}.")
     proto = onnx.load(str(src))
-    exclude = preprocessing_nodes(proto) + [n.name for n in proto.graph.node if n.op_type in ("ArgMax", "Gather")]
+    exclude = never_quantized(proto) + list(keep_fp32)
     with atomic_path(out, suffix=".onnx") as tmp:
         try:
             # The histogram calibrators stack batches, so they need equal ones.
@@ -76,6 +93,7 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
                     quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude, calibrate_method=methods[method],
+                    calibration_cache_path=str(cache) if cache is not None else None,
                 )
         except Exception as exc:
             raise ConversionError(f"onnxruntime could not quantize {src.name} to INT8: {exc}") from exc
@@ -84,6 +102,7 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
         meta["precision"] = "int8"
         meta["calibration"] = {"images": int(len(calibration_images)), "method": method}
         meta["quantization"] = {"format": "QDQ", "activations": "uint8 (per tensor)",
-                                "weights": f"int8 per-channel{', 7-bit range' if reduce_range else ''}"}
+                                "weights": f"int8 per-channel{', 7-bit range' if reduce_range else ''}",
+                                "kept_fp32": list(keep_fp32)}
         set_onnx_metadata(quantized, meta)
         onnx.save(quantized, str(tmp))

@@ -21,9 +21,9 @@ from typing import Any
 
 from edgeclf.bundle import BUNDLE_FILE, Bundle, artifact_present
 from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputError
+from edgeclf.formats import entry_name
 from edgeclf.runtime.backends import BACKEND_BY_SUFFIX, BACKENDS, missing_modules
 from edgeclf.runtime.fingerprint import describe_machine, machine_key
-from edgeclf.formats import entry_name
 from edgeclf.runtime.hardware import Hardware
 from edgeclf.runtime.verifier import passed_here
 
