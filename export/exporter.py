@@ -106,6 +106,10 @@ def _installed_only(formats: list[Format]) -> list[Format]:
     return kept
 
 
+class RecordFields(dict):
+    """Fields a builder adds to its artifact's bundle.json record."""
+
+
 def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.ndarray,
               reference: VerificationSet, also_openvino: bool) -> dict[str, Callable]:
     from edgeclf.export.int8_search import quantize_to_target
@@ -116,14 +120,14 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
     from edgeclf.export.tensorrt_engine import onnx_to_engine
     from edgeclf.export.tflite import keras_to_tflite
 
-    # Each builder takes (output path, path of the artifact it is converted from); what one
-    # returns (the INT8 search's report) joins the artifact's record.
+    # Each builder takes (output path, path of the artifact it is converted from); the
+    # RecordFields one returns (the INT8 search's report) join the artifact's record.
     return {
         "onnx": lambda out, src: keras_to_onnx(model, bundle, out, options.opset),
         "onnx-fp16": lambda out, src: onnx_to_fp16(src, out),
-        "onnx-int8": lambda out, src: {"quantization": quantize_to_target(
+        "onnx-int8": lambda out, src: RecordFields(quantization=quantize_to_target(
             src, out, calibration, reference, bundle.labels, options.int8_target, options.calibration_method,
-            options.int8_reduce_range, also_openvino)},
+            options.int8_reduce_range, also_openvino)),
         "openvino": lambda out, src: onnx_to_openvino(src, out),
         "openvino-int8": lambda out, src: onnx_to_openvino(src, out),
         "tensorrt": lambda out, src: onnx_to_engine(src, out, artifact_metadata(bundle, "fp16"), options.engine),
@@ -151,7 +155,9 @@ def _build(builder: Callable, out: Path, source: Path | None, needed: int) -> di
     Returns what the builder adds to the artifact's record (usually nothing)."""
     try:
         with storage_errors(out, needed):
-            return builder(out, source) or {}
+            result = builder(out, source)
+            # Only what a builder marks for the record joins it (onnx_to_engine returns its header, say).
+            return result if isinstance(result, RecordFields) else {}
     except ConversionError as exc:
         # The converter's message may carry the OSError (or only its text) that stopped it.
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(None, str(exc))
