@@ -27,9 +27,9 @@ from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputErr
 from edgeclf.images import IMAGE_EXTENSIONS, load_image
 from edgeclf.progress import log
 from edgeclf.runtime import Predictor
-from edgeclf.runtime.backends import BACKENDS, missing_modules
+from edgeclf.runtime.backends import BACKENDS, runs_here
 from edgeclf.runtime.hardware import detect
-from edgeclf.runtime.verifier import passed_here
+from edgeclf.runtime.selection import trusted_here
 from edgeclf.verification import VerificationSet, load_verification_set
 
 PREDICT = "keras model.predict"
@@ -78,18 +78,12 @@ def contestants(bundle: Bundle, config: BenchConfig) -> list[tuple[str, str, str
             raise InvalidInputError(f"the bundle has no artifact {unknown}; it has {list(artifacts)}")
         names = list(config.artifacts)
     else:
-        names = [f for info in BACKENDS.values() if not missing_modules(info) for f in info.formats
-                 if _trusted(bundle, f) and (not info.needs_gpu or detect().gpu_compute_capability)]
+        names = [f for name, info in BACKENDS.items() if runs_here(name, detect()) for f in info.formats
+                 if trusted_here(bundle, f, detect())]
     rows = [(name, name, None) for name in names]
     if "openvino" in names and (config.bf16 if config.bf16 is not None else detect().amx):
         rows.append(("openvino-bf16", "openvino", "bf16"))
     return rows
-
-
-def _trusted(bundle: Bundle, fmt: str) -> bool:
-    """Validated by export, or by ``edgeclf verify`` on this kind of machine."""
-    status = bundle.meta.get("artifacts", {}).get(fmt, {}).get("status")
-    return status == "validated" or (status == "unvalidated" and passed_here(bundle, fmt, detect()))
 
 
 def sample_image_file(bundle: Bundle) -> Path | None:

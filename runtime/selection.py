@@ -22,7 +22,7 @@ from typing import Any
 from edgeclf.bundle import BUNDLE_FILE, Bundle, artifact_present
 from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputError
 from edgeclf.formats import entry_name
-from edgeclf.runtime.backends import BACKEND_BY_SUFFIX, BACKENDS, missing_modules
+from edgeclf.runtime.backends import BACKEND_BY_SUFFIX, BACKENDS, missing_modules, runs_here
 from edgeclf.runtime.fingerprint import describe_machine, machine_key
 from edgeclf.runtime.hardware import Hardware
 from edgeclf.runtime.verifier import passed_here
@@ -49,9 +49,11 @@ def _backend_of(fmt: str) -> str:
                             f"{list(BACKENDS)} or an artifact format. Received: {fmt!r}")
 
 
-def _installed(backend: str, hardware: Hardware) -> bool:
-    info = BACKENDS[backend]
-    return not missing_modules(info) and (not info.needs_gpu or hardware.gpu_compute_capability is not None)
+def trusted_here(bundle: Bundle, fmt: str, hardware: Hardware) -> bool:
+    """Validated by export, or (an artifact export could not run) by ``edgeclf verify`` on this
+    kind of machine: a TensorRT engine built without a GPU is checked on the GPU device."""
+    status = bundle.meta.get("artifacts", {}).get(fmt, {}).get("status")
+    return status == "validated" or (status == "unvalidated" and passed_here(bundle, fmt, hardware))
 
 
 def needs_int8_dot_product(record: dict[str, Any]) -> bool:
@@ -63,15 +65,13 @@ def needs_int8_dot_product(record: dict[str, Any]) -> bool:
 
 def _usable(bundle: Bundle, fmt: str, allow_unvalidated: bool, hardware: Hardware,
             hint: str | None = None, auto: bool = False) -> dict[str, Any] | None:
-    """The artifact's record if it may run here. Validated means by export, or by ``edgeclf
-    verify`` on this kind of machine (a TensorRT engine built without a GPU is checked on
-    the GPU device). For "auto", only what was checked for this kind of machine."""
+    """The artifact's record if it may run here (see :func:`trusted_here`). For "auto", only
+    what was checked for this kind of machine."""
     record = bundle.meta.get("artifacts", {}).get(fmt)
     if record is None or not artifact_present(bundle, record):
         return None
-    if record.get("status") != "validated" and not allow_unvalidated:
-        if record.get("status") != "unvalidated" or not passed_here(bundle, fmt, hardware):
-            return None
+    if not allow_unvalidated and not trusted_here(bundle, fmt, hardware):
+        return None
     if auto:
         if needs_int8_dot_product(record) and not hardware.vnni:
             return None
@@ -94,7 +94,7 @@ def _from_benchmarks(bundle: Bundle, hardware: Hardware) -> Choice | None:
     )
     for row in ranked:
         record = _usable(bundle, row["artifact"], False, hardware, row.get("precision_hint"), auto=True)
-        if record is not None and _installed(_backend_of(row["artifact"]), hardware):
+        if record is not None and runs_here(_backend_of(row["artifact"]), hardware):
             return _choice(bundle, row["artifact"], record, row.get("precision_hint"),
                            f"fastest validated artifact at batch 1 in this bundle's benchmarks on this "
                            f"machine ({row['p50_ms']:.2f} ms p50, agreement {row['agreement']:.3f})")
@@ -126,7 +126,7 @@ def _by_hardware(bundle: Bundle, hardware: Hardware) -> Choice | None:
               ("tflite", None, "LiteRT FP32 (onnxruntime and openvino not installed)")]
     for fmt, hint, why in order:
         record = _usable(bundle, fmt, False, hardware, hint, auto=True)
-        if record is not None and _installed(_backend_of(fmt), hardware):
+        if record is not None and runs_here(_backend_of(fmt), hardware):
             held = "".join(f"; {note}" for note in _held_back(bundle, hardware))
             return _choice(bundle, fmt, record, hint, f"{why}; {_no_benchmarks_here(bundle)}{held}")
     return None

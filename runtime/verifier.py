@@ -25,7 +25,7 @@ from edgeclf.bundle import BUNDLE_FILE, Bundle, update_bundle
 from edgeclf.errors import BackendUnavailableError, BundleError, EdgeclfError, InvalidInputError
 from edgeclf.formats import FORMATS, entries, entry_name
 from edgeclf.progress import log
-from edgeclf.runtime.backends import BACKENDS, missing_modules
+from edgeclf.runtime.backends import BACKENDS, runs_here
 from edgeclf.runtime.checks import TOLERANCES, Tolerance, artifact_outputs, compare, tolerance_for
 from edgeclf.runtime.fingerprint import fingerprint, machine_key
 from edgeclf.runtime.hardware import Hardware, detect
@@ -99,11 +99,6 @@ def check_entry(path: Path, backend: str, hint: str | None, reference: Verificat
     return report
 
 
-def _runnable(fmt: str, hardware: Hardware) -> bool:
-    info = BACKENDS[FORMATS[fmt].backend]
-    return not missing_modules(info) and (not info.needs_gpu or hardware.gpu_compute_capability is not None)
-
-
 def _no_backend_here(bundle: Bundle, formats: list[str]) -> BackendUnavailableError:
     extras = sorted({BACKENDS[FORMATS[f].backend].extra for f in formats})
     return BackendUnavailableError(
@@ -142,7 +137,7 @@ def select_entries(bundle: Bundle, backend: str, precision: str | None, hardware
         raise BundleError(f"{bundle.path} has no artifact for {backend!r} to verify (it has "
                           f"{ {f: r.get('status') for f, r in artifacts.items()} or 'none'}); export one with "
                           f"`edgeclf export {bundle.path}`")
-    runnable = [f for f in present if _runnable(f, hardware)]
+    runnable = [f for f in present if runs_here(FORMATS[f].backend, hardware)]
     if not runnable:
         raise _no_backend_here(bundle, present)
     chosen = []

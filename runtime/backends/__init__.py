@@ -14,7 +14,7 @@ from edgeclf.errors import BackendUnavailableError, InvalidInputError
 from edgeclf.formats import FORMATS
 from edgeclf.runtime.backends.base import Backend, BackendOptions
 
-__all__ = ["BACKENDS", "Backend", "BackendOptions", "BackendInfo", "create_backend", "missing_modules"]
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "BackendInfo", "create_backend", "missing_modules", "runs_here"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,12 @@ def missing_modules(info: BackendInfo) -> list[str]:
         else:
             missing.append(alternatives.replace("|", " or "))
     return missing
+
+
+def runs_here(name: str, hardware) -> bool:
+    """Whether backend ``name`` is installed and has what it needs here (a GPU for TensorRT)."""
+    info = BACKENDS[name]
+    return not missing_modules(info) and (not info.needs_gpu or hardware.gpu_compute_capability is not None)
 
 
 def create_backend(name: str) -> Backend:
