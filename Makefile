@@ -29,7 +29,7 @@ BENCH_DIR ?= runs/bench
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[export,openvino,tflite,rtx,test]"
+	$(PY) -m pip install -e ".[export,openvino,openvino-int8,tflite,rtx,test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from edgeclf import __version__
-from edgeclf.errors import EdgeclfError, InvalidInputError
+from edgeclf.errors import EdgeclfError, InvalidInputError, ValidationError
 
 _RANGE = re.compile(r"^\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*$")
 
@@ -180,7 +180,12 @@ def _export_formats(args: argparse.Namespace, formats: str) -> None:
                             int8_target=Int8Target(args.int8_min_agreement, args.int8_max_accuracy_drop,
                                                    args.int8_search_trials, args.int8_search_seconds),
                             data=args.data, engine=engine)
-    records = export_bundle(args.bundle, formats, options)
+    try:
+        records = export_bundle(args.bundle, formats, options)
+    except ValidationError as exc:
+        if args.report:  # most wanted when the INT8 target was missed
+            _print_int8_report(exc.records, Path(args.bundle))
+        raise
     print(f"{'format':<13} {'file':<24} {'MB':>7} {'build s':>8} {'max|diff|':>10} {'agree':>7} "
           f"{'acc':>7} {'acc diff':>8}  status")
     for r in records:
@@ -190,9 +195,18 @@ def _export_formats(args: argparse.Namespace, formats: str) -> None:
         print(f"{r['format']:<13} {r['file']:<24} {r['size_bytes'] / 1e6:>7.1f} {r['build_seconds']:>8.1f} "
               f"{figures}  {r['status']}")
     if args.report:
-        for r in records:
-            if "layers" in r.get("quantization", {}):
-                print(quantization_report(r))
+        _print_int8_report(records, Path(args.bundle))
+
+
+def _print_int8_report(records: list[dict], bundle: Path) -> None:
+    from edgeclf.export.int8_plot import plot_layer_errors
+
+    for r in records:
+        if "layers" in r.get("quantization", {}):
+            print(quantization_report(r))
+    plot = plot_layer_errors(records, bundle / "int8_layers.png")
+    if plot is not None:
+        print(f"\nper-layer error plot: {plot}")
 
 
 def quantization_report(record: dict) -> str:
@@ -200,7 +214,8 @@ def quantization_report(record: dict) -> str:
     q = record["quantization"]
     lines = [f"\n{record['format']}: target agreement >= {q['target']['min_agreement']}, accuracy drop <= "
              f"{q['target']['max_accuracy_drop']}; {'met' if q['met'] else 'NOT met'} with {q['kept_fp32_layers']} "
-             f"layer(s) in FP32 ({q['seconds']:.0f} s; ranked on {q['ranked_on']}, judged on {q['judged_on']})"]
+             f"layer(s) in FP32 ({q['seconds']:.0f} s)",
+             f"  quantized by {q['quantizer']}; judged on {q['judged_on']}; layers ranked by {q['ranked_by']}"]
     for t in [q["plain"], *q["trials"]]:
         lines.append(f"  {t.get('layers', 0):>4} in FP32: agreement {t['agreement']:.4f}, accuracy drop "
                      f"{t['accuracy_drop']:+.4f}{'  ok' if t['passed'] else ''}")
@@ -439,13 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--calibration-images", type=int, default=300,
                    help="training images used to calibrate INT8 (default 300)")
-    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax")
+    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=None,
+                   help="onnxruntime's INT8 calibrator (default: minmax, then entropy and percentile while plain "
+                        "INT8 misses the target)")
     p.add_argument("--full-range-int8", action="store_true",
                    help="8-bit INT8 weights (default 7-bit: exact on x86 CPUs without VNNI)")
     p.add_argument("--data", default=None,
                    help="labelled images for calibration and validation instead of the bundle's training data")
     p.add_argument("--no-validate", action="store_true", help="skip validation against Keras (not recommended)")
-    int8 = p.add_argument_group("INT8 accuracy target (onnx-int8 and the OpenVINO IR made from it)")
+    int8 = p.add_argument_group("INT8 accuracy target (onnx-int8, openvino-int8)")
     int8.add_argument("--int8-min-agreement", type=float, default=0.99,
                       help="top-1 agreement with Keras INT8 must reach; layers are kept in FP32 until it does "
                            "(default 0.99)")
@@ -454,9 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     int8.add_argument("--int8-search-trials", type=int, default=12,
                       help="most quantizations the FP32-fallback search tries after plain INT8 (default 12)")
     int8.add_argument("--int8-search-seconds", type=float, default=900,
-                      help="time bound of that search (default 900)")
+                      help="time bound of each format's search (default 900)")
     p.add_argument("--report", action="store_true",
-                   help="also print the INT8 per-layer error report (the layers ranked, those kept in FP32)")
+                   help="also print the INT8 per-layer error report (the layers ranked, those kept in FP32) and plot "
+                        "it to BUNDLE/int8_layers.png")
     p.add_argument("--verification-images", type=int, default=256,
                    help="held-out images kept in the bundle as its verification set, with the Keras logits; "
                         "validation here and 'edgeclf verify' on the device run on them (default 256)")

@@ -52,7 +52,14 @@ class ConversionError(EdgeclfError, RuntimeError):
 
 
 class ValidationError(EdgeclfError):
-    """An exported artifact disagrees with the reference model beyond tolerance."""
+    """An exported artifact disagrees with the reference model beyond tolerance.
+
+    ``records``: the export's artifact records, the failed ones included (for reports).
+    """
+
+    def __init__(self, message: str, records: list | None = None):
+        super().__init__(message)
+        self.records = records or []
 
 
 class IncompatibleArtifactError(EdgeclfError, ValueError):

@@ -47,8 +47,8 @@ from edgeclf.runtime.verifier import check_entry, store_results
 from edgeclf.verification import DEFAULT_IMAGES, VerificationSet, sample_indices, write_verification_set
 from edgeclf.versions import installed_versions
 
-#: INT8 formats validated against ExportOptions.int8_target (the QDQ search and what is made from it).
-INT8_SEARCHED = ("onnx-int8", "openvino-int8")
+#: INT8 formats validated against ExportOptions.int8_target (each made by an accuracy-aware search).
+INT8_SEARCHED = ("onnx-int8", "openvino-int8", "tflite-int8")
 #: Fewer calibration images than this give a warning: activation ranges get noisy.
 MIN_CALIBRATION_IMAGES = 100
 TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino",
@@ -59,15 +59,17 @@ TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common
 class ExportOptions:
     opset: int = 17
     calibration_images: int = 300
-    calibration_method: str = "minmax"
+    #: onnxruntime's calibrator for the QDQ INT8 models; None: min-max, and where plain INT8
+    #: misses the target, entropy then percentile before any layer is kept in FP32.
+    calibration_method: str | None = None
     int8_reduce_range: bool = True  # 7-bit weights: exact on CPUs without VNNI (see onnx_int8)
     validate: bool = True
     #: Held-out images kept in the bundle as its verification set (validation runs on them).
     verification_images: int = DEFAULT_IMAGES
     data: str | Path | None = None  # labelled images instead of the bundle's own
     tolerances: dict[str, Tolerance] | None = None  # per precision; defaults: checks.TOLERANCES
-    #: What onnx-int8 (and the OpenVINO IR made from it) must reach; the search keeps layers in
-    #: FP32 until it does. tflite-int8 has no such search yet: it keeps TOLERANCES["int8"].
+    #: What every INT8 artifact but the TensorRT engine must reach; their searches keep layers
+    #: in FP32 until they do.
     int8_target: Int8Target = field(default_factory=Int8Target)
     engine: EngineOptions = field(default_factory=EngineOptions)  # TensorRT build settings
 
@@ -111,29 +113,65 @@ class RecordFields(dict):
 
 
 def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.ndarray,
-              reference: VerificationSet, also_openvino: bool) -> dict[str, Callable]:
-    from edgeclf.export.int8_search import quantize_to_target
+              reference: VerificationSet) -> dict[str, Callable]:
+    from edgeclf.export.int8_search import (LayerRanking, figures_of, litert_quantizer, nncf_quantizer,
+                                            qdq_quantizer, quantize_to_target)
     from edgeclf.export.onnx_fp16 import onnx_to_fp16
     from edgeclf.export.onnx_fp32 import keras_to_onnx
     from edgeclf.export.metadata import artifact_metadata
     from edgeclf.export.openvino_ir import onnx_to_openvino
-    from edgeclf.export.tensorrt_engine import onnx_to_engine
+    from edgeclf.export.tensorrt_engine import onnx_to_engine, onnx_to_int8_engine
     from edgeclf.export.tflite import keras_to_tflite
+    from edgeclf.export.tflite_int8 import LiteRTInt8
+
+    rankings: dict[Path, LayerRanking] = {}  # one per FP32 ONNX: both INT8 searches share it
+
+    def searched(quantizer, out: Path, src: Path | None, ranking=None) -> RecordFields:
+        ranking = ranking or rankings.setdefault(src, LayerRanking(
+            src, calibration, options.calibration_method or "minmax", options.int8_reduce_range))
+        report = quantize_to_target(quantizer, src, out, ranking, reference, bundle.labels, options.int8_target)
+        calibrated: dict[str, Any] = {"images": len(calibration), "method": report["calibration"],
+                                      "reduce_range": options.int8_reduce_range}
+        if quantizer.backend == "openvino":
+            calibrated["method"] = "nncf (min-max, fast bias correction)"
+        elif quantizer.backend == "tflite":  # LiteRT picks its own weight range
+            calibrated = {"images": len(calibration), "method": "minmax (TFLite converter)"}
+        return RecordFields(quantization=report, calibration=calibrated)
+
+    def int8_engine(out: Path, src: Path) -> RecordFields:
+        _, qdq = onnx_to_int8_engine(src, out, calibration, options.calibration_method or "minmax",
+                                     artifact_metadata(bundle, "int8"), options.engine)
+        try:  # what the engine's quantization costs, as far as a CPU can tell: its QDQ graph on ONNX Runtime
+            on_cpu = figures_of(check_entry(qdq, "onnxruntime", None, reference, bundle.labels,
+                                            options.int8_target.tolerance()))
+        finally:
+            qdq.unlink(missing_ok=True)
+        return RecordFields(
+            calibration={"images": len(calibration), "method": options.calibration_method or "minmax",
+                         "reduce_range": False},
+            quantization={"layout": "QDQ, int8 symmetric activations, int8 per-channel weights, float biases",
+                          "qdq_graph_on_onnxruntime": on_cpu,
+                          "note": "the QDQ graph the engine was built from, run by ONNX Runtime on the CPU; the "
+                                  "engine itself is validated only by a run on an NVIDIA GPU"})
+
+    def litert_int8(out: Path, src: None) -> RecordFields:
+        litert = LiteRTInt8(model, bundle, calibration)  # calibrates once; also ranks LiteRT's layers
+        return searched(litert_quantizer(litert), out, None, litert)
 
     # Each builder takes (output path, path of the artifact it is converted from); the
     # RecordFields one returns (the INT8 search's report) join the artifact's record.
     return {
         "onnx": lambda out, src: keras_to_onnx(model, bundle, out, options.opset),
         "onnx-fp16": lambda out, src: onnx_to_fp16(src, out),
-        "onnx-int8": lambda out, src: RecordFields(quantization=quantize_to_target(
-            src, out, calibration, reference, bundle.labels, options.int8_target, options.calibration_method,
-            options.int8_reduce_range, also_openvino)),
+        "onnx-int8": lambda out, src: searched(
+            qdq_quantizer(calibration, options.calibration_method, options.int8_reduce_range), out, src),
         "openvino": lambda out, src: onnx_to_openvino(src, out),
-        "openvino-int8": lambda out, src: onnx_to_openvino(src, out),
+        "openvino-int8": lambda out, src: searched(nncf_quantizer(calibration, options.int8_reduce_range), out, src),
         "tensorrt": lambda out, src: onnx_to_engine(src, out, artifact_metadata(bundle, "fp16"), options.engine),
+        "tensorrt-int8": int8_engine,
         "tflite": lambda out, src: keras_to_tflite(model, bundle, out, "fp32"),
         "tflite-fp16": lambda out, src: keras_to_tflite(model, bundle, out, "fp16"),
-        "tflite-int8": lambda out, src: keras_to_tflite(model, bundle, out, "int8", calibration),
+        "tflite-int8": litert_int8,
     }
 
 
@@ -211,8 +249,13 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     calib_images = _calibration_images(calibration, options.calibration_images) \
         if any(f.calibrated for f in wanted) else None
     reference, drawn = _reference(bundle, model, heldout, options)
-    builders = _builders(model, bundle, options, calib_images, reference,
-                         also_openvino=any(f.name == "openvino-int8" for f in wanted))
+    to_judge = options.int8_target.images_to_judge()
+    if any(f.name in INT8_SEARCHED for f in wanted) and len(reference) < to_judge:
+        warnings.warn(f"the INT8 target ({options.int8_target.min_agreement} agreement) is judged on only "
+                      f"{len(reference)} held-out images, where one disagreement costs {1 / len(reference):.4f}; "
+                      f"it needs at least {to_judge} (a larger held-out split, --data, or --verification-images)",
+                      stacklevel=2)
+    builders = _builders(model, bundle, options, calib_images, reference)
 
     tools = installed_versions(TOOL_PACKAGES)  # the same for every artifact of this run
     for done in recover_bundle(bundle.path):  # what a killed export left behind
@@ -221,8 +264,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     records, failures = [], []
     built: dict[str, tuple[Path, dict[str, Any]]] = {}  # format -> its file and record, for those made from it
     with staging_directory(bundle.path, "export") as stage:
-        run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed,
-                   len(calib_images) if calib_images is not None else 0, detect())
+        run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed, detect())
         for fmt in wanted:
             record, kept = _export_one(run, fmt, built)
             built[fmt.name] = kept, record
@@ -231,7 +273,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
                 failed = [c["check"] for c in record["validation"]["checks"] if not c["passed"]]
                 failures.append(f"{fmt.name}: {', '.join(failed)} (kept as {kept.name})")
     if failures:
-        raise ValidationError("artifacts failed validation against the Keras model: " + "; ".join(failures))
+        raise ValidationError("artifacts failed validation against the Keras model: " + "; ".join(failures), records)
     return records
 
 
@@ -266,7 +308,6 @@ class _Run:
     options: ExportOptions
     tools: dict[str, str]
     needed: int  # bytes one artifact may take (for out-of-space messages)
-    calibration_count: int
     hardware: Hardware
     written: list[dict] = field(default_factory=list)  # the verification set's record, once written
 
@@ -310,18 +351,11 @@ def _new_record(run: _Run, fmt: Format, out: Path, seconds: float, source: dict 
         record["weights_size_bytes"] = files[1].stat().st_size
     if fmt.run_time_precisions:
         record["run_time_precisions"] = list(fmt.run_time_precisions)
-    if fmt.name == "onnx-int8":
-        record["calibration"] = {"images": run.calibration_count, "method": options.calibration_method,
-                                 "reduce_range": options.int8_reduce_range}
-        # 8-bit weights overflow AVX2's u8 x s8 pair sums (VPMADDUBSW) on CPUs without VNNI.
+    if fmt.name in ("onnx-int8", "openvino-int8"):  # their calibration joins the record with the search's report
+        # 8-bit weights overflow AVX2's u8 x s8 pair sums (VPMADDUBSW) on CPUs without VNNI;
+        # NNCF's default overflow fix covers only the first layer.
         record["needs_int8_dot_product"] = not options.int8_reduce_range
-    if fmt.name == "openvino-int8" and source is not None:
-        record["needs_int8_dot_product"] = bool(source.get("needs_int8_dot_product"))  # the same weights
-        if "quantization" in source:  # the same layers in FP32
-            record["quantization"] = {"from": fmt.source, "kept_fp32": source["quantization"]["kept_fp32"]}
-    if fmt.name == "tflite-int8":
-        record["calibration"] = {"images": run.calibration_count, "method": "minmax (TFLite converter)"}
-    if fmt.name == "tensorrt":
+    if fmt.backend == "tensorrt":
         header = read_engine_header(out)
         record["tensorrt"] = header["tensorrt"]
         record["target"] = header["target"]
@@ -334,7 +368,8 @@ def _cannot_validate(fmt: Format, hardware: Hardware) -> str | None:
     """Why the artifact cannot be run here to validate it, or None."""
     info = BACKENDS[fmt.backend]
     if info.needs_gpu and hardware.gpu_compute_capability is None:
-        return ("no NVIDIA GPU here: the engine was built ahead of time from the validated FP16 ONNX; its header "
+        made = "the validated FP16 ONNX" if fmt.precision == "fp16" else "a QDQ ONNX (checked on ONNX Runtime)"
+        return (f"no NVIDIA GPU here: the engine was built ahead of time from {made}; its header "
                 "lets the device refuse a mismatch, and `edgeclf verify` on the GPU machine validates it")
     missing = missing_modules(info)
     if missing:

@@ -1,29 +1,37 @@
-"""Accuracy-aware INT8 for the QDQ ONNX: keep the fewest, most harmful layers in FP32.
+"""Accuracy-aware INT8: keep the fewest, most harmful layers in FP32.
 
-Plain INT8 is tried first. When it misses the target (top-1 agreement with Keras,
-accuracy drop) on the held-out verification set, the compute nodes are ranked by the
-error they add (:mod:`edgeclf.export.int8_layers`, measured on *calibration* images:
-the ranking never sees the images it is judged on), and the model is quantized again
-with the top 1, 2, 4, ... of them kept in FP32 until the target is met, then the count
-is narrowed by bisection. Calibration runs once (its ranges are cached); the search is
-bounded in trials and seconds. The OpenVINO INT8 IR is converted from this ONNX, so it
-keeps the same layers in FP32; when it is exported too, each candidate is judged on
-both runtimes (their INT8 kernels round differently).
+One search drives each INT8 tool: ONNX Runtime's static QDQ quantizer for ``onnx-int8``,
+NNCF for the OpenVINO IR ``openvino-int8`` and LiteRT's converter for ``tflite-int8``. Plain INT8 is tried first. When it misses
+the target (top-1 agreement with Keras, accuracy drop) on the held-out verification set,
+the model is quantized again with the top 1, 2, 4, ... layers of a per-layer error
+ranking kept in FP32 until the target is met, then the count is narrowed by bisection.
+Each candidate is judged by the runtime backend that will run it; the search is bounded
+in trials and seconds.
+
+The ranking (:mod:`edgeclf.export.int8_layers`) measures on *calibration* images, never
+on the images the candidates are judged on, how much error each node's quantization adds
+in a QDQ model run by ONNX Runtime. It is computed once per export and shared by the ONNX
+Runtime and NNCF searches (both name layers by their ONNX nodes; which layers are fragile
+is a property of the model's activations more than of the tool). LiteRT names its layers
+by their output tensors and ranks them with its own debugger
+(:mod:`edgeclf.export.tflite_int8`).
 """
 
 from __future__ import annotations
 
+import math
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from edgeclf.errors import InvalidInputError
-from edgeclf.export.int8_layers import layer_errors
-from edgeclf.export.onnx_int8 import never_quantized, onnx_to_int8
+from edgeclf.export.int8_layers import LayerError, layer_errors
+from edgeclf.export.onnx_int8 import CALIBRATION_METHODS, never_quantized, onnx_to_int8
 from edgeclf.progress import log
 from edgeclf.runtime.checks import Tolerance
 from edgeclf.runtime.verifier import check_entry
@@ -41,7 +49,7 @@ class Int8Target:
 
     min_agreement: float = 0.99
     max_accuracy_drop: float = 0.005
-    max_trials: int = 12  # quantizations after the plain one
+    max_trials: int = 12  # quantizations with layers in FP32, after plain INT8's calibrations
     max_seconds: float = 900.0
 
     def __post_init__(self) -> None:
@@ -54,75 +62,166 @@ class Int8Target:
             raise InvalidInputError(f"the INT8 search needs max_trials >= 0 and max_seconds > 0. Received: "
                                     f"{self.max_trials}, {self.max_seconds}")
 
+    def images_to_judge(self) -> int:
+        """Held-out images needed for the agreement target to be measurable: with N images one
+        disagreement costs 1/N, so 0.99 takes at least 100 (and 1.0 any number)."""
+        return 1 if self.min_agreement >= 1.0 else math.ceil(round(1.0 / (1.0 - self.min_agreement), 6))
+
     def tolerance(self) -> Tolerance:
         return Tolerance(rtol=None, atol=0.0, min_agreement=self.min_agreement,
                          max_accuracy_drop=self.max_accuracy_drop)
 
 
-def _figures(report: dict[str, Any]) -> dict[str, Any]:
+def figures_of(report: dict[str, Any]) -> dict[str, Any]:
+    """Agreement, accuracy drop and verdict of a check_entry report."""
     return {"agreement": report.get("top1_agreement"), "accuracy_drop":
             None if "accuracy" not in report else report["accuracy_keras"] - report["accuracy"],
             "passed": report["passed"]}
 
 
-def quantize_to_target(src: Path, out: Path, calibration: np.ndarray, reference: VerificationSet,
-                       labels: list[int], target: Int8Target, method: str = "minmax",
-                       reduce_range: bool = True, also_openvino: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Quantizer:
+    """One INT8 tool the search drives."""
+
+    format: str  # the artifact it makes ("onnx-int8"), for the log
+    backend: str  # the runtime backend that judges its candidates
+    suffix: str  # of a candidate's entry file
+    #: (FP32 ONNX, out, ONNX node names kept in FP32, calibration) -> the INT8 model written to out.
+    quantize: Callable[[Path, Path, Sequence[str], str], None]
+    #: Calibrations plain INT8 tries, in order, before any layer is kept in FP32.
+    calibrations: tuple[str, ...]
+    #: A candidate's files (an OpenVINO IR has its weights beside it).
+    files: Callable[[Path], list[Path]] = lambda entry: [entry]
+    description: str = ""
+
+
+def qdq_quantizer(calibration: np.ndarray, method: str | None, reduce_range: bool) -> Quantizer:
+    """ONNX Runtime's static QDQ quantization (``nodes_to_exclude`` keeps nodes in FP32).
+
+    ``method``: the calibrator, or None for min-max first, then onnxruntime's other
+    calibrators while plain INT8 misses the target (on the main job's model, entropy
+    ranges agreed with Keras on one more image in 256 than min-max).
+    The search writes its candidates into one folder, where each calibration's ranges are
+    cached, so a fallback trial does not calibrate again.
+    """
+    def quantize(src: Path, out: Path, keep: Sequence[str], method: str) -> None:
+        onnx_to_int8(src, out, calibration, method, reduce_range, keep_fp32=keep,
+                     cache=out.parent / f"calibration.{method}.json")
+
+    return Quantizer("onnx-int8", "onnxruntime", ".onnx", quantize, (method,) if method else CALIBRATION_METHODS,
+                     description="onnxruntime quantize_static (QDQ)")
+
+
+def nncf_quantizer(calibration: np.ndarray, reduce_range: bool) -> Quantizer:
+    """NNCF's post-training quantization of the FP32 OpenVINO model (an ignored scope keeps nodes in FP32)."""
+    from edgeclf.export.openvino_ir import ir_files, onnx_to_openvino_int8
+
+    return Quantizer("openvino-int8", "openvino", ".xml",
+                     lambda src, out, keep, _: onnx_to_openvino_int8(src, out, calibration, reduce_range, keep),
+                     ("nncf",), files=ir_files, description="nncf.quantize (OpenVINO)")
+
+
+def litert_quantizer(litert) -> Quantizer:
+    """LiteRT's full-integer converter; its quantization debugger's denylist keeps layers in float.
+
+    ``litert``: an :class:`edgeclf.export.tflite_int8.LiteRTInt8` (calibrated once, also the ranking).
+    """
+    return Quantizer("tflite-int8", "tflite", ".tflite", litert.quantize, ("minmax",),
+                     description="LiteRT converter, full-integer (float layers by the quantization debugger)")
+
+
+class LayerRanking:
+    """The per-layer INT8 error ranking of one FP32 ONNX model, computed on first use."""
+
+    def __init__(self, src: Path, calibration: np.ndarray, method: str = "minmax", reduce_range: bool = True):
+        self.src, self.images = src, calibration[:RANKING_IMAGES]
+        self._calibration, self._method, self._reduce_range = calibration, method, reduce_range
+        self._layers: list[LayerError] | None = None
+
+    def layers(self, plain_qdq: Path | None = None) -> list[LayerError]:
+        """The ranking; ``plain_qdq`` is a plain QDQ model of ``src`` to measure (one is made otherwise)."""
+        if self._layers is None:
+            with tempfile.TemporaryDirectory(prefix=".ranking.", dir=self.src.parent) as tmp:
+                if plain_qdq is None:
+                    plain_qdq = Path(tmp) / "plain.onnx"
+                    onnx_to_int8(self.src, plain_qdq, self._calibration, self._method, self._reduce_range)
+                self._layers = layer_errors(self.src, plain_qdq, self.images, skip=set(never_quantized(self.src)))
+        return self._layers
+
+    @property
+    def description(self) -> str:
+        return (f"error each node's QDQ quantization adds (onnxruntime, {self._method}), "
+                f"on {len(self.images)} calibration images")
+
+
+def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, ranking: LayerRanking,
+                       reference: VerificationSet, labels: list[int], target: Int8Target) -> dict[str, Any]:
     """Write to ``out`` the INT8 model with the fewest FP32 layers that meets ``target``
     (or, if none does within the bounds, the best one tried).
+
+    Args:
+        src: the FP32 ONNX quantized (None for LiteRT, which quantizes the Keras model).
+        ranking: the per-layer error ranking (:class:`LayerRanking`, or LiteRT's own).
 
     Returns:
         The search report for bundle.json: the target, each trial's kept layers and
         figures, the layers kept in FP32, and the per-layer error ranking.
     """
     started = time.perf_counter()
-    work = out.parent / f".{out.stem}.search"
-    work.mkdir(exist_ok=True)
-    cache = work / "calibration.json"
+    work = Path(tempfile.mkdtemp(prefix=f".{out.stem}.search.", dir=out.parent))
     tolerance = target.tolerance()
 
-    def trial(keep: list[str], layers: int) -> dict[str, Any]:
-        candidate = work / f"keep{len(keep)}.onnx"
-        onnx_to_int8(src, candidate, calibration, method, reduce_range, keep_fp32=keep, cache=cache)
-        figures = _figures(check_entry(candidate, "onnxruntime", None, reference, labels, tolerance))
-        if also_openvino:
-            from edgeclf.export.openvino_ir import onnx_to_openvino
+    def candidate(keep: Sequence[str], calibration: str) -> Path:
+        return work / f"{calibration}.keep{len(keep)}{quantizer.suffix}"
 
-            ir = work / f"keep{len(keep)}.xml"
-            onnx_to_openvino(candidate, ir)
-            openvino = _figures(check_entry(ir, "openvino", None, reference, labels, tolerance))
-            figures = {"agreement": min(figures["agreement"], openvino["agreement"]),
-                       "accuracy_drop": max(figures["accuracy_drop"], openvino["accuracy_drop"]),
-                       "passed": figures["passed"] and openvino["passed"], "onnxruntime": figures,
-                       "openvino": openvino}
-        figures.update(layers=layers, seconds=round(time.perf_counter() - started, 1))
-        log(f"  onnx-int8     {layers:>3} layers in FP32: agreement {figures['agreement']:.4f}, "
-            f"accuracy drop {figures['accuracy_drop']:+.4f}{'  meets the target' if figures['passed'] else ''}")
+    def trial(keep: list[str], layers: int, calibration: str) -> dict[str, Any]:
+        quantizer.quantize(src, candidate(keep, calibration), keep, calibration)
+        figures = figures_of(check_entry(candidate(keep, calibration), quantizer.backend, None, reference, labels,
+                                       tolerance))
+        figures.update(layers=layers, calibration=calibration, seconds=round(time.perf_counter() - started, 1))
+        log(f"  {quantizer.format:<14}{layers:>3} layers in FP32 ({calibration}): agreement "
+            f"{figures['agreement']:.4f}, accuracy drop {figures['accuracy_drop']:+.4f}"
+            f"{'  meets the target' if figures['passed'] else ''}")
         return figures
 
     try:
-        trials = [trial([], 0)]
-        ranked = layer_errors(src, work / "keep0.onnx", calibration[:RANKING_IMAGES], skip=set(never_quantized(src)))
+        plain: list[dict[str, Any]] = []
+        for calibration in quantizer.calibrations:  # better calibration before any layer leaves INT8
+            plain.append(trial([], 0, calibration))
+            if plain[-1]["passed"] or time.perf_counter() - started > target.max_seconds:
+                break
+        first = quantizer.calibrations[0]
+        ranked = ranking.layers(candidate([], first) if quantizer.backend == "onnxruntime" else None)
         units = [[e.node, *e.companions] for e in ranked]  # keeping a Conv in FP32 keeps its Relu too
-        best = 0
-        if not trials[0]["passed"]:
-            best = _search(trials, units, trial, target, started)
-        shutil.copyfile(work / f"keep{sum(len(u) for u in units[:best])}.onnx", out)
+        chosen = next((t for t in plain if t["passed"]), None) or max(plain, key=_closeness)
+        trials, best = [chosen], 0
+        if not chosen["passed"]:
+            best = _search(quantizer.format, trials, units,
+                           lambda keep, layers: trial(keep, layers, chosen["calibration"]), target, started)
+        keep = [name for unit in units[:best] for name in unit]
+        made = candidate(keep, chosen["calibration"])
+        for final, tmp in reversed(list(zip(quantizer.files(out), quantizer.files(made)))):
+            shutil.copyfile(tmp, final)  # weights first: the entry file never names missing weights
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    kept = [name for unit in units[:best] for name in unit]
     return {
-        "target": asdict(target), "method": method, "plain": trials[0], "trials": trials[1:],
-        "kept_fp32": kept, "kept_fp32_layers": best, "met": any(t["passed"] for t in trials),
+        "target": asdict(target), "quantizer": quantizer.description, "calibration": chosen["calibration"],
+        "plain": chosen, "calibrations": plain, "trials": trials[1:],
+        "kept_fp32": keep, "kept_fp32_layers": best, "met": any(t["passed"] for t in trials),
         "seconds": round(time.perf_counter() - started, 1),
-        "ranked_on": f"{min(RANKING_IMAGES, len(calibration))} calibration images",
-        "judged_on": f"{len(reference)} held-out verification images"
-                     + (" with onnxruntime and openvino" if also_openvino else " with onnxruntime"),
+        "ranked_by": ranking.description,
+        "judged_on": f"{len(reference)} held-out verification images with {quantizer.backend}",
         "layers": [e.to_dict() | {"kept_fp32": i < best} for i, e in enumerate(ranked[:max(REPORTED_LAYERS, best)])],
     }
 
 
-def _search(trials: list[dict], units: list[list[str]], trial, target: Int8Target, started: float) -> int:
+def _closeness(trial: dict[str, Any]) -> tuple[float, float]:
+    """Order of trials that miss the target: agreement first, then the smaller accuracy drop."""
+    return trial["agreement"], -trial["accuracy_drop"]
+
+
+def _search(fmt: str, trials: list[dict], units: list[list[str]], trial, target: Int8Target,
+            started: float) -> int:
     """How many of the ranked layers to keep in FP32: doubling until the target is met, then
     bisection; returns the smallest count that met it, or the best tried when none did."""
     def budget_left() -> bool:
@@ -146,7 +245,7 @@ def _search(trials: list[dict], units: list[list[str]], trial, target: Int8Targe
             low = middle
     if high is not None:
         return high
-    log(f"  onnx-int8     no trial met the target within {target.max_trials} trials / {target.max_seconds:.0f} s; "
+    log(f"  {fmt:<14}no trial met the target within {target.max_trials} trials / {target.max_seconds:.0f} s; "
         f"keeping the best one found")
-    best = max(trials, key=lambda t: (t["agreement"], -t["accuracy_drop"]))
+    best = max(trials, key=_closeness)
     return best.get("layers", 0)

@@ -53,7 +53,8 @@ def never_quantized(model) -> list[str]:
 
 
 def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: str = "minmax",
-                 reduce_range: bool = True, keep_fp32: Sequence[str] = (), cache: Path | None = None) -> None:
+                 reduce_range: bool = True, keep_fp32: Sequence[str] = (), cache: Path | None = None,
+                 for_tensorrt: bool = False) -> None:
     """Quantize ``src`` to ``out``: QDQ format, per-channel INT8 weights, UINT8 activations.
 
     Unsigned activations with signed weights (U8S8) is the layout x86 integer kernels
@@ -73,6 +74,10 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
         cache: a JSON file of calibrated ranges: written by the first call, read by the
             next ones, so a search that quantizes again with other ``keep_fp32``
             nodes calibrates only once.
+        for_tensorrt: the layout TensorRT's explicit quantization takes instead: INT8
+            activations with zero point 0 (it parses no UINT8 and quantizes only
+            symmetrically), float biases (it takes no INT32 DequantizeLinear), and only
+            convolutions and matrix products quantized.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -87,13 +92,17 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
         try:
             # The histogram calibrators stack batches, so they need equal ones.
             batch = 16 if method == "minmax" else 1
+            layout = {"activation_type": QuantType.QUInt8}
+            if for_tensorrt:
+                layout = {"activation_type": QuantType.QInt8, "op_types_to_quantize": ["Conv", "MatMul", "Gemm"],
+                          "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True,
+                                            "QuantizeBias": False}}
             with _quiet_root_logger():
                 quantize_static(
                     str(src), str(tmp), _ImageReader(calibration_images, batch),
                     quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, calibrate_method=methods[method],
-                    calibration_cache_path=str(cache) if cache is not None else None,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=methods[method],
+                    calibration_cache_path=str(cache) if cache is not None else None, **layout,
                 )
         except Exception as exc:
             raise ConversionError(f"onnxruntime could not quantize {src.name} to INT8: {exc}") from exc
@@ -101,7 +110,8 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
         meta = read_onnx_metadata(proto)
         meta["precision"] = "int8"
         meta["calibration"] = {"images": int(len(calibration_images)), "method": method}
-        meta["quantization"] = {"format": "QDQ", "activations": "uint8 (per tensor)",
+        meta["quantization"] = {"format": "QDQ", "activations": f"{'int8 symmetric' if for_tensorrt else 'uint8'} "
+                                                                  "(per tensor)",
                                 "weights": f"int8 per-channel{', 7-bit range' if reduce_range else ''}",
                                 "kept_fp32": list(keep_fp32)}
         set_onnx_metadata(quantized, meta)

@@ -1,8 +1,9 @@
-"""FP16 ONNX -> TensorRT engine, with ``tensorrt`` or ``tensorrt_rtx``.
+"""ONNX -> TensorRT engine, with ``tensorrt`` or ``tensorrt_rtx``: FP16 from the FP16 ONNX,
+INT8 from a QDQ ONNX (explicit quantization).
 
 Only the API the two modules share is used. The network is *strongly typed*: the
-engine computes in the types the FP16 ONNX already has (TensorRT-RTX builds nothing
-else, and for ``tensorrt`` it is the way to get exactly the validated FP16 graph rather
+engine computes in the types the ONNX already has (TensorRT-RTX builds nothing
+else, and for ``tensorrt`` it is the way to get exactly the validated graph rather
 than letting the builder choose per layer). ``tensorrt`` needs a GPU and builds for it;
 ``tensorrt_rtx`` builds ahead of time without one, for the compute capabilities asked
 for, and compiles kernels just in time on the device. The engine file is written by
@@ -25,6 +26,10 @@ from edgeclf.runtime.backends.tensorrt import tensorrt_module
 
 #: TensorRT-RTX targets, by the name of its ``ComputeCapability`` member.
 RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
+#: TensorRT-RTX compiles no FP32 matrix product for Turing (SM75: "FP32 GEMM is not
+#: supported"), and an INT8 engine keeps the layers that are not quantized in FP32; so
+#: without a GPU to build for, an INT8 engine targets Ampere and newer.
+INT8_FIRST_TARGET = "8.0"
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def default_timing_cache(flavour: str, version: str) -> Path:
     return root / "edgeclf" / f"{flavour}-{version}.timing-cache"
 
 
-def _targets(trt, flavour: str, wanted: tuple[str, ...] | None) -> list[str]:
+def _targets(trt, flavour: str, wanted: tuple[str, ...] | None, precision: str = "fp16") -> list[str]:
     here = local_compute_capability()
     if wanted is None:
         if here is not None:
@@ -61,7 +66,8 @@ def _targets(trt, flavour: str, wanted: tuple[str, ...] | None) -> list[str]:
         if flavour == "tensorrt":
             raise ConversionError("tensorrt builds engines only on a GPU, and none was found here; "
                                   "use tensorrt_rtx (pip install 'edgeclf[rtx]') to build ahead of time")
-        return [cc for cc in RTX_TARGETS if hasattr(trt.ComputeCapability, RTX_TARGETS[cc])]
+        first = list(RTX_TARGETS).index(INT8_FIRST_TARGET) if precision == "int8" else 0
+        return [cc for cc in list(RTX_TARGETS)[first:] if hasattr(trt.ComputeCapability, RTX_TARGETS[cc])]
     if flavour == "tensorrt":
         if list(wanted) != [here]:
             raise InvalidInputError(f"tensorrt builds only for the GPU it runs on ({here}). "
@@ -90,10 +96,11 @@ def _logger(trt):
 
 
 def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOptions) -> dict[str, Any]:
-    """Build a TensorRT engine from the FP16 ONNX ``src`` and write it with its header to ``out``.
+    """Build a TensorRT engine from the FP16 or QDQ INT8 ONNX ``src`` and write it with its
+    header to ``out``.
 
     Args:
-        meta: the artifact's self-description (labels, input spec...), put in the header.
+        meta: the artifact's self-description (labels, input spec, precision...), put in the header.
 
     Returns:
         The header as written.
@@ -102,7 +109,8 @@ def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOp
         ConversionError: the ONNX parser or the builder failed (carries their messages).
     """
     trt, flavour = tensorrt_module()
-    targets = _targets(trt, flavour, options.compute_capabilities)
+    precision = meta.get("precision", "fp16")
+    targets = _targets(trt, flavour, options.compute_capabilities, precision)
     logger = _logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -130,7 +138,7 @@ def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOp
         for i, cc in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, RTX_TARGETS[cc]), i)
 
-    log(f"building a {flavour} {trt.__version__} FP16 engine for compute capability {', '.join(targets)}, "
+    log(f"building a {flavour} {trt.__version__} {precision.upper()} engine for compute capability {', '.join(targets)}, "
         f"batch {low}..{high} (opt {opt})")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -158,3 +166,19 @@ def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOp
         "io": io,
     }
     return write_engine(out, header, bytes(plan))
+
+
+def onnx_to_int8_engine(src: Path, out: Path, calibration, method: str, meta: dict[str, Any],
+                        options: EngineOptions) -> tuple[dict[str, Any], Path]:
+    """Quantize the FP32 ONNX ``src`` in TensorRT's QDQ layout and build an INT8 engine from it.
+
+    Returns:
+        The engine's header and the QDQ ONNX it was built from (beside ``out``; the caller
+        checks it with ONNX Runtime and removes it).
+    """
+    from edgeclf.export.onnx_int8 import onnx_to_int8
+
+    qdq = out.with_name(f".{out.stem}.qdq.onnx")
+    # 8-bit weights: GPUs accumulate INT8 products in 32 bits, so nothing saturates.
+    onnx_to_int8(src, qdq, calibration, method, reduce_range=False, for_tensorrt=True)
+    return onnx_to_engine(qdq, out, meta, options), qdq

@@ -53,6 +53,36 @@ def embed_tflite_metadata(flatbuffer: bytes, meta: dict[str, Any]) -> bytes:
     return bytes(builder.Output())
 
 
+def saved_model_converter(model, bundle: Bundle, workdir: Path):
+    """A ``TFLiteConverter`` of the bundle's serving function (uint8 pixels in, logits and
+    label out), written as a SavedModel under ``workdir`` (which the caller removes)."""
+    import keras
+    import tensorflow as tf
+
+    serve, spec = serving_function(model, bundle)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serving_default", fn=serve, input_signature=[spec])
+    archive.write_out(str(workdir / "saved_model"), verbose=False)
+    return tf.lite.TFLiteConverter.from_saved_model(str(workdir / "saved_model"))
+
+
+def representative_dataset(images: np.ndarray):
+    """The converter's calibration feed: one image per step (the signature's batch is dynamic)."""
+    return lambda: ({"pixels": images[i:i + 1]} for i in range(len(images)))
+
+
+def write_tflite(flatbuffer: bytes, bundle: Bundle, out: Path, precision: str,
+                 calibration_images: np.ndarray | None = None, kept_float: list[str] | None = None) -> None:
+    """Write ``flatbuffer`` to ``out`` (atomically) with edgeclf's metadata embedded."""
+    meta = artifact_metadata(bundle, precision)
+    if precision == "int8":
+        meta["calibration"] = {"images": len(calibration_images), "method": "minmax (TFLite converter)"}
+        meta["quantization"] = {"activations": "int8", "weights": "int8 per-channel",
+                                "edges": "uint8 pixels in, float32 logits out", "kept_float": kept_float or []}
+    atomic_write_bytes(out, embed_tflite_metadata(flatbuffer, meta))
+
+
 def keras_to_tflite(model, bundle: Bundle, out: Path, precision: str = "fp32",
                     calibration_images: np.ndarray | None = None) -> None:
     """Convert the bundle's Keras ``model`` to a ``.tflite`` file.
@@ -61,28 +91,20 @@ def keras_to_tflite(model, bundle: Bundle, out: Path, precision: str = "fp32",
         precision: "fp32", "fp16" (FP16 weights) or "int8" (full-integer).
         calibration_images: uint8 NHWC images for INT8's activation ranges.
     """
-    import keras
     import tensorflow as tf
 
     if precision == "int8" and (calibration_images is None or len(calibration_images) == 0):
         raise InvalidInputError("TFLite INT8 needs calibration images (uint8 NHWC); received none")
 
-    serve, spec = serving_function(model, bundle)
     workdir = Path(tempfile.mkdtemp(prefix=".tflite.", dir=out.parent))
     try:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint(name="serving_default", fn=serve, input_signature=[spec])
-        archive.write_out(str(workdir / "saved_model"), verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(workdir / "saved_model"))
+        converter = saved_model_converter(model, bundle, workdir)
         if precision == "fp16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
         elif precision == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            # One image per step: the batch dimension of the signature is dynamic.
-            converter.representative_dataset = lambda: ({"pixels": calibration_images[i:i + 1]}
-                                                        for i in range(len(calibration_images)))
+            converter.representative_dataset = representative_dataset(calibration_images)
             # Fail rather than silently keep a float op: "full-integer" must mean it.
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         with warnings.catch_warnings():
@@ -93,9 +115,4 @@ def keras_to_tflite(model, bundle: Bundle, out: Path, precision: str = "fp32",
         raise ConversionError(f"the TFLite converter failed ({precision}): {exc}") from exc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    meta = artifact_metadata(bundle, precision)
-    if precision == "int8":
-        meta["calibration"] = {"images": len(calibration_images), "method": "minmax (TFLite converter)"}
-        meta["quantization"] = {"activations": "int8", "weights": "int8 per-channel",
-                                "edges": "uint8 pixels in, float32 logits out"}
-    atomic_write_bytes(out, embed_tflite_metadata(flatbuffer, meta))
+    write_tflite(flatbuffer, bundle, out, precision, calibration_images)

@@ -116,7 +116,9 @@ def _no_benchmarks_here(bundle: Bundle) -> str:
 def _by_hardware(bundle: Bundle, hardware: Hardware) -> Choice | None:
     order: list[tuple[str, str | None, str]] = []
     if hardware.gpu_compute_capability:
-        order.append(("tensorrt", None, f"NVIDIA GPU (compute capability {hardware.gpu_compute_capability})"))
+        gpu = f"NVIDIA GPU (compute capability {hardware.gpu_compute_capability})"
+        order.append(("tensorrt-int8", None, f"{gpu}: TensorRT INT8, validated on a GPU"))
+        order.append(("tensorrt", None, gpu))
     if hardware.intel and hardware.amx:
         order.append(("openvino", "bf16", "Intel CPU with AMX: OpenVINO in BF16, verified on this machine"))
     if hardware.intel and hardware.vnni:

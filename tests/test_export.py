@@ -29,11 +29,11 @@ from edgeclf.runtime.checks import Tolerance  # noqa: E402
 def test_every_format_is_produced_validated_and_recorded(exported):
     bundle, records = exported
     assert [r["format"] for r in records] == ["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8",
-                                              "tensorrt", "tflite", "tflite-fp16", "tflite-int8"]
+                                              "tensorrt", "tensorrt-int8", "tflite", "tflite-fp16", "tflite-int8"]
     saved = json.loads((bundle.path / "bundle.json").read_text())["artifacts"]
     for record in records:
         path = bundle.path / record["file"]
-        if record["format"] == "tensorrt" and local_compute_capability() is None:
+        if record["format"].startswith("tensorrt") and local_compute_capability() is None:
             assert record["status"] == "unvalidated" and "no NVIDIA GPU" in record["validation"]["skipped"]
             continue
         assert record["status"] == "validated", record["validation"]
@@ -47,12 +47,18 @@ def test_every_format_is_produced_validated_and_recorded(exported):
         assert report["top1_agreement"] >= report["tolerance"]["min_agreement"]
     sizes = {r["format"]: r["size_bytes"] for r in records}
     # INT8 is about a quarter of FP32, plus what the accuracy search kept in FP32.
-    int8_bound = 0.35 if not records[2]["quantization"]["kept_fp32"] else 0.95
-    assert sizes["onnx-fp16"] < 0.6 * sizes["onnx"] and sizes["onnx-int8"] < int8_bound * sizes["onnx"]
-    assert sizes["openvino-int8"] < int8_bound * sizes["openvino"]
-    assert sizes["tflite-fp16"] < 0.6 * sizes["tflite"] and sizes["tflite-int8"] < 0.35 * sizes["tflite"]
+    def int8_bound(record):
+        return 0.35 if not record["quantization"]["kept_fp32"] else 0.95
+
+    assert sizes["onnx-fp16"] < 0.6 * sizes["onnx"] and sizes["onnx-int8"] < int8_bound(records[2]) * sizes["onnx"]
+    assert sizes["openvino-int8"] < int8_bound(records[4]) * sizes["openvino"]
+    assert sizes["tflite-fp16"] < 0.6 * sizes["tflite"] and sizes["tflite-int8"] < int8_bound(records[-1]) * sizes["tflite"]
     assert records[3]["weights_sha256"] == sha256_file(bundle.path / "model.openvino.bin")
-    assert records[2]["calibration"] == {"images": 200, "method": "minmax", "reduce_range": True}
+    # min-max first; onnxruntime's other calibrators only where it misses the INT8 target.
+    chosen = records[2]["quantization"]["calibration"]
+    assert records[2]["calibration"] == {"images": 200, "method": chosen, "reduce_range": True}
+    assert records[2]["quantization"]["calibrations"][0]["calibration"] == "minmax"
+    assert records[4]["calibration"]["images"] == 200 and records[4]["calibration"]["method"].startswith("nncf")
     assert records[-1]["calibration"]["images"] == 200
 
 
@@ -122,12 +128,17 @@ def test_tflite_takes_uint8_and_carries_metadata(exported):
         meta = read_tflite_metadata(bundle.path / name)
         assert meta["labels"] == [-2, 3, 10] and meta["precision"] == precision
         assert meta["source_model_sha256"] == bundle.meta["model"]["sha256"]
-        if precision == "int8":  # full-integer: every convolution and dense layer computes in INT8
-            dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+        if precision == "int8":  # full-integer: every convolution and dense layer computes in INT8,
+            # but those the INT8 search kept in float (named by their output tensors)
+            kept = set(meta["quantization"]["kept_float"])
+            tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
             ops = interpreter._get_ops_details()  # no public API lists ops
             compute = [op for op in ops if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
             assert len(compute) == 96  # InceptionV3's 94 convolutions and the 2 dense layers
-            assert all(dtypes[op["inputs"][0]] == np.int8 and dtypes[op["inputs"][1]] == np.int8 for op in compute)
+            int8 = [op for op in compute if tensors[op["outputs"][0]]["name"] not in kept]
+            assert len(int8) >= 96 - len(kept) and all(
+                tensors[op["inputs"][0]]["dtype"] == np.int8 and tensors[op["inputs"][1]]["dtype"] == np.int8
+                for op in int8)
             assert meta["calibration"]["images"] == 200
 
 
@@ -160,7 +171,8 @@ def test_validation_failure_keeps_an_unvalidated_file(exported, tmp_path):
     with pytest.raises(ValidationError, match=r"onnx: max \|logit diff\|, top-1 agreement, accuracy drop "
                                               r"\(kept as model.unvalidated.onnx\); onnx-int8: .*"
                                               r"model.int8.unvalidated.onnx"):
-        export_bundle(path, "onnx,openvino-int8", ExportOptions(calibration_images=100, tolerances=tolerances))
+        export_bundle(path, "onnx,onnx-int8,openvino-int8",
+                      ExportOptions(calibration_images=100, tolerances=tolerances))
     for name in ("model", "model.int8"):
         assert (path / f"{name}.unvalidated.onnx").is_file()
     artifacts = Bundle.load(path).meta["artifacts"]
@@ -180,7 +192,8 @@ def test_unknown_format_lists_the_valid_ones():
         parse_formats("onnx,tflite2")
     assert [f.name for f in parse_formats("onnx-int8,onnx")] == ["onnx", "onnx-int8"]
     # What a format is converted from is built too, in order.
-    assert [f.name for f in parse_formats("openvino-int8")] == ["onnx", "onnx-int8", "openvino-int8"]
+    assert [f.name for f in parse_formats("openvino-int8")] == ["onnx", "openvino-int8"]
+    assert [f.name for f in parse_formats("tensorrt")] == ["onnx", "onnx-fp16", "tensorrt"]
 
 
 def test_bundle_missing_or_corrupt(tmp_path):

@@ -1,4 +1,4 @@
-"""TensorRT FP16 engines: a real build (tensorrt_rtx builds without a GPU) and the engine file's header."""
+"""TensorRT FP16 and INT8 engines: a real build (tensorrt_rtx builds without a GPU) and the engine file's header."""
 
 from __future__ import annotations
 
@@ -38,6 +38,29 @@ def test_exported_engine_describes_itself(exported):
     assert record["target"] == header["target"] and header["target"]["compute_capabilities"]
     # The plan holds the FP16 weights (InceptionV3: ~48 MB), not just a graph.
     assert len(plan) == header["plan_bytes"] > 0.8 * (bundle.path / "model.fp16.onnx").stat().st_size
+
+
+def test_int8_engine_is_built_from_a_symmetric_qdq_graph_and_never_called_validated_without_a_gpu(exported):
+    """TensorRT's explicit quantization: INT8 activations with zero point 0, float biases; the
+    engine holds INT8 weights (about a quarter of FP32). Its QDQ graph is checked on ONNX Runtime,
+    but only a GPU run validates the engine."""
+    from edgeclf.gpu import local_compute_capability
+
+    bundle, records = exported
+    (record,) = [r for r in records if r["format"] == "tensorrt-int8"]
+    header, plan = read_engine(bundle.path / record["file"])
+    assert header["precision"] == "int8" and record["precision"] == "int8"
+    assert record["file"] == "model.int8.engine" and header["onnx_file"] == ".model.int8.qdq.onnx"
+    assert not (bundle.path / ".model.int8.qdq.onnx").exists()  # the QDQ graph was a step, not an artifact
+    if local_compute_capability() is None:
+        assert record["status"] == "unvalidated" and "no NVIDIA GPU" in record["validation"]["skipped"]
+        if FLAVOUR == "tensorrt-rtx":  # Turing gets no INT8 engine: TensorRT-RTX has no FP32 GEMM for it
+            assert "7.5" not in header["target"]["compute_capabilities"]
+            assert "8.0" in header["target"]["compute_capabilities"]
+    on_cpu = record["quantization"]["qdq_graph_on_onnxruntime"]
+    assert 0.5 < on_cpu["agreement"] <= 1.0 and isinstance(on_cpu["passed"], bool)
+    assert len(plan) < 0.5 * (bundle.path / "model.onnx").stat().st_size
+    assert record["calibration"] == {"images": 200, "method": "minmax", "reduce_range": False}
 
 
 def test_build_options_reach_the_engine(exported, tmp_path):
