@@ -1,8 +1,9 @@
 """Accuracy-aware INT8: keep the fewest, most harmful layers in FP32.
 
 One search drives each INT8 tool: ONNX Runtime's static QDQ quantizer for ``onnx-int8``,
-NNCF for the OpenVINO IR ``openvino-int8`` and LiteRT's converter for ``tflite-int8``. Plain INT8 is tried first. When it misses
-the target (top-1 agreement with Keras, accuracy drop) on the held-out verification set,
+NNCF for the OpenVINO IR ``openvino-int8`` and LiteRT's converter for ``tflite-int8``.
+Plain INT8 is tried first, with each calibration the tool offers. When it misses the
+target (top-1 agreement with Keras, accuracy drop) on the held-out verification set,
 the model is quantized again with the top 1, 2, 4, ... layers of a per-layer error
 ranking kept in FP32 until the target is met, then the count is narrowed by bisection.
 Each candidate is judged by the runtime backend that will run it; the search is bounded

@@ -138,7 +138,8 @@ def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOp
         for i, cc in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, RTX_TARGETS[cc]), i)
 
-    log(f"building a {flavour} {trt.__version__} {precision.upper()} engine for compute capability {', '.join(targets)}, "
+    log(f"building a {flavour} {trt.__version__} {precision.upper()} engine for compute capability "
+        f"{', '.join(targets)}, "
         f"batch {low}..{high} (opt {opt})")
     plan = builder.build_serialized_network(network, config)
     if plan is None:

@@ -29,6 +29,7 @@ import socket
 import sysconfig
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +45,12 @@ from edgeclf.serve.triton_config import Batching, check_model_name
 # because PyTriton's instances of a model whose callable has raised (a request that did
 # not decode) never finish unloading, and Triton would wait out the whole timeout.
 EXIT_TIMEOUT_S = 10
+#: A model's second and later instances fetch their configuration from its first through a
+#: Unix socket within one second (PyTriton's handshake); on a busy 2-core machine that can
+#: fail ("Connection refused" in get_config_from_handshake_server) and the load with it.
+#: Triton is then started again, at most this many times in all.
+TRITON_STARTS = 3
+HANDSHAKE_RACE = "get_config_from_handshake_server"
 
 
 @dataclass(frozen=True)
@@ -222,28 +229,38 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
     guards: list[Any] = []
     try:
         use_own_libpython()
-        private_http, private_grpc = free_loopback_ports(2)
-        models = _Models(predictor, options.name, f"127.0.0.1:{private_grpc}")
         # Triton logs to a file: read through PyTriton's pipe, its log costs as much CPU as
         # inference when requests fail (each error logs a traceback).
         log_file = options.log_file or _new_log_file()
-        config = pytriton_triton.TritonConfig(
-            http_address="127.0.0.1", http_port=private_http, grpc_address="127.0.0.1", grpc_port=private_grpc,
-            metrics_address=options.host, metrics_port=options.metrics_port,
-            exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=0, log_file=log_file)
         previous = _install_signal_handlers(stop)
-        with pytriton_triton.Triton(config=config) as triton:
-            height, width = predictor.image_size
-            _bind(triton, mc, models, options, height, width, len(predictor.labels))
-            triton.connect()  # returns once both models are loaded and ready
-            _start_guards(options, private_http, private_grpc, guards)
-            if on_ready:
-                on_ready({**_endpoints(options, predictor), "log_file": str(log_file)})
-            while not stop.wait(0.5):
-                if not triton.is_alive():
-                    raise ServerError(f"the Triton server stopped unexpectedly; its log: {log_file}")
-            _stop_guards(guards)  # no new requests; those in flight are answered
-            # Leaving the block stops Triton, which answers the requests in flight first.
+        for start in range(1, TRITON_STARTS + 1):
+            private_http, private_grpc = free_loopback_ports(2)
+            models = _Models(predictor, options.name, f"127.0.0.1:{private_grpc}")
+            config = pytriton_triton.TritonConfig(
+                http_address="127.0.0.1", http_port=private_http, grpc_address="127.0.0.1", grpc_port=private_grpc,
+                metrics_address=options.host, metrics_port=options.metrics_port,
+                exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=0, log_file=log_file)
+            ready = False
+            try:
+                with pytriton_triton.Triton(config=config) as triton:
+                    height, width = predictor.image_size
+                    _bind(triton, mc, models, options, height, width, len(predictor.labels))
+                    triton.connect()  # returns once both models are loaded and ready
+                    ready = True
+                    _start_guards(options, private_http, private_grpc, guards)
+                    if on_ready:
+                        on_ready({**_endpoints(options, predictor), "log_file": str(log_file)})
+                    while not stop.wait(0.5):
+                        if not triton.is_alive():
+                            raise ServerError(f"the Triton server stopped unexpectedly; its log: {log_file}")
+                    _stop_guards(guards)  # no new requests; those in flight are answered
+                    # Leaving the block stops Triton, which answers the requests in flight first.
+                break
+            except Exception as exc:
+                if ready or start == TRITON_STARTS or HANDSHAKE_RACE not in str(exc) or stop.is_set():
+                    raise
+                warnings.warn(f"Triton could not load a model (PyTriton's instance handshake, attempt {start} of "
+                              f"{TRITON_STARTS}); starting it again", stacklevel=2)
     finally:
         _stop_guards(guards)
         _restore_signal_handlers(previous)

@@ -100,12 +100,38 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
     from edgeclf.benchmarks.publish import render
 
     page = render(saved, "make benchmarks")
-    assert "GMAC per image" in page and "| onnx-int8 |" in page and "Reproduce: `make benchmarks`" in page
+    assert "GMAC per image" in page and "| onnx-int8 |" in page and "`make benchmarks`" in page
+    _benchmarks_page_keeps_one_section_per_machine(paths["json"], tmp_path / "docs")
     # backend="auto" now picks from these results.
     stored = Bundle.load(bench_bundle).meta["benchmarks"]
     assert stored["latest"] == machine_key() and stored["machines"][machine_key()]["rows"] == result["rows"]
     assert saved["environment"]["machine"]["cpu_flags"] == sorted(detect().cpu_flags)
     assert "benchmarks" in choose(bench_bundle, "auto", None, detect()).reason
+
+
+def _benchmarks_page_keeps_one_section_per_machine(bench_json, docs):
+    """BENCHMARKS.md: a run replaces its own kind of machine's section and keeps the others'."""
+    import contextlib
+    import io
+    import json
+
+    from edgeclf.benchmarks.publish import add_run, machine_slug, main
+
+    kept = add_run(bench_json, docs)
+    assert kept.name == f"bench_299.{machine_slug(json.loads(bench_json.read_text())['environment'])}.json"
+    assert kept.with_suffix(".png").is_file()
+    other = json.loads(kept.read_text())
+    other["environment"] = {**other["environment"], "cpu": "Intel Xeon (test)",
+                            "cpu_flags": ["amx_bf16", "avx512_vnni", "avx512f"]}
+    other["created"] = "2000-01-01T00:00:00+00:00"
+    (docs / f"bench_299.{machine_slug(other['environment'])}.json").write_text(json.dumps(other))
+    assert add_run(bench_json, docs) == kept and len(list(docs.glob("bench_299.*.json"))) == 2
+    page = io.StringIO()
+    with contextlib.redirect_stdout(page):
+        assert main(["--docs", str(docs)]) == 0
+    headings = [line for line in page.getvalue().splitlines() if line.startswith("## ")]
+    assert len(headings) == 2 and headings[1].startswith("## Intel Xeon (test), ")  # newest first
+    assert "(amx_bf16, avx512_vnni, avx512f)" in headings[1] and page.getvalue().count("### The arithmetic floor") == 2
 
 
 def test_a_backend_failing_mid_run_becomes_a_failed_row(bench_bundle, monkeypatch):

@@ -52,7 +52,8 @@ def test_every_format_is_produced_validated_and_recorded(exported):
 
     assert sizes["onnx-fp16"] < 0.6 * sizes["onnx"] and sizes["onnx-int8"] < int8_bound(records[2]) * sizes["onnx"]
     assert sizes["openvino-int8"] < int8_bound(records[4]) * sizes["openvino"]
-    assert sizes["tflite-fp16"] < 0.6 * sizes["tflite"] and sizes["tflite-int8"] < int8_bound(records[-1]) * sizes["tflite"]
+    assert sizes["tflite-fp16"] < 0.6 * sizes["tflite"]
+    assert sizes["tflite-int8"] < int8_bound(records[-1]) * sizes["tflite"]
     assert records[3]["weights_sha256"] == sha256_file(bundle.path / "model.openvino.bin")
     # min-max first; onnxruntime's other calibrators only where it misses the INT8 target.
     chosen = records[2]["quantization"]["calibration"]

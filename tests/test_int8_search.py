@@ -52,9 +52,10 @@ def test_every_int8_onnx_export_reports_its_layers(exported):
 
 
 def test_litert_meets_a_target_above_plain_int8_with_a_denylist(exported, tmp_path):
-    """LiteRT's full-integer model that misses a target set above it is repaired by keeping
-    its worst ops in float (the quantization debugger's denylist): their outputs are float32
-    tensors in the file, the rest stay INT8."""
+    """LiteRT's full-integer model that misses the target is repaired by keeping its worst ops
+    in float (the quantization debugger's denylist): their outputs are float32 tensors in the
+    file, the rest stay INT8. Calibrated on 3 images, so that plain INT8 misses on this small
+    model (calibrated well it agrees on every image)."""
     from ai_edge_litert.interpreter import Interpreter
 
     from edgeclf.export.exporter import _calibration_images
@@ -63,30 +64,28 @@ def test_litert_meets_a_target_above_plain_int8_with_a_denylist(exported, tmp_pa
     from edgeclf.export.tflite_int8 import LiteRTInt8
     from edgeclf.train.evaluate import load_keras_model
 
-    bundle, records = exported
-    plain = _record(records, "tflite-int8")["quantization"]["plain"]
+    bundle, _ = exported
     reference = load_verification_set(bundle)
-    if plain["agreement"] == 1.0:
-        pytest.skip("LiteRT INT8 already agrees on every image on this CPU: no target above it")
-    litert = LiteRTInt8(load_keras_model(bundle), bundle, _calibration_images(reference_sets(bundle)[0], 200))
-    target = Int8Target(min_agreement=min(1.0, plain["agreement"] + 0.5 / len(reference)), max_accuracy_drop=0.02,
-                        max_trials=8)
+    litert = LiteRTInt8(load_keras_model(bundle), bundle, _calibration_images(reference_sets(bundle)[0], 3))
+    # 9 trials reach every op by doubling (fewer than 256 of them), so the target is met.
+    target = Int8Target(min_agreement=1.0, max_accuracy_drop=0.02, max_trials=9)
     out = tmp_path / "model.int8.tflite"
     q = quantize_to_target(litert_quantizer(litert), None, out, litert, reference, bundle.labels, target)
-    assert q["plain"]["agreement"] == plain["agreement"] and q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
+    if q["plain"]["passed"]:
+        pytest.skip("even poorly calibrated LiteRT INT8 agrees on every image on this CPU: no target above it")
+    assert q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
     tensors = {t["name"]: t["dtype"] for t in Interpreter(model_path=str(out)).get_tensor_details()}
     assert q["kept_fp32"] and all(tensors[name] == np.float32 for name in q["kept_fp32"])
-    assert sum(dtype == np.int8 for dtype in tensors.values()) > 100
-
+    assert sum(dtype == np.int8 for dtype in tensors.values()) > 50
 
 def test_nncf_meets_a_target_above_plain_int8_with_an_ignored_scope(exported, tmp_path):
     """NNCF's OpenVINO INT8 that misses the target is repaired by keeping the top-ranked
     convolutions in FP32 (an ignored scope): those convolutions have float weights and
     inputs in the IR, the others stay INT8.
 
-    NNCF's plain INT8 agrees on every image of this small model, so the test asks for
-    8-bit weights everywhere, which CPUs without VNNI saturate; on a VNNI/AMX CPU that is
-    exact too, and the test is skipped there."""
+    NNCF's plain INT8 agrees on every image of this small model when calibrated well, so the
+    test calibrates on 3 images (ranges too narrow: activations clip) and asks for 8-bit
+    weights everywhere (which CPUs without VNNI saturate)."""
     pytest.importorskip("nncf")
     import openvino as ov
 
@@ -96,7 +95,7 @@ def test_nncf_meets_a_target_above_plain_int8_with_an_ignored_scope(exported, tm
 
     bundle, _ = exported
     reference = load_verification_set(bundle)
-    calibration = _calibration_images(reference_sets(bundle)[0], 60)
+    calibration = _calibration_images(reference_sets(bundle)[0], 3)
     src = tmp_path / "model.onnx"
     shutil.copyfile(bundle.path / "model.onnx", src)
     # 8 trials reach every layer by doubling (InceptionV3 has under 128), so the target is met.
@@ -105,7 +104,7 @@ def test_nncf_meets_a_target_above_plain_int8_with_an_ignored_scope(exported, tm
     q = quantize_to_target(nncf_quantizer(calibration, reduce_range=False), src, out, LayerRanking(src, calibration),
                            reference, bundle.labels, target)
     if q["plain"]["passed"]:
-        pytest.skip("NNCF INT8 with 8-bit weights agrees on every image on this CPU: no target above it")
+        pytest.skip("even poorly calibrated NNCF INT8 agrees on every image on this CPU: no target above it")
     assert q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
     assert out.is_file() and out.with_suffix(".bin").is_file()
     convolutions = {op.get_friendly_name(): op for op in ov.Core().read_model(str(out)).get_ops()
