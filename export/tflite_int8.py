@@ -94,23 +94,31 @@ class LiteRTInt8:
 
             debugger = self._debugger_for(Path(tempfile.gettempdir()))
             debugger._debug_options = self._options()  # the plain model, instrumented (see quantize)
-            # A debugger made from the instrumented model keeps every tensor readable after a run
-            # (one made from a converter does not), which comparing float and INT8 values needs.
-            measured = tf.lite.experimental.QuantizationDebugger(
-                quant_debug_model_content=debugger.get_debug_quantized_model(),
-                debug_dataset=lambda: ([image[None]] for image in self._ranking),
-                debug_options=tf.lite.experimental.QuantizationDebugOptions(
-                    layer_direct_compare_metrics={"noise": _noise, "signal": _signal}))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+                # Keeping every tensor is what this needs (and says so in a warning).
+                warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+                # A debugger made from the instrumented model keeps every tensor readable after a
+                # run (one made from a converter does not), which comparing float and INT8 needs.
+                measured = tf.lite.experimental.QuantizationDebugger(
+                    quant_debug_model_content=debugger.get_debug_quantized_model(),
+                    debug_dataset=lambda: ([image[None]] for image in self._ranking),
+                    debug_options=tf.lite.experimental.QuantizationDebugOptions(
+                        layer_direct_compare_metrics={"noise": _noise, "signal": _signal}))
                 measured.run()
             table = io.StringIO()
             measured.layer_statistics_dump(table)
             table.seek(0)
+            # The debugger drops a trailing digit from the names it reports ("...:0" -> "...:"); a
+            # name the model does not have cannot be denylisted, so it is not offered.
+            from ai_edge_litert.interpreter import Interpreter
+
+            names = {t["name"] for t in Interpreter(model_content=debugger.get_nondebug_quantized_model())
+                     .get_tensor_details()}
             layers = []
             for row in csv.DictReader(table):
                 noise, signal = float(row["noise"]), float(row["signal"])
-                if not (math.isfinite(noise) and math.isfinite(signal)):
+                if row["tensor_name"] not in names or not (math.isfinite(noise) and math.isfinite(signal)):
                     continue
                 nsr = noise / signal if signal > 0 else 0.0
                 layers.append(LayerError(row["tensor_name"], row["op_name"], (), nsr,
