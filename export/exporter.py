@@ -125,21 +125,17 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
     from edgeclf.export.tflite_int8 import LiteRTInt8
 
     rankings: dict[Path, LayerRanking] = {}  # one per FP32 ONNX: both INT8 searches share it
+    first_method = options.calibration_method or "minmax"  # what the ranking and the TensorRT QDQ calibrate with
 
     def searched(quantizer, out: Path, src: Path | None, ranking=None) -> RecordFields:
         ranking = ranking or rankings.setdefault(src, LayerRanking(
-            src, calibration, options.calibration_method or "minmax", options.int8_reduce_range))
+            src, calibration, first_method, options.int8_reduce_range))
         report = quantize_to_target(quantizer, src, out, ranking, reference, bundle.labels, options.int8_target)
-        calibrated: dict[str, Any] = {"images": len(calibration), "method": report["calibration"],
-                                      "reduce_range": options.int8_reduce_range}
-        if quantizer.backend == "openvino":
-            calibrated["method"] = "nncf (min-max, fast bias correction)"
-        elif quantizer.backend == "tflite":  # LiteRT picks its own weight range
-            calibrated = {"images": len(calibration), "method": "minmax (TFLite converter)"}
-        return RecordFields(quantization=report, calibration=calibrated)
+        return RecordFields(quantization=report, calibration={
+            "images": len(calibration), **quantizer.calibration_record(report["calibration"])})
 
     def int8_engine(out: Path, src: Path) -> RecordFields:
-        _, qdq = onnx_to_int8_engine(src, out, calibration, options.calibration_method or "minmax",
+        _, qdq = onnx_to_int8_engine(src, out, calibration, first_method,
                                      artifact_metadata(bundle, "int8"), options.engine)
         try:  # what the engine's quantization costs, as far as a CPU can tell: its QDQ graph on ONNX Runtime
             on_cpu = figures_of(check_entry(qdq, "onnxruntime", None, reference, bundle.labels,
@@ -147,8 +143,7 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
         finally:
             qdq.unlink(missing_ok=True)
         return RecordFields(
-            calibration={"images": len(calibration), "method": options.calibration_method or "minmax",
-                         "reduce_range": False},
+            calibration={"images": len(calibration), "method": first_method, "reduce_range": False},
             quantization={"layout": "QDQ, int8 symmetric activations, int8 per-channel weights, float biases",
                           "qdq_graph_on_onnxruntime": on_cpu,
                           "note": "the QDQ graph the engine was built from, run by ONNX Runtime on the CPU; the "

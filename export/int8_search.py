@@ -94,6 +94,8 @@ class Quantizer:
     #: A candidate's files (an OpenVINO IR has its weights beside it).
     files: Callable[[Path], list[Path]] = lambda entry: [entry]
     description: str = ""
+    #: The calibration chosen -> how the artifact's record names it.
+    calibration_record: Callable[[str], dict[str, Any]] = lambda chosen: {"method": chosen}
 
 
 def qdq_quantizer(calibration: np.ndarray, method: str | None, reduce_range: bool) -> Quantizer:
@@ -110,7 +112,8 @@ def qdq_quantizer(calibration: np.ndarray, method: str | None, reduce_range: boo
                      cache=out.parent / f"calibration.{method}.json")
 
     return Quantizer("onnx-int8", "onnxruntime", ".onnx", quantize, (method,) if method else CALIBRATION_METHODS,
-                     description="onnxruntime quantize_static (QDQ)")
+                     description="onnxruntime quantize_static (QDQ)",
+                     calibration_record=lambda chosen: {"method": chosen, "reduce_range": reduce_range})
 
 
 def nncf_quantizer(calibration: np.ndarray, reduce_range: bool) -> Quantizer:
@@ -119,7 +122,9 @@ def nncf_quantizer(calibration: np.ndarray, reduce_range: bool) -> Quantizer:
 
     return Quantizer("openvino-int8", "openvino", ".xml",
                      lambda src, out, keep, _: onnx_to_openvino_int8(src, out, calibration, reduce_range, keep),
-                     ("nncf",), files=ir_files, description="nncf.quantize (OpenVINO)")
+                     ("nncf",), files=ir_files, description="nncf.quantize (OpenVINO)",
+                     calibration_record=lambda _: {"method": "nncf (min-max, fast bias correction)",
+                                                   "reduce_range": reduce_range})
 
 
 def litert_quantizer(litert) -> Quantizer:
@@ -128,7 +133,8 @@ def litert_quantizer(litert) -> Quantizer:
     ``litert``: an :class:`edgeclf.export.tflite_int8.LiteRTInt8` (calibrated once, also the ranking).
     """
     return Quantizer("tflite-int8", "tflite", ".tflite", litert.quantize, ("minmax",),
-                     description="LiteRT converter, full-integer (float layers by the quantization debugger)")
+                     description="LiteRT converter, full-integer (float layers by the quantization debugger)",
+                     calibration_record=lambda _: {"method": "minmax (TFLite converter)"})  # its own weight range
 
 
 class LayerRanking:
