@@ -24,7 +24,7 @@ DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --trai
 # two epochs, exported, benchmarked). About 45 minutes on 2 CPU cores.
 BENCH_DIR ?= runs/bench
 
-.PHONY: demo test install clean benchmarks serve-loadtest
+.PHONY: demo test test-gpu install clean benchmarks serve-loadtest
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ benchmarks: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that need an NVIDIA GPU, alone (each says why where it is skipped):
+#   make test-gpu            on a machine with a GPU and TensorRT or TensorRT-RTX
+test-gpu: install
+	$(PY) -m pytest -m "gpu or tensorrt" -rs $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

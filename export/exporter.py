@@ -35,8 +35,8 @@ from edgeclf.export.tensorrt_engine import EngineOptions
 
 from edgeclf.bundle import Bundle, commit_artifact, recover_bundle
 from edgeclf.engine_file import read_engine_header
-from edgeclf.errors import (BackendUnavailableError, ConversionError, DataError, EdgeclfError, InvalidInputError,
-                            ValidationError)
+from edgeclf.errors import (BackendUnavailableError, ConversionError, DataError, EdgeclfError,
+                            IncompatibleArtifactError, InvalidInputError, ValidationError)
 from edgeclf.formats import Format, entries, parse_formats
 from edgeclf.fsio import sha256_file, staging_directory, storage_error, storage_errors
 from edgeclf.progress import log
@@ -85,7 +85,22 @@ def _importable(module: str) -> bool:
     return False
 
 
-def _check_modules(formats: list[Format]) -> None:
+def _unbuildable(fmt: Format, options: ExportOptions) -> EdgeclfError | None:
+    """Why this machine cannot build ``fmt`` though its libraries are installed, or None: an
+    engine for a GPU the installed TensorRT flavour builds nothing for (TensorRT-RTX on an H100)."""
+    if fmt.backend != "tensorrt":
+        return None
+    from edgeclf.export.tensorrt_engine import engine_targets
+
+    try:
+        engine_targets(options.engine.compute_capabilities, fmt.precision)
+    except (ConversionError, IncompatibleArtifactError) as exc:
+        return exc
+    return None
+
+
+def _check_buildable(formats: list[Format], options: ExportOptions) -> None:
+    """Formats asked for by name: a missing library or a target that cannot be built is refused up front."""
     for fmt in formats:
         missing = [m for m in fmt.build_modules if not _importable(m)]
         if missing:
@@ -93,18 +108,27 @@ def _check_modules(formats: list[Format]) -> None:
                 f"format {fmt.name!r} needs {missing}, which are not installed; "
                 f"install them with: pip install 'edgeclf[{fmt.extra}]'"
             )
+        error = _unbuildable(fmt, options)
+        if error is not None:
+            raise type(error)(f"format {fmt.name!r} cannot be built here: {error}") from None
 
 
-def _installed_only(formats: list[Format]) -> list[Format]:
-    """For ``all``: the formats whose libraries are installed; a warning names the rest."""
+def _buildable_only(formats: list[Format], options: ExportOptions) -> list[Format]:
+    """For ``all``: the formats this machine can build; a warning names the rest and why."""
     kept: list[Format] = []
     for fmt in formats:
         missing = [m for m in fmt.build_modules if not _importable(m)]
-        if missing or (fmt.source and fmt.source not in {k.name for k in kept}):
-            why = f"needs {missing}: pip install 'edgeclf[{fmt.extra}]'" if missing else f"needs {fmt.source}"
-            warnings.warn(f"'all' skips {fmt.name}: {why}", stacklevel=3)
+        unbuildable = None if missing else _unbuildable(fmt, options)
+        if missing:
+            why = f"needs {missing}: pip install 'edgeclf[{fmt.extra}]'"
+        elif unbuildable is not None:
+            why = str(unbuildable)
+        elif fmt.source and fmt.source not in {k.name for k in kept}:
+            why = f"needs {fmt.source}"
         else:
             kept.append(fmt)
+            continue
+        warnings.warn(f"'all' skips {fmt.name}: {why}", stacklevel=3)
     return kept
 
 
@@ -234,8 +258,8 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     options = options or ExportOptions()
     wanted = parse_formats(formats)
     if formats == "all" or formats == ["all"]:
-        wanted = _installed_only(wanted)
-    _check_modules(wanted)
+        wanted = _buildable_only(wanted, options)
+    _check_buildable(wanted, options)
     if options.verification_images < 1:
         raise InvalidInputError(f"verification image count must be >= 1. Received: {options.verification_images}")
     bundle = Bundle.load(bundle_path)

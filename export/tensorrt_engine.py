@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from edgeclf.engine_file import write_engine
-from edgeclf.errors import ConversionError, InvalidInputError
+from edgeclf.errors import ConversionError, IncompatibleArtifactError, InvalidInputError
 from edgeclf.fsio import atomic_write_bytes, sha256_file
-from edgeclf.gpu import local_compute_capability
+from edgeclf.gpu import local_compute_capability, local_gpu
 from edgeclf.progress import log
-from edgeclf.runtime.backends.tensorrt import tensorrt_module
+from edgeclf.runtime.backends.tensorrt import rtx_targets, tensorrt_module
 
-#: TensorRT-RTX targets, by the name of its ``ComputeCapability`` member.
-RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
 #: TensorRT-RTX compiles no FP32 matrix product for Turing (SM75: "FP32 GEMM is not
 #: supported"), and an INT8 engine keeps the layers that are not quantized in FP32; so
 #: without a GPU to build for, an INT8 engine targets Ampere and newer.
@@ -58,26 +56,45 @@ def default_timing_cache(flavour: str, version: str) -> Path:
     return root / "edgeclf" / f"{flavour}-{version}.timing-cache"
 
 
-def _targets(trt, flavour: str, wanted: tuple[str, ...] | None, precision: str = "fp16") -> list[str]:
-    here = local_compute_capability()
-    if wanted is None:
-        if here is not None:
-            return [here]
-        if flavour == "tensorrt":
+def engine_targets(wanted: tuple[str, ...] | None = None, precision: str = "fp16") -> list[str]:
+    """The compute capabilities an engine is built for with the TensorRT flavour installed.
+
+    ``tensorrt`` builds for the GPU it runs on; ``tensorrt_rtx`` for ``wanted``, else this
+    GPU, else (no GPU) every capability it supports.
+
+    Raises:
+        BackendUnavailableError: no TensorRT flavour is installed.
+        ConversionError: full TensorRT and no GPU here.
+        IncompatibleArtifactError: TensorRT-RTX and a GPU it builds nothing for (a V100, H100, B200).
+        InvalidInputError: ``wanted`` names capabilities the flavour cannot build for.
+    """
+    trt, flavour = tensorrt_module()
+    gpu = local_gpu()
+    here = gpu.compute_capability if gpu else None
+    if flavour == "tensorrt":
+        if here is None:
             raise ConversionError("tensorrt builds engines only on a GPU, and none was found here; "
                                   "use tensorrt_rtx (pip install 'edgeclf[rtx]') to build ahead of time")
-        first = list(RTX_TARGETS).index(INT8_FIRST_TARGET) if precision == "int8" else 0
-        return [cc for cc in list(RTX_TARGETS)[first:] if hasattr(trt.ComputeCapability, RTX_TARGETS[cc])]
-    if flavour == "tensorrt":
-        if list(wanted) != [here]:
+        if wanted is not None and list(wanted) != [here]:
             raise InvalidInputError(f"tensorrt builds only for the GPU it runs on ({here}). "
                                     f"Received compute capabilities: {list(wanted)}")
         return [here]
-    unknown = [cc for cc in wanted if cc not in RTX_TARGETS]
-    if unknown:
-        raise InvalidInputError(f"unknown compute capability {unknown}; TensorRT-RTX builds for "
-                                f"{list(RTX_TARGETS)}. Received: {list(wanted)}")
-    return list(wanted)
+    supported = list(rtx_targets(trt))
+    if wanted is not None:
+        unknown = [cc for cc in wanted if cc not in supported]
+        if unknown:
+            raise InvalidInputError(f"unknown compute capability {unknown}; TensorRT-RTX {trt.__version__} builds "
+                                    f"for {supported}. Received: {list(wanted)}")
+        return list(wanted)
+    if here is not None:
+        if here not in supported:
+            raise IncompatibleArtifactError(
+                f"TensorRT-RTX {trt.__version__} builds engines for compute capabilities {supported}; this "
+                f"machine's GPU ({gpu.name}) is {here}. Install full TensorRT to build for it "
+                f"(pip install 'edgeclf[gpu]'), or build on a machine without a GPU for the others")
+        return [here]
+    first = supported.index(INT8_FIRST_TARGET) if precision == "int8" and INT8_FIRST_TARGET in supported else 0
+    return supported[first:]
 
 
 def _logger(trt):
@@ -110,7 +127,7 @@ def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOp
     """
     trt, flavour = tensorrt_module()
     precision = meta.get("precision", "fp16")
-    targets = _targets(trt, flavour, options.compute_capabilities, precision)
+    targets = engine_targets(options.compute_capabilities, precision)
     logger = _logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -134,9 +151,10 @@ def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOp
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     else:
+        members = rtx_targets(trt)
         config.num_compute_capabilities = len(targets)
         for i, cc in enumerate(targets):
-            config.set_compute_capability(getattr(trt.ComputeCapability, RTX_TARGETS[cc]), i)
+            config.set_compute_capability(members[cc], i)
 
     log(f"building a {flavour} {trt.__version__} {precision.upper()} engine for compute capability "
         f"{', '.join(targets)}, "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
+from edgeclf.gpu import find_gpu
 from edgeclf.runtime.backends import BACKENDS, missing_modules
 from edgeclf.runtime.fingerprint import machine_key
 from edgeclf.runtime.hardware import Hardware, detect
@@ -12,6 +14,10 @@ from edgeclf.versions import installed_versions
 def _version(backend: str) -> str | None:
     found = installed_versions(BACKENDS[backend].distributions)
     return next((f"{name} {version}" for name, version in found.items()), None)
+
+
+class _Unusable(Exception):
+    """The backend is installed but cannot run on this machine; the message says why."""
 
 
 def _details(backend: str, hw: Hardware) -> str:
@@ -30,7 +36,24 @@ def _details(backend: str, hw: Hardware) -> str:
         return f"CPU capabilities {caps}; {bf16}; {int8}"
     if backend == "tflite":
         return "XNNPACK delegate on the CPU"
-    return f"GPU compute capability {hw.gpu_compute_capability}"
+    from edgeclf.runtime.backends.tensorrt import rtx_targets, tensorrt_module
+
+    trt, flavour = tensorrt_module()
+    here = hw.gpu_compute_capability
+    if flavour == "tensorrt-rtx" and here not in rtx_targets(trt):
+        raise _Unusable(f"TensorRT-RTX {trt.__version__} runs engines on compute capabilities "
+                        f"{list(rtx_targets(trt))}, not this GPU's {here}: pip install 'edgeclf[gpu]' (full TensorRT)")
+    return f"{flavour} {trt.__version__} builds and runs engines for this GPU (compute capability {here})"
+
+
+def _gpu_line() -> str:
+    """The GPU and how it was found, or every way asked and what each said."""
+    search = find_gpu()
+    gpu = search.gpu
+    if gpu is None:
+        return "none (" + "; ".join(f"{way}: {said}" for way, said in search.tried.items()) + ")"
+    board = f" on {gpu.jetson}" if gpu.jetson and gpu.jetson != gpu.name else ""
+    return f"{gpu.name}{board}, compute capability {gpu.compute_capability} (found by {gpu.found_by})"
 
 
 def doctor() -> dict[str, Any]:
@@ -43,20 +66,24 @@ def doctor() -> dict[str, Any]:
         if missing:
             row.update(usable=False, why=f"{', '.join(missing)} not installed: pip install 'edgeclf[{info.extra}]'")
         elif info.needs_gpu and hw.gpu_compute_capability is None:
-            row.update(usable=False, why="no NVIDIA GPU found (nvidia-smi missing or sees no device)")
+            row.update(usable=False, why="no NVIDIA GPU found (see nvidia_gpu above for what was asked)")
         else:
             try:
                 row.update(usable=True, why=_details(name, hw))
+            except _Unusable as exc:
+                row.update(usable=False, why=str(exc))
             except Exception as exc:  # a library that imports but cannot start is not usable
                 row.update(usable=False, why=f"installed but failed to start: {exc}")
         rows.append(row)
     accelerators = {
-        "nvidia_gpu": hw.gpu_compute_capability or "none",
+        "nvidia_gpu": _gpu_line(),
         "amx": "yes" if hw.amx else "no (BF16 on OpenVINO needs an Intel CPU with AMX)",
         "vnni": "yes" if hw.vnni else "no (INT8 runs, but without single-instruction INT8 dot products)",
     }
+    search = find_gpu()
+    gpu = {**asdict(search.gpu), "tried": search.tried} if search.gpu else {"tried": search.tried}
     return {"hardware": {"cpu": hw.cpu_model, "vendor": hw.cpu_vendor, "cores": hw.cores,
-                         "flags": sorted(hw.cpu_flags), "machine_key": machine_key(hw)},
+                         "flags": sorted(hw.cpu_flags), "machine_key": machine_key(hw), "gpu": gpu},
             "accelerators": accelerators, "backends": rows}
 
 

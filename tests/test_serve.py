@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import NONCONTIGUOUS, run_cli
+from tests.conftest import NONCONTIGUOUS, engine_record, run_cli
 from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError, PortInUseError
-from edgeclf.serve.repository import write_repository
+from edgeclf.serve.repository import TRITON_TENSORRT_FLAVOUR, write_repository
 from edgeclf.serve.server import free_loopback_ports
 from edgeclf.serve.triton_config import Batching, build_config, config_text, parse_config
 
@@ -58,9 +58,18 @@ def test_repository_configs_parse_and_match_the_real_artifacts(exported, reposit
 
     bundle, _ = exported
     root = repository.path
-    assert sorted(p.name for p in root.iterdir()) == ["edgeclf_onnx", "edgeclf_openvino"]
-    # The engine here is TensorRT-RTX, which Triton's tensorrt backend cannot load: left out, with the reason.
-    assert "tensorrt-rtx" in repository.skipped["tensorrt"]
+    engine = bundle.meta["artifacts"].get("tensorrt")
+    served_engine = engine is not None and engine["status"] == "validated" and \
+        engine["tensorrt"]["flavour"] == TRITON_TENSORRT_FLAVOUR
+    assert sorted(p.name for p in root.iterdir()) == \
+        ["edgeclf_onnx", "edgeclf_openvino"] + (["edgeclf_tensorrt"] if served_engine else [])
+    if engine is None:
+        assert "not exported" in repository.skipped["tensorrt"]
+    elif engine["tensorrt"]["flavour"] != TRITON_TENSORRT_FLAVOUR:
+        # A TensorRT-RTX plan, which Triton's tensorrt backend (full TensorRT) cannot load: left out, with the reason.
+        assert "tensorrt-rtx" in repository.skipped["tensorrt"]
+    elif not served_engine:
+        assert "unvalidated" in repository.skipped["tensorrt"]
 
     configs = {d.name: parse_config(d / "config.pbtxt") for d in root.iterdir()}
     session = ort.InferenceSession(str(root / "edgeclf_onnx/1/model.onnx"), providers=["CPUExecutionProvider"])
@@ -87,7 +96,7 @@ def test_tensorrt_config_matches_the_engine_header(exported):
     from edgeclf.engine_file import read_engine_header
 
     bundle, records = exported
-    header = read_engine_header(bundle.path / "model.fp16.engine")
+    header = read_engine_header(bundle.path / engine_record(records, "tensorrt")["file"])
     h, w = bundle.image_size
     config = parse_config(config_text(build_config("m_tensorrt", "tensorrt", h, w, len(bundle.labels),
                                                    Batching(max_batch=header["profile"]["max"][0]))))

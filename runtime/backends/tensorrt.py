@@ -9,6 +9,7 @@ built for another TensorRT version or GPU is refused with a message saying which
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ def tensorrt_module() -> tuple[Any, str]:
             continue
     raise BackendUnavailableError("TensorRT engines need tensorrt (pip install 'edgeclf[gpu]') or tensorrt_rtx "
                                   "(pip install 'edgeclf[rtx]'); neither is installed")
+
+
+def rtx_targets(trt) -> dict[str, Any]:
+    """The compute capabilities ("8.6") this TensorRT-RTX builds for -> its ``ComputeCapability`` member,
+    read from the module (``SM86`` -> "8.6"), so a newer release's targets need no change here."""
+    found = {}
+    for name in dir(trt.ComputeCapability):
+        match = re.fullmatch(r"SM(\d+)(\d)", name)
+        if match:
+            found[f"{match[1]}.{match[2]}"] = getattr(trt.ComputeCapability, name)
+    return dict(sorted(found.items(), key=lambda kv: tuple(int(p) for p in kv[0].split("."))))
 
 
 def _cudart():
