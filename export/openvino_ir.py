@@ -15,6 +15,7 @@ its ``rt_info``. Two IRs cover the three precisions:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -90,6 +91,8 @@ def onnx_to_openvino_int8(src: Path, out: Path, calibration: np.ndarray, reduce_
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
+    # Its progress bars stay; its INFO lines (each ignored node, per search trial) repeat what our log says.
+    nncf.set_log_level(logging.WARNING)
     model = _convert(src)
     present = {op.get_friendly_name() for op in model.get_ops()}
     ignored = [name for node in keep_fp32 for name in (node, f"{node}/WithoutBiases") if name in present]
