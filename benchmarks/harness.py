@@ -178,7 +178,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
                 rows.append({**row, "status": "failed", "error": error})
                 continue
             stats = timings[f"{name}|raw"].stats()
-            row.update(status="ok", **stats, throughput_ips=1e3 * batch_size / stats["mean_ms"])
+            row.update(status="ok", **stats, throughput_ips=timings[f"{name}|raw"].throughput(batch_size))
             if f"{name}|predictor" in timings:
                 pstats = timings[f"{name}|predictor"].stats()
                 row.update(predictor_p50_ms=pstats["p50_ms"], predictor_p99_ms=pstats["p99_ms"],

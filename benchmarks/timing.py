@@ -28,11 +28,15 @@ class Timing:
         return len(self.samples_ms)
 
     def stats(self) -> dict[str, float]:
-        """p50/p90/p95/p99 (linear interpolation), mean and min, in ms."""
+        """p50/p90/p95/p99 (linear interpolation), mean, min and total, in ms."""
         s = self.samples_ms
         p50, p90, p95, p99 = np.percentile(s, [50, 90, 95, 99])
         return {"p50_ms": float(p50), "p90_ms": float(p90), "p95_ms": float(p95), "p99_ms": float(p99),
-                "mean_ms": float(s.mean()), "min_ms": float(s.min()), "runs": self.runs}
+                "mean_ms": float(s.mean()), "min_ms": float(s.min()), "total_ms": float(s.sum()), "runs": self.runs}
+
+    def throughput(self, batch: int) -> float:
+        """Images per second of back-to-back calls: every image of every timed call over the time they took."""
+        return batch * self.runs / (float(self.samples_ms.sum()) / 1e3)
 
 
 def time_interleaved(

@@ -38,6 +38,8 @@ def test_warm_up_is_excluded_and_calls_are_interleaved():
     np.testing.assert_allclose(timings["a"].samples_ms, 1.0)
     np.testing.assert_allclose(timings["b"].samples_ms, 3.0)
     assert timings["a"].runs == timings["b"].runs == 10  # 10 rounds of 4 ms reach 40 ms
+    # Back to back, 1 ms calls of 8 images give 8,000 images/s; 3 ms calls, a third of that.
+    assert timings["a"].throughput(8) == pytest.approx(8000) and timings["b"].throughput(8) == pytest.approx(8000 / 3)
 
 
 def test_statistics_are_the_percentiles_of_the_samples():
@@ -45,7 +47,7 @@ def test_statistics_are_the_percentiles_of_the_samples():
     stats = Timing(samples).stats()
     assert stats["p50_ms"] == pytest.approx(50.5) and stats["p90_ms"] == pytest.approx(90.1)
     assert stats["p99_ms"] == pytest.approx(99.01) and stats["mean_ms"] == 50.5 and stats["min_ms"] == 1.0
-    assert stats["runs"] == 100
+    assert stats["runs"] == 100 and stats["total_ms"] == 5050.0
 
 
 def test_run_limits_and_bad_settings():
@@ -91,7 +93,9 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
     for row in saved["rows"]:
         assert row["status"] == "ok" and row["runs"] >= 3
         assert row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] <= row["p99_ms"]
-        assert row["throughput_ips"] == pytest.approx(1e3 * row["batch"] / row["mean_ms"])
+        # Every image of every timed call, over the time those calls took.
+        assert row["throughput_ips"] * row["total_ms"] / 1e3 == pytest.approx(row["batch"] * row["runs"])
+        assert row["total_ms"] == pytest.approx(row["mean_ms"] * row["runs"])
         if row["artifact"]:
             assert 0.9 <= row["agreement"] <= 1.0 and row["predictor_p50_ms"] > 0 and "speedup_vs_predict" in row
     table = paths["markdown"].read_text()

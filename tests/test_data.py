@@ -108,10 +108,45 @@ def test_grayscale_and_rgba_become_rgb(tmp_path):
     assert (rgba == 255).all()
 
 
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo(tmp_path):
+    """README: decoding applies EXIF orientation. A phone stores a portrait photo landscape,
+    with Orientation 6 ("rotate 90 clockwise to view"); training and the runtime must see it upright."""
+    from edgeclf.images import load_image
+
+    upright = np.zeros((40, 20, 3), np.uint8)  # tall: 40 high, 20 wide
+    upright[:10] = (255, 0, 0)  # red band at the top
+    # As the camera stores it: the upright picture turned 90 degrees counter-clockwise.
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    assert Image.open(tmp_path / "photo.jpg").size == (40, 20)  # stored landscape
+
+    decoded = load_image(tmp_path / "photo.jpg")
+    assert decoded.shape == (40, 20, 3)
+    assert decoded[:8, :, 0].mean() > 200 and decoded[:8, :, 1:].mean() < 60  # red on top, as viewed
+    assert decoded[-8:].mean() < 30
+    resized = load_image((tmp_path / "photo.jpg").read_bytes(), (75, 75))  # bytes as well as files
+    assert resized[:10, :, 0].mean() > 200 and resized[-10:].mean() < 30
+
+
 def test_digits_builtin_dataset():
     data = load_digits_set(SIZE)
     assert data.images.shape == (1797, 75, 75, 3)
     assert np.bincount(data.values).min() >= 170
+
+
+def test_digits_names_the_builtin_set_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """README: `digits` is the built-in set; `./digits` is the folder."""
+    for label in (4, 5):
+        (tmp_path / "digits" / str(label)).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (20, 20), (label * 40,) * 3).save(tmp_path / "digits" / str(label) / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    builtin = load_dataset("digits", (32, 32))
+    assert len(builtin) == 1797 and sorted(set(builtin.values.tolist())) == list(range(10))
+    folder = load_dataset("./digits", (32, 32))
+    assert len(folder) == 4 and sorted(set(folder.values.tolist())) == [4, 5]
 
 
 def test_from_arrays_accepts_grayscale_float_and_checks_shapes():

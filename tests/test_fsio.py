@@ -15,11 +15,18 @@ from edgeclf.errors import OutputExistsError, StorageError
 from edgeclf.fsio import atomic_path, atomic_write_bytes, atomic_write_json, staged_directory
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_atomic_write_json_and_mode(tmp_path):
     target = tmp_path / "sub" / "x.json"
     atomic_write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
-    assert stat.S_IMODE(target.stat().st_mode) & 0o044  # readable by others, unlike mkstemp's 0600
+    # What open() would have made (0666 less the umask), not mkstemp's private 0600.
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]
 
 
@@ -65,7 +72,7 @@ def test_staged_directory_into_empty_existing_directory(tmp_path):
     with staged_directory(out) as stage:
         (stage / "a").write_text("a")
     assert (out / "a").read_text() == "a"
-    assert stat.S_IMODE(out.stat().st_mode) & 0o055
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # as mkdir makes it, not mkdtemp's 0700
 
 
 def _dead_pid() -> int:

@@ -41,10 +41,20 @@ def test_bundle_json_contents(trained_bundle):
     assert data["train_images"] == sum(data["class_counts"].values())
     assert set(data["class_counts"]) == {"-2", "3", "10"}
     m = meta["metrics"]["validation"]
-    for key in ("accuracy", "precision", "recall", "f1", "mae", "rmse"):
-        assert 0.0 <= m[key] < 100
     assert m["confusion_matrix"]["labels"] == [-2, 3, 10]
-    assert np.sum(m["confusion_matrix"]["matrix"]) == m["n"] == data["val_images"]
+    matrix = np.asarray(m["confusion_matrix"]["matrix"])
+    assert matrix.sum() == m["n"] == data["val_images"]
+    # Every figure follows from the confusion matrix (rows: true label, columns: predicted).
+    labels = np.asarray([-2, 3, 10])
+    assert m["accuracy"] == pytest.approx(np.trace(matrix) / m["n"])
+    distance = np.abs(labels[:, None] - labels[None, :])
+    assert m["mae"] == pytest.approx((matrix * distance).sum() / m["n"])
+    assert m["rmse"] == pytest.approx(np.sqrt((matrix * distance ** 2).sum() / m["n"]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(np.diag(matrix) / matrix.sum(axis=0))
+        recall = np.nan_to_num(np.diag(matrix) / matrix.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((precision.mean(), recall.mean(), f1.mean()))
     assert meta["artifacts"] == {}
     digest = hashlib.sha256((trained_bundle.path / "model.keras").read_bytes()).hexdigest()
     assert meta["model"]["sha256"] == digest
