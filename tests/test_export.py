@@ -245,3 +245,19 @@ def test_converter_failure_carries_its_message(exported, tmp_path):
     shutil.copytree(bundle.path, path)
     with pytest.raises(ConversionError, match=r"tf2onnx (could not convert the model|produced an invalid graph) \(opset 1\)"):
         export_bundle(path, "onnx", ExportOptions(opset=1, validate=False))
+
+
+def test_calibration_reads_images_in_chunks_onnxruntime_can_stride_over():
+    """onnxruntime calibrates chunk by chunk only through len() and set_range() (CalibStridedMinMax),
+    and only with a chunk that divides the batch count: a 299x299 export otherwise held every
+    activation of 300 images at once (over 23 GB)."""
+    from edgeclf.export.onnx_int8 import _ImageReader
+
+    images = np.arange(300).reshape(300, 1, 1, 1)  # image i holds the number i
+    one_by_one = _ImageReader(images, batch_size=1)  # the histogram calibrators' batches
+    assert len(one_by_one) == 300 and one_by_one.chunk() == 15 and 300 % one_by_one.chunk() == 0
+    by_16 = _ImageReader(images, batch_size=16)  # 19 batches, the last of 12 images
+    assert len(by_16) == 19 and by_16.chunk() == 1
+    by_16.set_range(17, 19)
+    assert [int(b["pixels"][0, 0, 0, 0]) for b in iter(by_16.get_next, None)] == [272, 288]
+    assert _ImageReader(images[:40], batch_size=4).chunk() == 2  # 10 batches: 2 of them hold 8 images
