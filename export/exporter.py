@@ -85,50 +85,42 @@ def _importable(module: str) -> bool:
     return False
 
 
-def _unbuildable(fmt: Format, options: ExportOptions) -> EdgeclfError | None:
-    """Why this machine cannot build ``fmt`` though its libraries are installed, or None: an
-    engine for a GPU the installed TensorRT flavour builds nothing for (TensorRT-RTX on an H100)."""
-    if fmt.backend != "tensorrt":
-        return None
-    from edgeclf.export.tensorrt_engine import engine_targets
+def cannot_build(fmt: Format, options: ExportOptions) -> EdgeclfError | None:
+    """Why this machine cannot build ``fmt``, or None: a converter library is missing, or the
+    installed TensorRT flavour builds nothing for this machine (TensorRT-RTX on an H100)."""
+    missing = [m for m in fmt.build_modules if not _importable(m)]
+    if missing:
+        return BackendUnavailableError(f"format {fmt.name!r} needs {missing}, which are not installed; "
+                                       f"install them with: pip install 'edgeclf[{fmt.extra}]'")
+    if fmt.backend == "tensorrt":
+        from edgeclf.export.tensorrt_engine import engine_targets
 
-    try:
-        engine_targets(options.engine.compute_capabilities, fmt.precision)
-    except (ConversionError, IncompatibleArtifactError) as exc:
-        return exc
+        try:
+            engine_targets(options.engine.compute_capabilities, fmt.precision)
+        except (ConversionError, IncompatibleArtifactError) as exc:
+            return type(exc)(f"format {fmt.name!r} cannot be built here: {exc}")
     return None
 
 
 def _check_buildable(formats: list[Format], options: ExportOptions) -> None:
-    """Formats asked for by name: a missing library or a target that cannot be built is refused up front."""
+    """Formats asked for by name: what cannot be built here is refused up front."""
     for fmt in formats:
-        missing = [m for m in fmt.build_modules if not _importable(m)]
-        if missing:
-            raise BackendUnavailableError(
-                f"format {fmt.name!r} needs {missing}, which are not installed; "
-                f"install them with: pip install 'edgeclf[{fmt.extra}]'"
-            )
-        error = _unbuildable(fmt, options)
+        error = cannot_build(fmt, options)
         if error is not None:
-            raise type(error)(f"format {fmt.name!r} cannot be built here: {error}") from None
+            raise error
 
 
 def _buildable_only(formats: list[Format], options: ExportOptions) -> list[Format]:
     """For ``all``: the formats this machine can build; a warning names the rest and why."""
     kept: list[Format] = []
     for fmt in formats:
-        missing = [m for m in fmt.build_modules if not _importable(m)]
-        unbuildable = None if missing else _unbuildable(fmt, options)
-        if missing:
-            why = f"needs {missing}: pip install 'edgeclf[{fmt.extra}]'"
-        elif unbuildable is not None:
-            why = str(unbuildable)
-        elif fmt.source and fmt.source not in {k.name for k in kept}:
-            why = f"needs {fmt.source}"
-        else:
+        error = cannot_build(fmt, options)
+        if error is None and fmt.source and fmt.source not in {k.name for k in kept}:
+            error = f"needs {fmt.source}"
+        if error is None:
             kept.append(fmt)
-            continue
-        warnings.warn(f"'all' skips {fmt.name}: {why}", stacklevel=3)
+        else:
+            warnings.warn(f"'all' skips {fmt.name}: {error}", stacklevel=3)
     return kept
 
 
@@ -263,7 +255,8 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     wanted = parse_formats(formats)
     if formats == "all" or formats == ["all"]:
         wanted = _buildable_only(wanted, options)
-    _check_buildable(wanted, options)
+    else:
+        _check_buildable(wanted, options)
     if options.verification_images < 1:
         raise InvalidInputError(f"verification image count must be >= 1. Received: {options.verification_images}")
     bundle = Bundle.load(bundle_path)

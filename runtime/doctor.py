@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from edgeclf.gpu import find_gpu
+from edgeclf.gpu import GpuSearch, find_gpu
 from edgeclf.runtime.backends import BACKENDS, missing_modules
 from edgeclf.runtime.fingerprint import machine_key
 from edgeclf.runtime.hardware import Hardware, detect
@@ -46,9 +46,8 @@ def _details(backend: str, hw: Hardware) -> str:
     return f"{flavour} {trt.__version__} builds and runs engines for this GPU (compute capability {here})"
 
 
-def _gpu_line() -> str:
+def _gpu_line(search: GpuSearch) -> str:
     """The GPU and how it was found, or every way asked and what each said."""
-    search = find_gpu()
     gpu = search.gpu
     if gpu is None:
         return "none (" + "; ".join(f"{way}: {said}" for way, said in search.tried.items()) + ")"
@@ -58,7 +57,7 @@ def _gpu_line() -> str:
 
 def doctor() -> dict[str, Any]:
     """A report: the hardware, and for each backend whether it is usable and why not."""
-    hw = detect()
+    hw, search = detect(), find_gpu()
     rows = []
     for name, info in BACKENDS.items():
         missing = missing_modules(info)
@@ -76,11 +75,10 @@ def doctor() -> dict[str, Any]:
                 row.update(usable=False, why=f"installed but failed to start: {exc}")
         rows.append(row)
     accelerators = {
-        "nvidia_gpu": _gpu_line(),
+        "nvidia_gpu": _gpu_line(search),
         "amx": "yes" if hw.amx else "no (BF16 on OpenVINO needs an Intel CPU with AMX)",
         "vnni": "yes" if hw.vnni else "no (INT8 runs, but without single-instruction INT8 dot products)",
     }
-    search = find_gpu()
     gpu = {**asdict(search.gpu), "tried": search.tried} if search.gpu else {"tried": search.tried}
     return {"hardware": {"cpu": hw.cpu_model, "vendor": hw.cpu_vendor, "cores": hw.cores,
                          "flags": sorted(hw.cpu_flags), "machine_key": machine_key(hw), "gpu": gpu},

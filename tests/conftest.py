@@ -79,15 +79,11 @@ def has_gpu() -> bool:
 def engine_left_out(precision: str = "fp16") -> str | None:
     """Why export leaves out the TensorRT engine of ``precision`` here, or None when it builds one:
     no TensorRT installed, or a GPU the installed flavour builds nothing for (TensorRT-RTX on an H200)."""
-    from edgeclf.errors import EdgeclfError
+    from edgeclf.export.exporter import ExportOptions, cannot_build
 
-    try:
-        from edgeclf.export.tensorrt_engine import engine_targets
-
-        engine_targets(None, precision)
-    except (EdgeclfError, ImportError) as exc:
-        return str(exc)
-    return None
+    engine = next(f for f in FORMATS.values() if f.backend == "tensorrt" and f.precision == precision)
+    error = cannot_build(engine, ExportOptions())
+    return None if error is None else str(error)
 
 
 def engine_record(records, fmt: str = "tensorrt") -> dict:
