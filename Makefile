@@ -5,7 +5,7 @@
 #               artifact against Keras, verify them with the runtime's own backends,
 #               predict a few test images with the runtime, and
 #               benchmark every backend (latency, throughput, accuracy) in one table
-#   make test   the test suite
+#   make test   the test suite (make test-fast: without the InceptionV3 training and export tests)
 # Both create .venv and install what they need on first use.
 
 PYTHON ?= python3
@@ -25,7 +25,7 @@ DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --trai
 # 28.5 min on the AMD EPYC here, and each INT8 search may use its 15-minute bound.
 BENCH_DIR ?= runs/bench
 
-.PHONY: demo test test-gpu install clean benchmarks serve-loadtest
+.PHONY: demo test test-fast test-gpu install clean benchmarks serve-loadtest
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,8 +62,16 @@ benchmarks: install
 	$(PY) -m edgeclf.benchmarks.publish --add $(BENCH_DIR)/b299/benchmarks/bench.json --docs docs > BENCHMARKS.md.tmp
 	mv BENCHMARKS.md.tmp BENCHMARKS.md
 
+# The slowest tests are listed at the end of each run, so a test that grows is seen.
+PYTEST_ARGS ?= --durations=15
+
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast layer: everything but the tests marked slow (InceptionV3 training, export and INT8
+# searches); the runtime, serving, verification and CLI tests run on a tiny MobileNetV3-Small.
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The tests that need an NVIDIA GPU, alone (each says why where it is skipped):
 #   make test-gpu            on a machine with a GPU and TensorRT or TensorRT-RTX

@@ -1,8 +1,15 @@
-"""Shared fixtures: real digits images on disk and one small trained bundle.
+"""Shared fixtures: real digits images on disk and real trained, exported bundles.
 
 Everything is real: images are PNG files written from scikit-learn's handwritten
-digits, models are real Keras InceptionV3 networks at 75x75 (the smallest input it
-takes) with random initial weights, since ImageNet weights cannot be downloaded here.
+digits, models are real Keras networks at 75x75 with random initial weights, since
+ImageNet weights cannot be downloaded here. Two layers:
+
+- fast: ``tiny_bundle``/``tiny_exported``, a MobileNetV3-Small trained and exported to
+  every format in about 2.5 minutes on 2 cores, serves the runtime, serving, verification, benchmark
+  and CLI-plumbing tests (``make test-fast``);
+- slow: ``trained_bundle``, ``accurate_bundle`` and ``exported``, the product's
+  InceptionV3, serve the training, export and INT8-search tests. A test using any of them
+  is marked ``slow`` here, so no test needs to remember to say so.
 """
 
 from __future__ import annotations
@@ -27,8 +34,13 @@ NONCONTIGUOUS = {-2: 1, 3: 3, 10: 7}
 SIZE = 75
 #: Every format a CPU runs, from the registries (a format added there is tested here too).
 CPU_ARTIFACTS = tuple(f.name for f in FORMATS.values() if not BACKENDS[f.backend].needs_gpu)
-#: Held-out accuracy the export tests' model must reach (3 classes: chance is 0.33).
+#: Held-out accuracy every model the tests export must reach (3 classes: chance is 0.33).
 ACCURATE_MIN = 0.9
+#: Fine-tuning epochs of the fast layer's model.
+TINY_EPOCHS = 3
+#: Fixtures that train or export InceptionV3: tests using them are ``slow`` (so are tests that train or
+#: export a model themselves, or install packages: they say so with the mark).
+SLOW_FIXTURES = frozenset({"trained_bundle", "accurate_bundle", "exported"})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,6 +49,8 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = local_compute_capability() is not None
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none on this machine")
     for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
         if not has_gpu and ("gpu" in item.keywords or "tensorrt" in item.keywords):
             item.add_marker(skip_gpu)
 
@@ -124,10 +138,7 @@ def accurate_bundle(noncontiguous_dir, tmp_path_factory):
         epochs_finetune=3, unfreeze_at=0, train_batchnorm=True, lr_finetune=1e-3, batch_size=32,
         seed=0, verbose=0,
     ))
-    # Agreement with Keras means nothing for a model that learnt nothing (one answering a
-    # single class agrees with itself): check it learnt first. Chance is 1/3.
-    accuracy = bundle.meta["metrics"]["validation"]["accuracy"]
-    assert accuracy >= ACCURATE_MIN, f"the export tests' model reached only {accuracy:.3f} held-out accuracy"
+    _check_learnt(bundle, "the export tests' model")
     return bundle
 
 
@@ -140,4 +151,43 @@ def exported(accurate_bundle, tmp_path_factory):
     path = tmp_path_factory.mktemp("export") / "bundle"
     shutil.copytree(accurate_bundle.path, path)
     records = export_bundle(path, "all", ExportOptions(calibration_images=200))
+    return Bundle.load(path), records
+
+
+def _check_learnt(bundle, what: str) -> None:
+    """Agreement with Keras means nothing for a model that learnt nothing (one answering a
+    single class agrees with itself): check it learnt first. Chance is 1/3."""
+    accuracy = bundle.meta["metrics"]["validation"]["accuracy"]
+    assert accuracy >= ACCURATE_MIN, f"{what} reached only {accuracy:.3f} held-out accuracy"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(noncontiguous_dir, tmp_path_factory):
+    """The fast layer's model: MobileNetV3-Small at 75x75 trained from scratch (seconds, not
+    minutes), through the same ``train`` as the product's InceptionV3."""
+    from edgeclf.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    bundle = train(TrainConfig(
+        data=noncontiguous_dir, out=out, image_size=SIZE, backbone="mobilenet_v3_small", weights=None,
+        epochs_frozen=0, epochs_finetune=TINY_EPOCHS, unfreeze_at=0, train_batchnorm=True, lr_finetune=3e-3,
+        batch_size=32, seed=0, verbose=0,
+    ))
+    _check_learnt(bundle, "the fast layer's model")
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tiny_bundle, tmp_path_factory):
+    """A copy of ``tiny_bundle`` with every format this machine builds exported and validated:
+    (bundle, records). Its INT8 target is loose and its search short: the INT8 search itself
+    is tested on InceptionV3 (tests/test_int8_search.py)."""
+    from edgeclf.bundle import Bundle
+    from edgeclf.export import ExportOptions, export_bundle
+    from edgeclf.export.int8_search import Int8Target
+
+    path = tmp_path_factory.mktemp("export") / "tiny"
+    shutil.copytree(tiny_bundle.path, path)
+    target = Int8Target(min_agreement=0.95, max_accuracy_drop=0.03, max_trials=2, max_seconds=60)
+    records = export_bundle(path, "all", ExportOptions(calibration_images=100, int8_target=target))
     return Bundle.load(path), records

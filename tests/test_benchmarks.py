@@ -62,11 +62,11 @@ def test_run_limits_and_bad_settings():
 
 
 @pytest.fixture()
-def bench_bundle(exported, tmp_path):
+def bench_bundle(tiny_exported, tmp_path):
     import shutil
 
     path = tmp_path / "bundle"
-    shutil.copytree(exported[0].path, path, ignore=shutil.ignore_patterns("*.engine", "*.tflite"))
+    shutil.copytree(tiny_exported[0].path, path, ignore=shutil.ignore_patterns("*.engine", "*.tflite"))
     return path
 
 
@@ -213,3 +213,27 @@ def test_switching_library_gets_an_untimed_settling_call_and_order_alternates():
     # Round 1: settle a, time a|raw and a|predictor, settle b, time b; round 2 reverses a's pair.
     assert timed_rounds == ["a|raw", "a|raw", "a|predictor", "b|raw", "b|raw",
                             "a|predictor", "a|predictor", "a|raw", "b|raw", "b|raw"]
+
+
+def test_bench_command_prints_the_table_and_writes_the_files(bench_bundle, tmp_path):
+    """The README's ``edgeclf bench``: one table on stdout, JSON/Markdown/PNG under --out, and a
+    bad batch size or artifact name refused in one line before anything is timed."""
+    import json
+
+    from tests.conftest import run_cli
+
+    out = run_cli("bench", str(bench_bundle), "--backends", "onnx,openvino", "--batch", "1,2", "--duration", "0.5",
+                  "--warmup", "0.2", "--no-baselines", "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| onnx |", "| openvino |"))]
+    assert len(rows) == 4  # two artifacts at two batch sizes
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert {(r["name"], r["batch"]) for r in saved["rows"]} == {(n, b) for n in ("onnx", "openvino", "decode")
+                                                                for b in (1, 2)}
+    assert (tmp_path / "out" / "bench.md").is_file() and (tmp_path / "out" / "bench.png").is_file()
+
+    for bad, expected in ((("--batch", "0"), "batch sizes"), (("--backends", "onnx,coreml"), "coreml")):
+        out = run_cli("bench", str(bench_bundle), *bad, "--duration", "0.5")
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and expected in last and "Traceback" not in out.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,52 @@ def test_cli_train_and_evaluate(tmp_path, noncontiguous_dir):
 def test_export_unknown_format(capsys, tmp_path):
     line = _error_line(capsys, ["export", str(tmp_path), "--format", "onnx,coreml"])
     assert "['coreml']" in line and "onnx-int8" in line
+
+
+@pytest.mark.slow
+def test_cli_trains_another_backbone_at_hxw_without_feature_cache_and_evaluates_with_a_report(
+        tmp_path, noncontiguous_dir):
+    """README options through the real command line on a small backbone: ``--backbone``, an
+    ``HxW`` size, ``--no-feature-cache``, then ``evaluate --report``."""
+    import json
+
+    bundle = tmp_path / "b"
+    out = run_cli("train", str(noncontiguous_dir), "--out", str(bundle), "--weights", "none",
+                  "--backbone", "mobilenet_v3_small", "--image-size", "64x96", "--epochs-frozen", "1",
+                  "--epochs-finetune", "1", "--no-feature-cache", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["backbone"]["name"] == "mobilenet_v3_small"
+    assert (meta["input"]["height"], meta["input"]["width"]) == (64, 96)
+    frozen, finetune = meta["training"]["phases"]
+    assert frozen["feature_cache"] is False and frozen["epochs_run"] == 1 and finetune["epochs_run"] == 1
+
+    out = run_cli("evaluate", str(bundle), str(noncontiguous_dir), "--report", str(tmp_path / "report"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["confusion_matrix"]["labels"] == [-2, 3, 10]
+    assert sum(map(sum, saved["confusion_matrix"]["matrix"])) == saved["n"]
+    assert f"{saved['accuracy']:.3f}" in out.stdout and "label   -2:" in out.stdout
+    assert (tmp_path / "report" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_strict_refuses_an_unreadable_image_that_is_otherwise_skipped(tmp_path, noncontiguous_dir, tiny_bundle,
+                                                                         capsys):
+    """``--strict`` turns a skipped unreadable image into one error line naming it, before any
+    training or evaluation; without it ``evaluate`` goes on and says what it skipped."""
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(noncontiguous_dir, data)
+    (data / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for argv in (["train", str(data), "--out", str(tmp_path / "o"), "--weights", "none", "--image-size", "75",
+                  "--strict"],
+                 ["evaluate", str(tiny_bundle.path), str(data), "--strict"]):
+        line = _error_line(capsys, argv)
+        assert "broken.png" in line, line
+    assert not (tmp_path / "o").exists()
+
+    assert main(["evaluate", str(tiny_bundle.path), str(data), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [Path(s["source"]).name for s in metrics["skipped_images"]] == ["broken.png"]
+    assert metrics["n"] == sum(1 for _ in data.rglob("*.png")) - 1

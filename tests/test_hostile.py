@@ -35,6 +35,7 @@ def _sha(path: Path) -> str:
 
 
 def _light_copy(exported, dest: Path) -> Path:
+    """Hard links to the files of an exported (bundle, records) pair that these tests need."""
     dest.mkdir(parents=True)
     for name in LIGHT_FILES:
         os.link(exported[0].path / name, dest / name)
@@ -184,9 +185,9 @@ def image(digits_dir) -> Path:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_hostile_case_gets_one_typed_line(exported, image, tmp_path, case):
+def test_hostile_case_gets_one_typed_line(tiny_exported, image, tmp_path, case):
     setup, status, fragment = CASES[case]
-    bundle = _light_copy(exported, tmp_path / "bundle")
+    bundle = _light_copy(tiny_exported, tmp_path / "bundle")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     argv = setup(bundle, scratch, image)
@@ -201,11 +202,11 @@ def test_hostile_case_gets_one_typed_line(exported, image, tmp_path, case):
     assert (bundle / "bundle.json").read_bytes() == meta_before
 
 
-def test_api_refuses_paths_out_of_the_bundle_for_predict_bench_and_triton(exported, tmp_path):
+def test_api_refuses_paths_out_of_the_bundle_for_predict_bench_and_triton(tiny_exported, tmp_path):
     from edgeclf.benchmarks.harness import BenchConfig, run_bench
     from edgeclf.serve.repository import write_repository
 
-    bundle = _light_copy(exported, tmp_path / "bundle")
+    bundle = _light_copy(tiny_exported, tmp_path / "bundle")
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"weights from elsewhere")
     _edit(bundle, lambda m: (m["artifacts"]["onnx"].update(file="../outside.bin"),
@@ -223,17 +224,18 @@ def test_api_refuses_paths_out_of_the_bundle_for_predict_bench_and_triton(export
     assert all("inside the bundle" in r["error"] for n, r in failed.items() if n in ("onnx", "openvino"))
 
 
-def test_export_refuses_a_replaced_model_keras(exported, tmp_path):
-    bundle = _light_copy(exported, tmp_path / "bundle")
+def test_export_refuses_a_replaced_model_keras(tiny_exported, tmp_path):
+    bundle = _light_copy(tiny_exported, tmp_path / "bundle")
     _replace(bundle / "model.keras", (bundle / "model.keras").read_bytes() + b"\0")  # a zip still loads
     out = run_cli("export", str(bundle), "--format", "onnx")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "model.keras differs from the model training wrote" in out.stderr
 
 
-def test_two_concurrent_exports_keep_both_records(accurate_bundle, tmp_path):
+@pytest.mark.slow  # exports
+def test_two_concurrent_exports_keep_both_records(tiny_bundle, tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(accurate_bundle.path, bundle)
+    shutil.copytree(tiny_bundle.path, bundle)
     procs = [subprocess.Popen([sys.executable, "-m", "edgeclf", "export", str(bundle), "--format", fmt,
                                "--calibration-images", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
@@ -265,8 +267,9 @@ export_bundle(sys.argv[1], "openvino", ExportOptions(opset=16))
 """
 
 
-def test_a_reexport_killed_between_its_renames_leaves_a_usable_artifact(exported, image, tmp_path):
-    bundle = _light_copy(exported, tmp_path / "bundle")
+@pytest.mark.slow  # exports
+def test_a_reexport_killed_between_its_renames_leaves_a_usable_artifact(tiny_exported, image, tmp_path):
+    bundle = _light_copy(tiny_exported, tmp_path / "bundle")
     with Predictor.load(bundle, "openvino") as predictor:
         before = predictor.predict(str(image)).label
     out = subprocess.run([sys.executable, "-c", _KILLED_REEXPORT, str(bundle)], capture_output=True, text=True,
@@ -293,8 +296,9 @@ def _mount_tmpfs(path: Path, size_bytes: int) -> bool:
     return done.returncode == 0
 
 
-def test_export_on_a_full_disk_is_one_line_and_keeps_the_bundle(accurate_bundle, tmp_path):
-    keras_size = (accurate_bundle.path / "model.keras").stat().st_size
+@pytest.mark.slow  # exports
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_bundle(tiny_bundle, tmp_path):
+    keras_size = (tiny_bundle.path / "model.keras").stat().st_size
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, keras_size + (4 << 20)):
         pytest.skip("cannot mount a small tmpfs here (needs root and mount permission)")
@@ -302,7 +306,7 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_bundle(accurate_bundle,
         bundle = disk / "bundle"
         bundle.mkdir()
         for name in ("bundle.json", "model.keras"):
-            shutil.copyfile(accurate_bundle.path / name, bundle / name)
+            shutil.copyfile(tiny_bundle.path / name, bundle / name)
         meta_before = (bundle / "bundle.json").read_bytes()
         out = run_cli("export", str(bundle), "--format", "onnx")
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
@@ -314,10 +318,10 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_bundle(accurate_bundle,
         subprocess.run(["umount", str(disk)], check=False)
 
 
-def test_lone_onnx_with_good_metadata_still_runs(exported, image, tmp_path):
+def test_lone_onnx_with_good_metadata_still_runs(tiny_exported, image, tmp_path):
     """The checks above refuse only what is wrong: an untouched lone model runs."""
     lone = tmp_path / "model.onnx"
-    shutil.copyfile(exported[0].path / "model.onnx", lone)
+    shutil.copyfile(tiny_exported[0].path / "model.onnx", lone)
     with Predictor.load(lone) as predictor:
         assert predictor.predict(str(image)).label in (-2, 3, 10)
         assert np.asarray(predictor.labels).tolist() == [-2, 3, 10]

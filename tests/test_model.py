@@ -16,6 +16,9 @@ from edgeclf.train.data import load_folder
 
 SIZE = (75, 75)
 
+#: Builds and trains real InceptionV3 networks.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def model():

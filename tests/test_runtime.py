@@ -17,7 +17,7 @@ from PIL import Image
 from edgeclf.errors import BundleError, EdgeclfError, ImageDecodeError, InvalidInputError
 from edgeclf.runtime import Predictor
 from edgeclf.runtime.fingerprint import fingerprint, machine_key
-from edgeclf.runtime.hardware import Hardware
+from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.runtime.selection import choose
 from tests.conftest import CPU_ARTIFACTS, NONCONTIGUOUS, has_gpu, run_cli
 
@@ -25,12 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def reference(exported):
+def reference(tiny_exported):
     """Held-out images (uint8) and the Keras model's integer answers for them."""
     from edgeclf.export.reference import reference_sets
     from edgeclf.train.evaluate import load_keras_model, predict_logits
 
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     _, heldout = reference_sets(bundle)
     logits = predict_logits(load_keras_model(bundle), heldout.images)
     return heldout.images, np.asarray(bundle.labels)[logits.argmax(axis=1)]
@@ -43,8 +43,8 @@ def test_files(digits_dir):
 
 
 @pytest.mark.parametrize("artifact", CPU_ARTIFACTS)
-def test_every_cpu_artifact_gives_the_integers_export_validated(exported, reference, artifact):
-    bundle, _ = exported
+def test_every_cpu_artifact_gives_the_integers_export_validated(tiny_exported, reference, artifact):
+    bundle, _ = tiny_exported
     images, keras_labels = reference
     with Predictor.load(bundle.path, artifact) as predictor:
         predictions = predictor.predict(images)
@@ -61,13 +61,13 @@ def test_every_cpu_artifact_gives_the_integers_export_validated(exported, refere
         assert agreement == 1.0  # ...and FP32 is Keras's answer on every image.
 
 
-def test_files_decode_as_in_training_and_decoding_matches_the_graph_label(exported, test_files):
+def test_files_decode_as_in_training_and_decoding_matches_the_graph_label(tiny_exported, test_files):
     import onnxruntime as ort
 
     from edgeclf.images import load_image
     from edgeclf.train.evaluate import load_keras_model, predict_logits
 
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     pixels = np.stack([load_image(p, (75, 75)) for p in test_files])
     keras_labels = np.asarray(bundle.labels)[predict_logits(load_keras_model(bundle), pixels).argmax(axis=1)]
     session = ort.InferenceSession(str(bundle.path / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -79,8 +79,8 @@ def test_files_decode_as_in_training_and_decoding_matches_the_graph_label(export
     assert from_files == from_bytes == from_pil == keras_labels.tolist() == graph_labels.tolist()
 
 
-def test_prediction_confidence_top_k_and_probabilities(exported, reference):
-    bundle, _ = exported
+def test_prediction_confidence_top_k_and_probabilities(tiny_exported, reference):
+    bundle, _ = tiny_exported
     images, _ = reference
     with Predictor.load(bundle.path, "onnx") as predictor:
         one = predictor.predict(images[0], top_k=2)
@@ -100,8 +100,8 @@ def test_prediction_confidence_top_k_and_probabilities(exported, reference):
     assert one.to_dict()["top_k"][0]["label"] == one.label
 
 
-def test_auto_choice_from_hardware_and_from_benchmarks(exported, tmp_path):
-    bundle, _ = exported
+def test_auto_choice_from_hardware_and_from_benchmarks(tiny_exported, tmp_path):
+    bundle, _ = tiny_exported
     plain = Hardware("AuthenticAMD", "test", frozenset({"avx2"}), 2, None)
     assert choose(bundle.path, "auto", None, plain).format == "onnx"
     vnni = Hardware("GenuineIntel", "test", frozenset({"avx512_vnni"}), 2, None)
@@ -139,8 +139,8 @@ def test_auto_choice_from_hardware_and_from_benchmarks(exported, tmp_path):
         assert predictor.describe()["backend"] == "openvino" and "benchmarks" in predictor.describe()["reason"]
 
 
-def test_lone_artifacts_describe_themselves(exported, reference, tmp_path):
-    bundle, _ = exported
+def test_lone_artifacts_describe_themselves(tiny_exported, reference, tmp_path):
+    bundle, _ = tiny_exported
     images, keras_labels = reference
     for files in (["model.onnx"], ["model.int8.openvino.xml", "model.int8.openvino.bin"], ["model.fp16.tflite"]):
         for name in files:
@@ -162,7 +162,7 @@ def test_runtime_does_not_import_tensorflow():
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_runtime_runs_with_only_numpy_pillow_and_onnxruntime(exported, test_files, tmp_path):
+def test_runtime_runs_with_only_numpy_pillow_and_onnxruntime(tiny_exported, test_files, tmp_path):
     """A device install: a bare venv holding numpy, Pillow, onnxruntime (and its own
     dependencies) and edgeclf's root and runtime packages only: no train/, no export/."""
     import numpy
@@ -187,7 +187,7 @@ def test_runtime_runs_with_only_numpy_pillow_and_onnxruntime(exported, test_file
     code = (
         "import json, sys\n"
         "from edgeclf.runtime import Predictor\n"
-        f"p = Predictor.load({str(exported[0].path)!r}, 'onnx')\n"
+        f"p = Predictor.load({str(tiny_exported[0].path)!r}, 'onnx')\n"
         f"labels = [x.label for x in p.predict({[str(f) for f in test_files]!r})]\n"
         "for name in ('tensorflow', 'keras', 'openvino', 'edgeclf.train', 'edgeclf.export'):\n"
         "    try:\n"
@@ -201,13 +201,13 @@ def test_runtime_runs_with_only_numpy_pillow_and_onnxruntime(exported, test_file
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # Like with like: the same artifact and backend on both sides, whatever ``auto`` would
     # pick on this CPU (OpenVINO BF16 on AMX gives other integers on a few images).
-    with Predictor.load(exported[0].path, "onnx") as predictor:
+    with Predictor.load(tiny_exported[0].path, "onnx") as predictor:
         expected = [p.label for p in predictor.predict([str(f) for f in test_files])]
     assert result == {"backend": "onnxruntime", "labels": expected}
 
 
-def test_eight_threads_give_the_serial_answers(exported, reference):
-    bundle, _ = exported
+def test_eight_threads_give_the_serial_answers(tiny_exported, reference):
+    bundle, _ = tiny_exported
     images, _ = reference
     for artifact in ("onnx", "openvino-int8", "tflite"):
         with Predictor.load(bundle.path, artifact, batch_size=4) as predictor:
@@ -229,8 +229,8 @@ def test_eight_threads_give_the_serial_answers(exported, reference):
         assert all(results[w] == serial for w in range(8)), artifact
 
 
-def test_bad_images_get_typed_errors_naming_the_input(exported, tmp_path, test_files, monkeypatch):
-    bundle, _ = exported
+def test_bad_images_get_typed_errors_naming_the_input(tiny_exported, tmp_path, test_files, monkeypatch):
+    bundle, _ = tiny_exported
     good = test_files[0]
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
@@ -279,8 +279,8 @@ def test_bad_images_get_typed_errors_naming_the_input(exported, tmp_path, test_f
         p.predict(pixels)
 
 
-def test_bad_models_get_typed_errors(exported, tmp_path):
-    bundle, _ = exported
+def test_bad_models_get_typed_errors(tiny_exported, tmp_path):
+    bundle, _ = tiny_exported
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy)
     size = (copy / "model.int8.onnx").stat().st_size
@@ -327,12 +327,12 @@ def test_bad_models_get_typed_errors(exported, tmp_path):
                 Predictor.load(engine)
 
 
-def test_random_arrays_raise_only_typed_errors(exported):
+def test_random_arrays_raise_only_typed_errors(tiny_exported):
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
     from hypothesis.extra import numpy as hnp
 
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     predictor = Predictor.load(bundle.path, "onnx")
     dtypes = st.sampled_from([np.uint8, np.int8, np.int16, np.uint16, np.int64, np.float16, np.float32,
                               np.float64, np.bool_, np.complex64])
@@ -351,8 +351,8 @@ def test_random_arrays_raise_only_typed_errors(exported):
     predictor.close()
 
 
-def test_cli_predict_reports_failures_and_goes_on(exported, test_files, tmp_path):
-    bundle, _ = exported
+def test_cli_predict_reports_failures_and_goes_on(tiny_exported, test_files, tmp_path):
+    bundle, _ = tiny_exported
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG broken")
     out = run_cli("predict", str(bundle.path), str(test_files[0]), str(broken), str(tmp_path / "missing.png"),
@@ -384,17 +384,17 @@ def test_doctor_says_what_is_usable_and_why_not():
 
 
 @pytest.mark.tensorrt
-def test_tensorrt_engine_gives_the_keras_integers(exported, reference):
-    bundle, _ = exported
+def test_tensorrt_engine_gives_the_keras_integers(tiny_exported, reference):
+    bundle, _ = tiny_exported
     images, keras_labels = reference
     with Predictor.load(bundle.path, "tensorrt", allow_unvalidated=True) as predictor:
         labels = np.asarray([p.label for p in predictor.predict(images)])
     assert np.mean(labels == keras_labels) >= 0.98
 
 
-def test_cli_predict_walks_folders_recursively_and_prints_file_label_confidence(exported, test_files, tmp_path):
+def test_cli_predict_walks_folders_recursively_and_prints_file_label_confidence(tiny_exported, test_files, tmp_path):
     """README: `predict` reads directories recursively, one `file<TAB>label<TAB>confidence` line per image."""
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     tree = {tmp_path / "in" / "top.png": test_files[0], tmp_path / "in" / "a" / "one.png": test_files[9],
             tmp_path / "in" / "a" / "b" / "two.png": test_files[17]}
     for target, source in tree.items():
@@ -412,9 +412,9 @@ def test_cli_predict_walks_folders_recursively_and_prints_file_label_confidence(
         assert float(confidence) == pytest.approx(expected[file].confidence, abs=1e-4)
 
 
-def test_an_artifact_whose_labels_differ_from_the_bundle_is_refused(exported, tmp_path):
+def test_an_artifact_whose_labels_differ_from_the_bundle_is_refused(tiny_exported, tmp_path):
     """README: the artifact decodes to its own labels; a bundle that says otherwise is refused."""
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy)
     meta = json.loads((copy / "bundle.json").read_text())
@@ -425,9 +425,9 @@ def test_an_artifact_whose_labels_differ_from_the_bundle_is_refused(exported, tm
         Predictor.load(copy, "onnx")
 
 
-def test_auto_never_picks_an_artifact_export_did_not_validate(exported, tmp_path):
+def test_auto_never_picks_an_artifact_export_did_not_validate(tiny_exported, tmp_path):
     """README: `auto` skips unvalidated artifacts; asking for one by name needs --allow-unvalidated."""
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy)
     vnni = Hardware("GenuineIntel", "test", frozenset({"avx512_vnni"}), 2, None)
@@ -445,3 +445,17 @@ def test_auto_never_picks_an_artifact_export_did_not_validate(exported, tmp_path
     assert all(meta["artifacts"][f]["status"] == "unvalidated" for f in engines) or has_gpu()
     if engines and not has_gpu():
         assert not choose(copy, "auto", None, gpu).format.startswith("tensorrt")
+
+
+@pytest.mark.skipif(not detect().amx,
+                    reason="BF16 runs natively only on CPUs with AMX (Intel Sapphire Rapids and later); none here")
+def test_bf16_on_an_amx_cpu_gives_the_keras_integers(tiny_exported, reference):
+    """The README's BF16 path: the FP32 OpenVINO IR run in BF16 meets the BF16 tolerance."""
+    from edgeclf.runtime.checks import TOLERANCES
+
+    bundle, _ = tiny_exported
+    images, keras_labels = reference
+    with Predictor.load(bundle.path, "openvino", precision="bf16") as predictor:
+        assert predictor.describe()["precision_hint"] == "bf16"
+        labels = np.asarray([p.label for p in predictor.predict(images)])
+    assert float(np.mean(labels == keras_labels)) >= TOLERANCES["bf16"].min_agreement

@@ -4,6 +4,7 @@ server (PyTriton) started on loopback answering HTTP and gRPC with the Predictor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -46,17 +47,17 @@ def _config_io(config) -> dict[str, tuple[str, list[int]]]:
 # -- the model repository ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def repository(exported, tmp_path_factory):
-    bundle, _ = exported
+def repository(tiny_exported, tmp_path_factory):
+    bundle, _ = tiny_exported
     out = tmp_path_factory.mktemp("triton") / "repo"
     return write_repository(bundle.path, out, batching=Batching(max_batch=16, queue_delay_us=500, instances=2))
 
 
-def test_repository_configs_parse_and_match_the_real_artifacts(exported, repository):
+def test_repository_configs_parse_and_match_the_real_artifacts(tiny_exported, repository):
     import onnxruntime as ort
     import openvino as ov
 
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     root = repository.path
     engine = bundle.meta["artifacts"].get("tensorrt")
     served_engine = engine is not None and engine["status"] == "validated" and \
@@ -92,10 +93,10 @@ def test_repository_configs_parse_and_match_the_real_artifacts(exported, reposit
     assert (root / "edgeclf_onnx/1/model.onnx").read_bytes() == (bundle.path / "model.onnx").read_bytes()
 
 
-def test_tensorrt_config_matches_the_engine_header(exported):
+def test_tensorrt_config_matches_the_engine_header(tiny_exported):
     from edgeclf.engine_file import read_engine_header
 
-    bundle, records = exported
+    bundle, records = tiny_exported
     header = read_engine_header(bundle.path / engine_record(records, "tensorrt")["file"])
     h, w = bundle.image_size
     config = parse_config(config_text(build_config("m_tensorrt", "tensorrt", h, w, len(bundle.labels),
@@ -104,10 +105,10 @@ def test_tensorrt_config_matches_the_engine_header(exported):
     assert _config_io(config) == {t["name"]: (TRITON_DTYPES[t["dtype"]], t["shape"]) for t in header["io"]}
 
 
-def test_repository_bad_inputs(exported, tmp_path):
+def test_repository_bad_inputs(tiny_exported, tmp_path):
     from edgeclf.bundle import Bundle
 
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     no_onnx = Bundle(tmp_path / "no_onnx", {**bundle.meta, "artifacts": {}})
     no_onnx.path.mkdir()
     no_onnx.save()
@@ -141,8 +142,8 @@ def test_repository_bad_inputs(exported, tmp_path):
         parse_config('name: "x"\nmax_batch_size: "many"\n')
 
 
-def test_export_cli_writes_a_repository(exported, tmp_path):
-    bundle, _ = exported
+def test_export_cli_writes_a_repository(tiny_exported, tmp_path):
+    bundle, _ = tiny_exported
     done = run_cli("export", str(bundle.path), "--format", "triton", "--out", str(tmp_path / "repo"),
                    "--max-batch", "8", "--preferred-batch", "4,8")
     assert done.returncode == 0, done.stderr
@@ -189,20 +190,20 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
-    bundle, _ = exported
+def server(tiny_exported, tmp_path_factory):
+    bundle, _ = tiny_exported
     srv = Server(bundle.path, tmp_path_factory.mktemp("serve"))
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def samples(exported, digits_dir):
+def samples(tiny_exported, digits_dir):
     """Real held-out PNG files with the Predictor's integer for each."""
     from edgeclf.runtime import Predictor
     from edgeclf.serve.load import samples_from_files
 
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     files = [p for digit in NONCONTIGUOUS.values() for p in sorted((digits_dir / "test" / str(digit)).glob("*.png"))[:12]]
     with Predictor.load(bundle.path, "onnx") as predictor:
         return samples_from_files(files, predictor)
@@ -266,6 +267,26 @@ def test_bounded_load_run_with_malformed_requests_interleaved(server, samples):
     assert report.wrong == [] and report.unexpected_errors == [] and report.malformed_answered == []
     assert summary["answered"] == 16 * 40 and summary["malformed_rejected"] == 16 * 10
     assert summary["throughput_rps"] > 0 and summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"]
+
+
+def test_loadtest_command_checks_every_answer_and_fails_on_a_wrong_model_name(server, tiny_exported, digits_dir):
+    """The README's ``edgeclf loadtest`` against ``edgeclf serve``: exit 0 with the summary as
+    JSON when every answer is the Predictor's, exit 1 naming the failure when none can be."""
+    bundle, _ = tiny_exported
+    folder = digits_dir / "test"  # a folder walked recursively, as a user passes it
+    urls = ["--http-url", f"127.0.0.1:{server.http}", "--grpc-url", f"127.0.0.1:{server.grpc}"]
+    out = run_cli("loadtest", str(bundle.path), str(folder), *urls, "--backend", "onnx", "--clients", "4",
+                  "--requests", "10", "--max-images", "24", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["clients"] == 4 and summary["requests"] == 40
+    assert summary["answered"] == 4 * 8 and summary["malformed_rejected"] == 4 * 2
+    assert summary["wrong"] == 0 and summary["unexpected_errors"] == 0
+
+    out = run_cli("loadtest", str(bundle.path), str(folder), *urls, "--backend", "onnx", "--clients", "2",
+                  "--requests", "2", "--max-images", "4", "--model-name", "no_such_model", "--timeout", "20")
+    assert out.returncode == 1
+    assert "error:" in out.stderr and "no_such_model" in out.stderr
 
 
 def _post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
@@ -379,8 +400,8 @@ def test_grpc_requests_the_server_cannot_hold_are_refused_and_it_goes_on(server,
         channel.close()
 
 
-def test_port_in_use_is_a_clear_error_at_start(exported):
-    bundle, _ = exported
+def test_port_in_use_is_a_clear_error_at_start(tiny_exported):
+    bundle, _ = tiny_exported
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -18,6 +18,9 @@ from edgeclf.errors import BundleError, DataError, InvalidInputError, OutputExis
 from edgeclf.train import TrainConfig, evaluate_bundle, train
 from edgeclf.train.data import load_folder
 
+#: Builds and trains real InceptionV3 networks.
+pytestmark = pytest.mark.slow
+
 
 def test_bundle_json_contents(trained_bundle):
     meta = json.loads((trained_bundle.path / "bundle.json").read_text())

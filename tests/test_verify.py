@@ -36,9 +36,9 @@ AMX = Hardware("GenuineIntel", "test amx", frozenset({"avx512f", "avx512_vnni", 
 
 
 @pytest.fixture
-def bundle_copy(exported, tmp_path) -> Path:
+def bundle_copy(tiny_exported, tmp_path) -> Path:
     path = tmp_path / "bundle"
-    shutil.copytree(exported[0].path, path, ignore=shutil.ignore_patterns("benchmarks"))
+    shutil.copytree(tiny_exported[0].path, path, ignore=shutil.ignore_patterns("benchmarks"))
     return path
 
 
@@ -48,11 +48,11 @@ def _edit(path: Path, change) -> None:
     (path / "bundle.json").write_text(json.dumps(meta))
 
 
-def test_the_verification_set_is_the_held_out_reference_export_validated_on(exported):
+def test_the_verification_set_is_the_held_out_reference_export_validated_on(tiny_exported):
     from edgeclf.export.reference import reference_sets
     from edgeclf.train.evaluate import load_keras_model, predict_logits
 
-    bundle, records = exported
+    bundle, records = tiny_exported
     record = bundle.meta["verification_set"]
     reference = load_verification_set(bundle)
     _, heldout = reference_sets(bundle)
@@ -69,8 +69,8 @@ def test_the_verification_set_is_the_held_out_reference_export_validated_on(expo
             assert r["validation"]["images"] == len(reference)
 
 
-def test_verify_gives_the_figures_export_recorded_for_every_cpu_artifact(bundle_copy, exported):
-    _, records = exported
+def test_verify_gives_the_figures_export_recorded_for_every_cpu_artifact(bundle_copy, tiny_exported):
+    _, records = tiny_exported
     report = verify(bundle_copy, "all")
     assert report.passed, report.failures()
     by_format = {r["format"]: r for r in records}
@@ -187,15 +187,16 @@ def test_full_range_int8_is_not_picked_by_auto_without_int8_dot_products(bundle_
     assert bool(warned) == (not detect().vnni)
 
 
-def test_export_marks_full_range_int8_artifacts(exported):
-    _, records = exported
+def test_export_marks_full_range_int8_artifacts(tiny_exported):
+    _, records = tiny_exported
     by_format = {r["format"]: r for r in records}
     # The default build has 7-bit weights: exact without VNNI, so no CPU needs to be told apart.
     assert by_format["onnx-int8"]["needs_int8_dot_product"] is False
     assert by_format["openvino-int8"]["needs_int8_dot_product"] is False
 
 
-def test_a_device_install_verifies_and_benches_without_tensorflow(bundle_copy, exported, tmp_path):
+@pytest.mark.slow  # pip installs edgeclf[cpu] into a new venv
+def test_a_device_install_verifies_and_benches_without_tensorflow(bundle_copy, tiny_exported, tmp_path):
     """``pip install '.[cpu]'`` from the package metadata into a new venv: no TensorFlow, no
     OpenVINO, no LiteRT. verify and bench there give the figures export recorded."""
     # The project as a user gets it (no build outputs, no venv), installed by pip from its metadata.
@@ -215,7 +216,7 @@ def test_a_device_install_verifies_and_benches_without_tensorflow(bundle_copy, e
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert set(report["results"]) == {"onnx", "onnx-fp16", "onnx-int8"}  # what onnxruntime runs
-    validation = {r["format"]: r["validation"] for r in exported[1]}
+    validation = {r["format"]: r["validation"] for r in tiny_exported[1]}
     for name, result in report["results"].items():
         assert result["top1_agreement"] == validation[name]["top1_agreement"]
         assert result["accuracy"] == validation[name]["accuracy"]
