@@ -21,8 +21,8 @@ WEIGHTS    ?= none
 DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --train-batchnorm --lr-finetune 1e-3
 
 # BENCHMARKS.md: InceptionV3 at 299x299 (the main job's 75px model continued at 299 for
-# two epochs, exported, benchmarked). Well over an hour on 2 CPU cores: training at 299 took
-# 28.5 min on the AMD EPYC here, and each INT8 search may use its 15-minute bound.
+# two epochs, exported, benchmarked). About 1 h 45 min on 2 CPU cores: on the AMD EPYC here
+# training at 299 took 28.5 min and the export 43 min (two INT8 searches used their 15-min bound).
 BENCH_DIR ?= runs/bench
 
 .PHONY: demo test test-fast test-gpu install clean benchmarks serve-loadtest
