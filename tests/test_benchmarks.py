@@ -237,3 +237,20 @@ def test_bench_command_prints_the_table_and_writes_the_files(bench_bundle, tmp_p
         assert out.returncode != 0
         last = out.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and expected in last and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow  # quantizes three INT8 models again
+def test_int8_fallback_times_fp32_plain_and_exported_int8_per_runtime(bench_bundle):
+    """``python -m edgeclf.benchmarks.int8_fallback``: one row per INT8 artifact beside its FP32
+    sibling and a plain INT8 re-made with export's quantizer; nothing left in the bundle."""
+    from edgeclf.benchmarks.int8_fallback import SIBLINGS, measure_fallback
+
+    before = sorted(p.name for p in bench_bundle.iterdir())
+    rows = measure_fallback(bench_bundle, duration_s=0.5)
+    assert sorted(p.name for p in bench_bundle.iterdir()) == before
+    assert [r["format"] for r in rows] == [f for f in SIBLINGS if f != "tflite-int8"]  # bench_bundle has no .tflite
+    for row in rows:
+        assert row["agreement_fp32"] == 1.0 and row["agreement_plain"] >= 0.9
+        assert min(row["p50_ms_fp32"], row["p50_ms_plain"], row["p50_ms_exported"]) > 0
+        if row["kept_fp32_layers"] == 0:  # the exported artifact is plain INT8
+            assert row["agreement_exported"] == row["agreement_plain"] and row["speedup_kept"] == 1.0
