@@ -24,37 +24,35 @@ import numpy as np
 from edgeclf.benchmarks.timing import time_interleaved
 from edgeclf.bundle import Bundle
 from edgeclf.errors import EdgeclfError
+from edgeclf.formats import FORMATS
 from edgeclf.progress import log
 from edgeclf.runtime.backends import create_backend
 from edgeclf.runtime.backends.base import BackendOptions
 from edgeclf.verification import load_verification_set
 
-#: INT8 format -> (its FP32 sibling, the runtime both run on).
-SIBLINGS = {"onnx-int8": ("onnx", "onnxruntime"), "openvino-int8": ("openvino", "openvino"),
-            "tflite-int8": ("tflite", "tflite")}
+#: INT8 format -> its FP32 sibling (both run on the INT8 format's runtime).
+SIBLINGS = {"onnx-int8": "onnx", "openvino-int8": "openvino", "tflite-int8": "tflite"}
 
 
 def _plain_int8(bundle: Bundle, fmt: str, calibration: np.ndarray, work: Path) -> Path:
-    """``fmt`` quantized as export quantizes it before any layer is kept in FP32."""
+    """``fmt`` made by the quantizer export's search drives, with no layer kept in FP32 and the
+    calibration the search chose: the search's own plain INT8 trial."""
+    from edgeclf.export.int8_search import litert_quantizer, nncf_quantizer, qdq_quantizer
+
     record = bundle.meta["artifacts"][fmt]
-    method = record.get("calibration", {}).get("method", "minmax")
     reduce_range = record.get("calibration", {}).get("reduce_range", True)
-    source = bundle.path / bundle.meta["artifacts"]["onnx"]["file"]
-    if fmt == "onnx-int8":
-        from edgeclf.export.onnx_int8 import onnx_to_int8
+    if fmt == "tflite-int8":
+        from edgeclf.export.tflite_int8 import LiteRTInt8
+        from edgeclf.train.evaluate import load_keras_model
 
-        onnx_to_int8(source, work / "plain.int8.onnx", calibration, method, reduce_range)
-        return work / "plain.int8.onnx"
-    if fmt == "openvino-int8":
-        from edgeclf.export.openvino_ir import onnx_to_openvino_int8
-
-        onnx_to_openvino_int8(source, work / "plain.int8.xml", calibration, reduce_range)
-        return work / "plain.int8.xml"
-    from edgeclf.export.tflite_int8 import LiteRTInt8
-    from edgeclf.train.evaluate import load_keras_model
-
-    LiteRTInt8(load_keras_model(bundle), bundle, calibration).quantize(None, work / "plain.int8.tflite", [])
-    return work / "plain.int8.tflite"
+        quantizer, source = litert_quantizer(LiteRTInt8(load_keras_model(bundle), bundle, calibration)), None
+    else:
+        quantizer = (qdq_quantizer(calibration, None, reduce_range) if fmt == "onnx-int8"
+                     else nncf_quantizer(calibration, reduce_range))
+        source = bundle.path / bundle.meta["artifacts"]["onnx"]["file"]
+    out = work / f"plain.int8{quantizer.suffix}"
+    quantizer.quantize(source, out, [], record["quantization"]["calibration"])
+    return out
 
 
 def measure_fallback(bundle_path: str | Path, duration_s: float = 20.0,
@@ -68,7 +66,7 @@ def measure_fallback(bundle_path: str | Path, duration_s: float = 20.0,
     bundle = Bundle.load(bundle_path)
     artifacts = bundle.meta["artifacts"]
     present = [f for f in SIBLINGS  # both recorded and on disk (a device copy may leave some out)
-               if all(a in artifacts and (bundle.path / artifacts[a]["file"]).is_file() for a in (f, SIBLINGS[f][0]))]
+               if all(a in artifacts and (bundle.path / artifacts[a]["file"]).is_file() for a in (f, SIBLINGS[f]))]
     if not present:
         raise EdgeclfError(f"{bundle_path} holds no INT8 artifact beside its FP32 one; expected one of "
                            f"{sorted(SIBLINGS)} (run 'edgeclf export' first)")
@@ -78,34 +76,35 @@ def measure_fallback(bundle_path: str | Path, duration_s: float = 20.0,
     with tempfile.TemporaryDirectory(prefix=".int8-fallback.", dir=bundle.path) as tmp:
         paths: dict[str, tuple[str, Path]] = {}
         for fmt in present:
-            fp32, runtime = SIBLINGS[fmt]
+            runtime = FORMATS[fmt].backend
             log(f"quantizing plain {fmt}")
             (Path(tmp) / fmt).mkdir()
-            paths[f"{fmt} fp32"] = (runtime, bundle.path / bundle.meta["artifacts"][fp32]["file"])
             count = calibration_images or artifacts[fmt].get("calibration", {}).get("images", 300)
             plain = _plain_int8(bundle, fmt, _calibration_images(training, count), Path(tmp) / fmt)
+            paths[f"{fmt} fp32"] = (runtime, bundle.path / artifacts[SIBLINGS[fmt]]["file"])
             paths[f"{fmt} plain"] = (runtime, plain)
-            paths[f"{fmt} exported"] = (runtime, bundle.path / bundle.meta["artifacts"][fmt]["file"])
+            paths[f"{fmt} exported"] = (runtime, bundle.path / artifacts[fmt]["file"])
         backends, agreement = {}, {}
-        for name, (runtime, path) in paths.items():
-            backend = create_backend(runtime)
-            backend.load(path, BackendOptions())
-            backends[name] = backend
-            logits = np.concatenate([backend.infer(reference.images[i:i + 32])
-                                     for i in range(0, len(reference), 32)])
-            agreement[name] = float(np.mean(logits.argmax(axis=1) == keras_top1))
-        one = reference.images[:1]
-        log(f"timing {len(backends)} models interleaved for {duration_s:.0f} s")
-        timings = time_interleaved({n: (lambda b=b: b.infer(one)) for n, b in backends.items()},
-                                   warmup_s=5.0, duration_s=duration_s, min_runs=20,
-                                   group=lambda name: name.split()[0])
-        for backend in backends.values():
-            backend.close()
+        try:
+            for name, (runtime, path) in paths.items():
+                backend = backends[name] = create_backend(runtime)
+                backend.load(path, BackendOptions())
+                logits = np.concatenate([backend.infer(reference.images[i:i + 32])
+                                         for i in range(0, len(reference), 32)])
+                agreement[name] = float(np.mean(logits.argmax(axis=1) == keras_top1))
+            one = reference.images[:1]
+            log(f"timing {len(backends)} models interleaved for {duration_s:.0f} s")
+            timings = time_interleaved({n: (lambda b=b: b.infer(one)) for n, b in backends.items()},
+                                       warmup_s=5.0, duration_s=duration_s, min_runs=20,
+                                       group=lambda name: name.split()[0])
+        finally:
+            for backend in backends.values():
+                backend.close()
     rows = []
     for fmt in present:
         p50 = {kind: timings[f"{fmt} {kind}"].stats()["p50_ms"] for kind in ("fp32", "plain", "exported")}
         gain = p50["fp32"] - p50["plain"]
-        search = bundle.meta["artifacts"][fmt].get("quantization", {})
+        search = artifacts[fmt].get("quantization", {})
         # With no layer kept, the exported artifact is plain INT8: any difference is noise.
         kept = 1.0 if search.get("kept_fp32_layers") == 0 else \
             round((p50["fp32"] - p50["exported"]) / gain, 3) if gain > 0 else None

@@ -163,8 +163,8 @@ def _check_learnt(bundle, what: str) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(noncontiguous_dir, tmp_path_factory):
-    """The fast layer's model: MobileNetV3-Small at 75x75 trained from scratch (seconds, not
-    minutes), through the same ``train`` as the product's InceptionV3."""
+    """The fast layer's model: MobileNetV3-Small at 75x75 trained from scratch in about a minute
+    (3 epochs), through the same ``train`` as the product's InceptionV3."""
     from edgeclf.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
