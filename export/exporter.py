@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 from edgeclf.export.int8_search import Int8Target
 from edgeclf.export.tensorrt_engine import EngineOptions
+from edgeclf.export.tflite import ServingSavedModel
 
 from edgeclf.bundle import Bundle, commit_artifact, recover_bundle
 from edgeclf.engine_file import read_engine_header
@@ -129,7 +130,7 @@ class RecordFields(dict):
 
 
 def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.ndarray,
-              reference: VerificationSet) -> dict[str, Callable]:
+              reference: VerificationSet, serving: ServingSavedModel) -> dict[str, Callable]:
     from edgeclf.export.int8_search import (LayerRanking, figures_of, litert_quantizer, nncf_quantizer,
                                             qdq_quantizer, quantize_to_target)
     from edgeclf.export.onnx_fp16 import onnx_to_fp16
@@ -170,7 +171,7 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
                           "qdq_graph_on_onnxruntime": on_cpu, "note": note})
 
     def litert_int8(out: Path, src: None) -> RecordFields:
-        litert = LiteRTInt8(model, bundle, calibration)  # calibrates once; also ranks LiteRT's layers
+        litert = LiteRTInt8(model, bundle, calibration, source=serving)  # calibrates once; also ranks LiteRT's layers
         return searched(litert_quantizer(litert), out, None, litert)
 
     # Each builder takes (output path, path of the artifact it is converted from); the
@@ -184,8 +185,8 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
         "openvino-int8": lambda out, src: searched(nncf_quantizer(calibration, options.int8_reduce_range), out, src),
         "tensorrt": lambda out, src: onnx_to_engine(src, out, artifact_metadata(bundle, "fp16"), options.engine),
         "tensorrt-int8": int8_engine,
-        "tflite": lambda out, src: keras_to_tflite(model, bundle, out, "fp32"),
-        "tflite-fp16": lambda out, src: keras_to_tflite(model, bundle, out, "fp16"),
+        "tflite": lambda out, src: keras_to_tflite(model, bundle, out, "fp32", source=serving),
+        "tflite-fp16": lambda out, src: keras_to_tflite(model, bundle, out, "fp16", source=serving),
         "tflite-int8": litert_int8,
     }
 
@@ -271,7 +272,6 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
                       f"{len(reference)} held-out images, where one disagreement costs {1 / len(reference):.4f}; "
                       f"it needs at least {to_judge} (a larger held-out split, --data, or --verification-images)",
                       stacklevel=2)
-    builders = _builders(model, bundle, options, calib_images, reference)
 
     tools = installed_versions(TOOL_PACKAGES)  # the same for every artifact of this run
     for done in recover_bundle(bundle.path):  # what a killed export left behind
@@ -279,7 +279,8 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     needed = bundle.model_path.stat().st_size  # about what one FP32 artifact takes
     records, failures = [], []
     built: dict[str, tuple[Path, dict[str, Any]]] = {}  # format -> its file and record, for those made from it
-    with staging_directory(bundle.path, "export") as stage:
+    with staging_directory(bundle.path, "export") as stage, ServingSavedModel(model, bundle, stage) as serving:
+        builders = _builders(model, bundle, options, calib_images, reference, serving)
         run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed, detect())
         for fmt in wanted:
             record, kept = _export_one(run, fmt, built)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from edgeclf.bundle import Bundle
 from edgeclf.errors import ConversionError
 from edgeclf.export.int8_layers import LayerError
-from edgeclf.export.tflite import representative_dataset, saved_model_converter, write_tflite
+from edgeclf.export.tflite import ServingSavedModel, representative_dataset, write_tflite
 
 
 def _noise(float_out: np.ndarray, quantized: np.ndarray, scale: float, zero_point: int) -> float:
@@ -40,8 +39,11 @@ def _signal(float_out: np.ndarray, quantized: np.ndarray, scale: float, zero_poi
 class LiteRTInt8:
     """One calibration of a Keras model for LiteRT INT8, quantized with any layers in float."""
 
-    def __init__(self, model, bundle: Bundle, calibration: np.ndarray, ranking_images: int = 16):
+    def __init__(self, model, bundle: Bundle, calibration: np.ndarray, ranking_images: int = 16,
+                 source: ServingSavedModel | None = None):
+        """``source``: the export run's shared serving SavedModel (by default a temporary one)."""
         self._model, self._bundle, self._calibration = model, bundle, calibration
+        self._source = source
         self._ranking = calibration[:ranking_images]
         self._debugger = None
         self._layers: list[LayerError] | None = None
@@ -56,9 +58,10 @@ class LiteRTInt8:
         if self._debugger is None:
             import tensorflow as tf
 
-            workdir = Path(tempfile.mkdtemp(prefix=".tflite-int8.", dir=out_dir))
+            own = self._source is None
+            source = self._source or ServingSavedModel(self._model, self._bundle, out_dir)
             try:
-                converter = saved_model_converter(self._model, self._bundle, workdir)
+                converter = source.converter()
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
                 converter.representative_dataset = representative_dataset(self._calibration)
                 # Denylisted layers run as float builtins; every other op must take INT8.
@@ -71,7 +74,8 @@ class LiteRTInt8:
             except Exception as exc:
                 raise ConversionError(f"the TFLite converter failed (int8, calibration): {exc}") from exc
             finally:
-                shutil.rmtree(workdir, ignore_errors=True)
+                if own:
+                    source.close()
         return self._debugger
 
     def quantize(self, src: Path | None, out: Path, keep: Sequence[str], calibration: str = "minmax") -> None:
