@@ -64,14 +64,19 @@ benchmarks: install
 
 # The slowest tests are listed at the end of each run, so a test that grows is seen.
 PYTEST_ARGS ?= --durations=15
+# Two processes (pytest-xdist): one builds a shared model while the other runs tests that need
+# none, and the two InceptionV3 chains (training; export) run side by side (tests/conftest.py).
+# Much of the suite waits on tracing, converters, subprocesses and servers, which one core does.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-# The fast layer: everything but the tests marked slow (InceptionV3 training, export and INT8
-# searches); the runtime, serving, verification and CLI tests run on a tiny MobileNetV3-Small.
+# The fast layer: everything but the tests marked slow (InceptionV3 training and export, INT8
+# searches, other training runs); the runtime, serving, verification and CLI tests run on a
+# MobileNetV3-Small at 32x32.
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The tests that need an NVIDIA GPU, alone (each says why where it is skipped):
 #   make test-gpu            on a machine with a GPU and TensorRT or TensorRT-RTX

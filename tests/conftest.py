@@ -4,11 +4,11 @@ Everything is real: images are PNG files written from scikit-learn's handwritten
 digits, models are real Keras networks at 75x75 with random initial weights, since
 ImageNet weights cannot be downloaded here. Two layers:
 
-- fast: ``tiny_bundle``/``tiny_exported``, a MobileNetV3-Small trained and exported to
-  every format in about 2.5 minutes on 2 cores, serves the runtime, serving, verification, benchmark
-  and CLI-plumbing tests (``make test-fast``);
+- fast: ``tiny_bundle``/``tiny_exported``, a MobileNetV3-Small at 32x32 trained and exported to
+  every format in under 2 minutes on 2 cores, serves the runtime, serving, verification, benchmark,
+  CLI-plumbing and INT8-search tests (``make test-fast``);
 - slow: ``trained_bundle``, ``accurate_bundle`` and ``exported``, the product's
-  InceptionV3, serve the training, export and INT8-search tests. A test using any of them
+  InceptionV3 at 75x75, serve the training tests and check every format and the INT8 search on it. A test using any of them
   is marked ``slow`` here, so no test needs to remember to say so.
 """
 
@@ -18,11 +18,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+from filelock import FileLock
 
 from edgeclf.formats import FORMATS
 from edgeclf.runtime.backends import BACKENDS
@@ -32,6 +35,8 @@ from edgeclf.train.data import write_digits_folder
 # images of the digit 1, 3 holds 3s and 10 holds 7s.
 NONCONTIGUOUS = {-2: 1, 3: 3, 10: 7}
 SIZE = 75
+#: The fast layer's input size: MobileNetV3-Small's smallest (the digits are 8x8 scans).
+TINY_SIZE = 32
 #: Every format a CPU runs, from the registries (a format added there is tested here too).
 CPU_ARTIFACTS = tuple(f.name for f in FORMATS.values() if not BACKENDS[f.backend].needs_gpu)
 #: Held-out accuracy every model the tests export must reach (3 classes: chance is 0.33).
@@ -41,47 +46,123 @@ TINY_EPOCHS = 3
 #: Fixtures that train or export InceptionV3: tests using them are ``slow`` (so are tests that train or
 #: export a model themselves, or install packages: they say so with the mark).
 SLOW_FIXTURES = frozenset({"trained_bundle", "accurate_bundle", "exported"})
+#: Under pytest-xdist, the tests of each InceptionV3 chain run in one process (the one that builds it),
+#: so that the processes do not wait on each other's training; so do the tests of the one Triton
+#: server that tests/test_serve.py starts (and stops in its last test).
+XDIST_GROUPS = {"exported": "inceptionv3-export", "accurate_bundle": "inceptionv3-export",
+                "trained_bundle": "inceptionv3-train", "server": "triton-server"}
 
 
+#: The fast layer's fixtures.
+TINY_FIXTURES = frozenset({"tiny_bundle", "tiny_exported"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     from edgeclf.gpu import local_compute_capability
 
     has_gpu = local_compute_capability() is not None
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none on this machine")
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames):
+        used = set(item.fixturenames)
+        if SLOW_FIXTURES & used:
             item.add_marker(pytest.mark.slow)
+        group = next((XDIST_GROUPS[name] for name in XDIST_GROUPS if name in used), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
         if not has_gpu and ("gpu" in item.keywords or "tensorrt" in item.keywords):
             item.add_marker(skip_gpu)
+    items[:] = _run_order(items)
+
+
+def _run_order(items: list) -> list:
+    """The longest chains first, so that two processes keep busy: the InceptionV3 groups, then one
+    test that builds the fast layer's model, then the tests that need no model (the other process
+    runs them meanwhile), then the rest. Otherwise collection order."""
+    def rank(item) -> int:
+        used = set(item.fixturenames)
+        if SLOW_FIXTURES & used:
+            return 0 if {"exported", "accurate_bundle"} & used else 1
+        return 3 if TINY_FIXTURES & used else 2
+
+    ordered = sorted(items, key=rank)
+    first_tiny = next((i for i, item in enumerate(ordered) if rank(item) == 3), None)
+    if first_tiny is not None:
+        start = next(i for i, item in enumerate(ordered) if rank(item) >= 2)
+        ordered.insert(start, ordered.pop(first_tiny))
+    return ordered
+
+
+def _built_once(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """Build a session fixture once per test run: ``build(path)`` writes it at ``path`` and returns
+    something JSON can hold. Under pytest-xdist, the first process that asks builds it under a file
+    lock and every other one reads what it wrote (all processes of a run share the parent of their
+    base temporary directory). Each fixture has a folder of its own, so that one being built (with
+    its staging files) never shows up beside another. After a failed build the next process to ask
+    builds it again (and fails with its own error)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "shared"
+    else:
+        root = tmp_path_factory.getbasetemp() / "shared"
+    root.mkdir(exist_ok=True)
+    path, done = root / name / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(path.parent, ignore_errors=True)
+            path.parent.mkdir()
+            done.write_text(json.dumps({"value": build(path)}))
+    return path, json.loads(done.read_text())["value"]
 
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn's digits as real PNG files: train/<label>/ and test/<label>/."""
-    out = tmp_path_factory.mktemp("digits") / "digits"
-    write_digits_folder(out, holdout=0.2, seed=0, size=32)
-    return out
+    def build(out: Path) -> None:
+        write_digits_folder(out, holdout=0.2, seed=0, size=32)
+
+    return _built_once(tmp_path_factory, "digits", build)[0]
 
 
 @pytest.fixture(scope="session")
 def noncontiguous_dir(digits_dir, tmp_path_factory) -> Path:
     """Real digit images under the non-contiguous integer labels -2, 3 and 10."""
-    out = tmp_path_factory.mktemp("noncontig") / "data"
-    for label, digit in NONCONTIGUOUS.items():
-        shutil.copytree(digits_dir / "train" / str(digit), out / str(label))
-    return out
+    def build(out: Path) -> None:
+        for label, digit in NONCONTIGUOUS.items():
+            shutil.copytree(digits_dir / "train" / str(digit), out / str(label))
+
+    return _built_once(tmp_path_factory, "noncontiguous", build)[0]
+
+
+def _trained(tmp_path_factory, name: str, **settings):
+    """A bundle trained once per run with ``TrainConfig(**settings)`` (its data and size included)."""
+    from edgeclf.bundle import Bundle
+    from edgeclf.train import TrainConfig, train
+
+    def build(out: Path) -> None:
+        train(TrainConfig(out=out, **settings))
+
+    return Bundle.load(_built_once(tmp_path_factory, name, build)[0])
+
+
+def _exported(tmp_path_factory, name: str, source, options):
+    """A copy of bundle ``source`` exported once per run to every format this machine builds:
+    (bundle, records)."""
+    from edgeclf.bundle import Bundle
+    from edgeclf.export import export_bundle
+
+    def build(out: Path) -> list[dict]:
+        shutil.copytree(source.path, out)
+        return export_bundle(out, "all", options)
+
+    path, records = _built_once(tmp_path_factory, name, build)
+    return Bundle.load(path), records
 
 
 @pytest.fixture(scope="session")
 def trained_bundle(noncontiguous_dir, tmp_path_factory):
     """A small InceptionV3 bundle trained in both phases on about 440 real images."""
-    from edgeclf.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("bundles") / "noncontig"
-    return train(TrainConfig(
-        data=noncontiguous_dir, out=out, image_size=SIZE, weights=None, epochs_frozen=3,
-        epochs_finetune=1, batch_size=32, lr_finetune=1e-4, seed=0, verbose=0,
-    ))
+    return _trained(tmp_path_factory, "trained", data=noncontiguous_dir, image_size=SIZE, weights=None,
+                    epochs_frozen=3, epochs_finetune=1, batch_size=32, lr_finetune=1e-4, seed=0, verbose=0)
 
 
 def has_gpu() -> bool:
@@ -130,14 +211,9 @@ def accurate_bundle(noncontiguous_dir, tmp_path_factory):
     the top-1 answer; a deployed model is not like that, so export is tested on one
     that has learnt its task (the same recipe as the main job).
     """
-    from edgeclf.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("bundles") / "accurate"
-    bundle = train(TrainConfig(
-        data=noncontiguous_dir, out=out, image_size=SIZE, weights=None, epochs_frozen=1,
-        epochs_finetune=3, unfreeze_at=0, train_batchnorm=True, lr_finetune=1e-3, batch_size=32,
-        seed=0, verbose=0,
-    ))
+    bundle = _trained(tmp_path_factory, "accurate", data=noncontiguous_dir, image_size=SIZE, weights=None,
+                      epochs_frozen=1, epochs_finetune=3, unfreeze_at=0, train_batchnorm=True, lr_finetune=1e-3,
+                      batch_size=32, seed=0, verbose=0)
     _check_learnt(bundle, "the export tests' model")
     return bundle
 
@@ -145,13 +221,9 @@ def accurate_bundle(noncontiguous_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(accurate_bundle, tmp_path_factory):
     """A copy of ``accurate_bundle`` with every format exported and validated: (bundle, records)."""
-    from edgeclf.bundle import Bundle
-    from edgeclf.export import ExportOptions, export_bundle
+    from edgeclf.export import ExportOptions
 
-    path = tmp_path_factory.mktemp("export") / "bundle"
-    shutil.copytree(accurate_bundle.path, path)
-    records = export_bundle(path, "all", ExportOptions(calibration_images=200))
-    return Bundle.load(path), records
+    return _exported(tmp_path_factory, "exported", accurate_bundle, ExportOptions(calibration_images=200))
 
 
 def _check_learnt(bundle, what: str) -> None:
@@ -163,16 +235,12 @@ def _check_learnt(bundle, what: str) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(noncontiguous_dir, tmp_path_factory):
-    """The fast layer's model: MobileNetV3-Small at 75x75 trained from scratch in about a minute
-    (3 epochs), through the same ``train`` as the product's InceptionV3."""
-    from edgeclf.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    bundle = train(TrainConfig(
-        data=noncontiguous_dir, out=out, image_size=SIZE, backbone="mobilenet_v3_small", weights=None,
-        epochs_frozen=0, epochs_finetune=TINY_EPOCHS, unfreeze_at=0, train_batchnorm=True, lr_finetune=3e-3,
-        batch_size=32, seed=0, verbose=0,
-    ))
+    """The fast layer's model: MobileNetV3-Small at 32x32 trained from scratch in under a minute
+    (3 epochs; most of it is TensorFlow tracing the training step), through the same ``train`` as
+    the product's InceptionV3."""
+    bundle = _trained(tmp_path_factory, "tiny", data=noncontiguous_dir, image_size=TINY_SIZE,
+                      backbone="mobilenet_v3_small", weights=None, epochs_frozen=0, epochs_finetune=TINY_EPOCHS,
+                      unfreeze_at=0, train_batchnorm=True, lr_finetune=3e-3, batch_size=32, seed=0, verbose=0)
     _check_learnt(bundle, "the fast layer's model")
     return bundle
 
@@ -180,14 +248,11 @@ def tiny_bundle(noncontiguous_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_exported(tiny_bundle, tmp_path_factory):
     """A copy of ``tiny_bundle`` with every format this machine builds exported and validated:
-    (bundle, records). Its INT8 target is loose and its search short: the INT8 search itself
-    is tested on InceptionV3 (tests/test_int8_search.py)."""
-    from edgeclf.bundle import Bundle
-    from edgeclf.export import ExportOptions, export_bundle
+    (bundle, records). Its INT8 target is loose and its search short: tests/test_int8_search.py
+    sets its own targets on copies of it."""
+    from edgeclf.export import ExportOptions
     from edgeclf.export.int8_search import Int8Target
 
-    path = tmp_path_factory.mktemp("export") / "tiny"
-    shutil.copytree(tiny_bundle.path, path)
     target = Int8Target(min_agreement=0.95, max_accuracy_drop=0.03, max_trials=2, max_seconds=60)
-    records = export_bundle(path, "all", ExportOptions(calibration_images=100, int8_target=target))
-    return Bundle.load(path), records
+    return _exported(tmp_path_factory, "tiny_exported", tiny_bundle,
+                     ExportOptions(calibration_images=100, int8_target=target))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from tests.conftest import SIZE
+from tests.conftest import TINY_SIZE
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_a_run_whose_later_epochs_get_worse_ends_with_the_best_epochs_weights(no
     # A learning rate far too high for Adam: validation loss jumps around, so the last epoch
     # is not the best one and restoring the best weights is visible.
     bundle = train(TrainConfig(
-        data=noncontiguous_dir, out=tmp_path / "b", image_size=SIZE, backbone="mobilenet_v3_small", weights=None,
+        data=noncontiguous_dir, out=tmp_path / "b", image_size=TINY_SIZE, backbone="mobilenet_v3_small", weights=None,
         epochs_frozen=0, epochs_finetune=6, unfreeze_at=0, train_batchnorm=True, lr_finetune=1.0, patience=2,
         batch_size=32, seed=0, verbose=0,
     ))

@@ -20,6 +20,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from edgeclf.export import ExportOptions, export_bundle  # noqa: E402
+from edgeclf.export.int8_search import Int8Target  # noqa: E402
 from edgeclf.formats import FORMATS, parse_formats  # noqa: E402
 from tests.conftest import engine_left_out  # noqa: E402
 from edgeclf.export.metadata import read_onnx_metadata  # noqa: E402
@@ -160,9 +161,10 @@ def test_metadata_round_trip(exported):
     assert read_onnx_metadata(onnx.load(str(bundle.path / "model.int8.onnx")))["calibration"]["images"] == 200
 
 
-def test_validation_failure_keeps_an_unvalidated_file(exported, tmp_path):
+@pytest.mark.slow  # exports three formats
+def test_validation_failure_keeps_an_unvalidated_file(tiny_exported, tmp_path):
     """A failed build is kept as *.unvalidated.*; it never replaces a validated artifact."""
-    bundle, _ = exported
+    bundle, _ = tiny_exported
     path = tmp_path / "bundle"
     shutil.copytree(bundle.path, path)
     meta = json.loads((path / "bundle.json").read_text())
@@ -174,8 +176,8 @@ def test_validation_failure_keeps_an_unvalidated_file(exported, tmp_path):
     with pytest.raises(ValidationError, match=r"onnx: max \|logit diff\|, top-1 agreement, accuracy drop "
                                               r"\(kept as model.unvalidated.onnx\); onnx-int8: .*"
                                               r"model.int8.unvalidated.onnx"):
-        export_bundle(path, "onnx,onnx-int8,openvino-int8",
-                      ExportOptions(calibration_images=100, tolerances=tolerances))
+        export_bundle(path, "onnx,onnx-int8,openvino-int8", ExportOptions(
+            calibration_images=100, tolerances=tolerances, int8_target=Int8Target(max_trials=0)))
     for name in ("model", "model.int8"):
         assert (path / f"{name}.unvalidated.onnx").is_file()
     artifacts = Bundle.load(path).meta["artifacts"]
@@ -208,14 +210,15 @@ def test_bundle_missing_or_corrupt(tmp_path):
         export_bundle(tmp_path / "b", "onnx")
 
 
-def test_missing_library_names_the_extra(monkeypatch, exported):
+def test_missing_library_names_the_extra(monkeypatch, tiny_exported):
     monkeypatch.setitem(sys.modules, "onnxconverter_common", None)  # as if not installed
     with pytest.raises(BackendUnavailableError, match=r"onnxconverter_common.*pip install 'edgeclf\[export\]'"):
-        export_bundle(exported[0].path, "onnx-fp16")
+        export_bundle(tiny_exported[0].path, "onnx-fp16")
 
 
-def test_calibration_images_none_or_few(exported, tmp_path):
-    bundle, _ = exported
+@pytest.mark.slow  # quantizes to INT8
+def test_calibration_images_none_or_few(tiny_exported, tmp_path):
+    bundle, _ = tiny_exported
     path = tmp_path / "bundle"
     shutil.copytree(bundle.path, path)
     with pytest.raises(InvalidInputError, match="calibration image count must be >= 1"):
@@ -228,8 +231,8 @@ def test_calibration_images_none_or_few(exported, tmp_path):
     assert Bundle.load(path).meta["artifacts"]["onnx-int8"] == bundle.meta["artifacts"]["onnx-int8"]
 
 
-def test_bundle_trained_on_arrays_needs_data(exported, tmp_path):
-    bundle, _ = exported
+def test_bundle_trained_on_arrays_needs_data(tiny_exported, tmp_path):
+    bundle, _ = tiny_exported
     path = tmp_path / "bundle"
     shutil.copytree(bundle.path, path)
     meta = json.loads((path / "bundle.json").read_text())
@@ -239,8 +242,9 @@ def test_bundle_trained_on_arrays_needs_data(exported, tmp_path):
         export_bundle(path, "onnx")
 
 
-def test_converter_failure_carries_its_message(exported, tmp_path):
-    bundle, _ = exported
+@pytest.mark.slow  # runs tf2onnx
+def test_converter_failure_carries_its_message(tiny_exported, tmp_path):
+    bundle, _ = tiny_exported
     path = tmp_path / "bundle"
     shutil.copytree(bundle.path, path)
     with pytest.raises(ConversionError, match=r"tf2onnx (could not convert the model|produced an invalid graph) \(opset 1\)"):

@@ -23,7 +23,7 @@ import pytest
 from edgeclf.bundle import Bundle, artifact_files, recover_bundle
 from edgeclf.errors import BundleError
 from edgeclf.runtime import Predictor
-from tests.conftest import NONCONTIGUOUS, run_cli
+from tests.conftest import NONCONTIGUOUS, TINY_SIZE, run_cli
 
 #: Files a case's bundle holds (hard links: a case replaces a file, never edits it in place).
 LIGHT_FILES = ("bundle.json", "model.keras", "model.onnx", "model.int8.onnx", "model.openvino.xml",
@@ -143,7 +143,7 @@ CASES = {
         "names 2 labels, but the model has 3 logits"),
     "lone onnx: an input size the model does not have": (
         lambda b, s, img: _predict(_onnx_variant(b / "model.onnx", s / "m.onnx", _set_prop(
-            "edgeclf.input", '{"height": 224, "width": 224, "channels": 3}')), img), 1, "the model takes 75x75"),
+            "edgeclf.input", '{"height": 224, "width": 224, "channels": 3}')), img), 1, f"the model takes {TINY_SIZE}x{TINY_SIZE}"),
     "lone onnx: no logits output": (
         lambda b, s, img: _predict(_onnx_variant(b / "model.onnx", s / "m.onnx", _rename_logits), img), 1,
         "no 'logits' output"),

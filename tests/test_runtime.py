@@ -19,7 +19,7 @@ from edgeclf.runtime import Predictor
 from edgeclf.runtime.fingerprint import fingerprint, machine_key
 from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.runtime.selection import choose
-from tests.conftest import CPU_ARTIFACTS, NONCONTIGUOUS, has_gpu, run_cli
+from tests.conftest import CPU_ARTIFACTS, NONCONTIGUOUS, TINY_SIZE, has_gpu, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_files_decode_as_in_training_and_decoding_matches_the_graph_label(tiny_e
     from edgeclf.train.evaluate import load_keras_model, predict_logits
 
     bundle, _ = tiny_exported
-    pixels = np.stack([load_image(p, (75, 75)) for p in test_files])
+    pixels = np.stack([load_image(p, (TINY_SIZE, TINY_SIZE)) for p in test_files])
     keras_labels = np.asarray(bundle.labels)[predict_logits(load_keras_model(bundle), pixels).argmax(axis=1)]
     session = ort.InferenceSession(str(bundle.path / "model.onnx"), providers=["CPUExecutionProvider"])
     graph_labels = session.run(["label"], {"pixels": pixels})[0]
@@ -146,7 +146,7 @@ def test_lone_artifacts_describe_themselves(tiny_exported, reference, tmp_path):
         for name in files:
             shutil.copy(bundle.path / name, tmp_path / name)
         with Predictor.load(tmp_path / files[0]) as predictor:
-            assert predictor.labels == [-2, 3, 10] and predictor.image_size == (75, 75)
+            assert predictor.labels == [-2, 3, 10] and predictor.image_size == (TINY_SIZE, TINY_SIZE)
             labels = [p.label for p in predictor.predict(images[:40])]
         if files == ["model.onnx"]:  # FP32 gives Keras's answers, every one of them
             assert labels == keras_labels[:40].tolist()

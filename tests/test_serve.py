@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import NONCONTIGUOUS, engine_record, run_cli
+from tests.conftest import NONCONTIGUOUS, TINY_SIZE, engine_record, run_cli
 from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError, PortInUseError
 from edgeclf.serve.repository import TRITON_TENSORRT_FLAVOUR, write_repository
 from edgeclf.serve.server import free_loopback_ports
@@ -317,7 +317,7 @@ def _assert_one_line(message: str) -> None:
     ("a declared size over the byte limit", 413, "over the server's request limit"),
     ("a pixel of 256", 400, "UINT8 values must be integers in 0..255"),
     ("a negative pixel", 400, "UINT8 values must be integers in 0..255"),
-    ("fewer values than the shape", 400, "needs 16875 values"),
+    ("fewer values than the shape", 400, f"needs {TINY_SIZE * TINY_SIZE * 3} values"),
     ("JSON nested 100000 deep", 400, "nested too deeply"),
     ("an undecodable image file", 400, "ImageDecodeError: not a readable image"),
     ("unloading the model", 403, "not allowed through edgeclf serve"),
@@ -326,15 +326,15 @@ def test_http_requests_the_server_cannot_hold_are_refused_and_it_goes_on(server,
     pixels = samples[0].pixels
     requests = {
         "a declared shape of 10**12 images": ("/v2/models/edgeclf/infer", _json_request(
-            "pixels", "UINT8", [10**12, 75, 75, 3], [0] * 10)),
+            "pixels", "UINT8", [10**12, TINY_SIZE, TINY_SIZE, 3], [0] * 10)),
         "a declared size over the byte limit": ("/v2/models/edgeclf/infer", _json_request(
             "pixels", "UINT8", [16, 750, 750, 3], [0] * 10)),
         "a pixel of 256": ("/v2/models/edgeclf/infer", _json_request(
-            "pixels", "UINT8", [1, 75, 75, 3], [256] + pixels.reshape(-1).tolist()[1:])),
+            "pixels", "UINT8", [1, TINY_SIZE, TINY_SIZE, 3], [256] + pixels.reshape(-1).tolist()[1:])),
         "a negative pixel": ("/v2/models/edgeclf/infer", _json_request(
-            "pixels", "UINT8", [1, 75, 75, 3], [-1] + pixels.reshape(-1).tolist()[1:])),
+            "pixels", "UINT8", [1, TINY_SIZE, TINY_SIZE, 3], [-1] + pixels.reshape(-1).tolist()[1:])),
         "fewer values than the shape": ("/v2/models/edgeclf/infer", _json_request(
-            "pixels", "UINT8", [1, 75, 75, 3], [1, 2, 3])),
+            "pixels", "UINT8", [1, TINY_SIZE, TINY_SIZE, 3], [1, 2, 3])),
         "JSON nested 100000 deep": ("/v2/models/edgeclf/infer", b"[" * 100000 + b"]" * 100000),
         "an undecodable image file": ("/v2/models/edgeclf_image/infer", _json_request(
             "image", "BYTES", [1, 1], ["this is not an image"])),
@@ -377,9 +377,9 @@ def test_grpc_requests_the_server_cannot_hold_are_refused_and_it_goes_on(server,
 
     pixels = samples[0].pixels.reshape(-1).tolist()
     cases = [
-        (request([10**12, 75, 75, 3], raw=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "max batch 16"),
-        (request([1, 75, 75, 3], uint=[300] + pixels[1:]), grpc.StatusCode.INVALID_ARGUMENT, "0..255"),
-        (request([16, 75, 75, 3], raw=b"\0" * (3 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        (request([10**12, TINY_SIZE, TINY_SIZE, 3], raw=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "max batch 16"),
+        (request([1, TINY_SIZE, TINY_SIZE, 3], uint=[300] + pixels[1:]), grpc.StatusCode.INVALID_ARGUMENT, "0..255"),
+        (request([16, TINY_SIZE, TINY_SIZE, 3], raw=b"\0" * (3 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
         (request([1, 1], model="edgeclf_image", name="image", datatype="BYTES",
                  raw=len(b"junk").to_bytes(4, "little") + b"junk"),
          grpc.StatusCode.INVALID_ARGUMENT, "ImageDecodeError: not a readable image"),
@@ -393,7 +393,7 @@ def test_grpc_requests_the_server_cannot_hold_are_refused_and_it_goes_on(server,
         with pytest.raises(grpc.RpcError) as info:
             stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="edgeclf"), timeout=30)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        answer = stub.ModelInfer(request([1, 75, 75, 3], uint=pixels), timeout=60)
+        answer = stub.ModelInfer(request([1, TINY_SIZE, TINY_SIZE, 3], uint=pixels), timeout=60)
         label = np.frombuffer(answer.raw_output_contents[[o.name for o in answer.outputs].index("label")], np.int64)
         assert label.tolist() == [samples[0].expected]
     finally:
