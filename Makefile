@@ -67,7 +67,7 @@ PYTEST_ARGS ?= --durations=15
 # Two processes (pytest-xdist): one builds a shared model while the other runs tests that need
 # none, and the two InceptionV3 chains (training; export) run side by side (tests/conftest.py).
 # Much of the suite waits on tracing, converters, subprocesses and servers, which one core does.
-PYTEST_WORKERS ?= -n 2 --dist loadgroup
+PYTEST_WORKERS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
 test: install
 	$(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
