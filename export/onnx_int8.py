@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -48,13 +49,16 @@ class _ImageReader:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger():
-    """onnxruntime.quantization logs advice through the root logger at WARNING."""
+def _quiet_quantizer():
+    """onnxruntime.quantization logs advice through the root logger at WARNING, and its histogram
+    calibrators print each step ("Collecting tensor data and making histogram ...") to stdout,
+    which is kept for machine-readable output: both are silenced (export logs its own progress)."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
@@ -117,7 +121,7 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
                 layout = {"activation_type": QuantType.QInt8, "op_types_to_quantize": ["Conv", "MatMul", "Gemm"],
                           "extra_options": {**layout["extra_options"], "ActivationSymmetric": True,
                                             "WeightSymmetric": True, "QuantizeBias": False}}
-            with _quiet_root_logger():
+            with _quiet_quantizer():
                 quantize_static(
                     str(src), str(tmp), reader,
                     quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
