@@ -77,8 +77,13 @@ class ServingSavedModel:
             archive = keras.export.ExportArchive()
             archive.track(self._model)
             archive.add_endpoint(name="serving_default", fn=serve, input_signature=[spec])
-            self._dir = Path(tempfile.mkdtemp(prefix=".tflite.", dir=self._workdir))
-            archive.write_out(str(self._dir / "saved_model"), verbose=False)
+            written = Path(tempfile.mkdtemp(prefix=".tflite.", dir=self._workdir))
+            try:
+                archive.write_out(str(written / "saved_model"), verbose=False)
+            except BaseException:
+                shutil.rmtree(written, ignore_errors=True)  # the next call writes it again
+                raise
+            self._dir = written
         return tf.lite.TFLiteConverter.from_saved_model(str(self._dir / "saved_model"))
 
     def close(self) -> None:
