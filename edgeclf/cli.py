@@ -54,13 +54,37 @@ def parse_image_size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"image size must be N or HxW. Received: {text!r}")
 
 
-def _quiet_tensorflow() -> None:
-    # TensorFlow's C++ start-up chatter hides the progress a user is looking for.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _quiet_tensorflow(args: argparse.Namespace, load: bool = True) -> None:
+    """Import TensorFlow (where installed and ``load``) without its start-up chatter, unless ``--verbose``.
+
+    The chatter (absl's "All log messages before absl::InitializeLog()", the CUDA stub's and
+    cuInit's lines on a machine without a GPU) hides the progress a user is looking for. C++
+    writes it straight to file descriptor 2, past TF_CPP_MIN_LOG_LEVEL since TensorFlow moved to
+    absl logging, so the import and the first device query run with descriptor 2 on /dev/null.
+    Python's exceptions are raised after it is restored, so a broken install still says why.
+    """
+    if getattr(args, "verbose", False):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import importlib.util
+
+    if not load or "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return  # already loaded, or a device install without it (bench, verify)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the CUDA platform's lines come here, not at import
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    _quiet_tensorflow(args)
     from edgeclf.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -83,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    _quiet_tensorflow(args)
     from edgeclf.train import evaluate_bundle
     from edgeclf.train.metrics import format_metrics
 
@@ -163,7 +187,7 @@ def _write_triton(args: argparse.Namespace) -> None:
 
 
 def _export_formats(args: argparse.Namespace, formats: str) -> None:
-    _quiet_tensorflow()
+    _quiet_tensorflow(args)
     from edgeclf.export import ExportOptions, export_bundle
     from edgeclf.export.int8_search import Int8Target
     from edgeclf.export.tensorrt_engine import EngineOptions
@@ -254,14 +278,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
-    from edgeclf.benchmarks.harness import BenchConfig, run_bench
+    from edgeclf.benchmarks.harness import BenchConfig, contestants, run_bench
     from edgeclf.benchmarks.report import markdown_table, write_results
+    from edgeclf.bundle import Bundle
 
     batches = _int_list(args.batch, "--batch")
     config = BenchConfig(artifacts=tuple(args.backends.split(",")) if args.backends else None, batches=batches,
                          duration_s=args.duration, warmup_s=args.warmup, threads=args.threads,
                          baselines=False if args.no_baselines else None)
+    contestants(Bundle.load(args.bundle), config)  # a bad name fails before TensorFlow loads (seconds)
+    _quiet_tensorflow(args, load=not args.no_baselines)  # only the Keras baselines need it
     result = run_bench(args.bundle, config)
     out = Path(args.out) if args.out else Path(args.bundle) / "benchmarks"
     paths = write_results(result, out, Path(args.bundle))
@@ -396,8 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edgeclf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Commands that load TensorFlow: its start-up log lines are hidden unless asked for.
+    tf_logs = argparse.ArgumentParser(add_help=False)
+    tf_logs.add_argument("--verbose", action="store_true",
+                         help="keep TensorFlow's start-up log lines (hidden by default)")
 
-    p = sub.add_parser("train", help="train a model and write a bundle directory",
+    p = sub.add_parser("train", parents=[tf_logs], help="train a model and write a bundle directory",
                        description="Two-phase fine-tuning: frozen backbone (head on cached features), "
                                    "then the top backbone blocks at a low learning rate.")
     p.add_argument("data", help="directory with one subfolder per integer label, a CSV of path,label, or 'digits'")
@@ -436,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a bundle's Keras model on labelled data")
+    p = sub.add_parser("evaluate", parents=[tf_logs], help="evaluate a bundle's Keras model on labelled data")
     p.add_argument("bundle", help="bundle directory written by 'edgeclf train'")
     p.add_argument("data", help="directory of label folders, a CSV of path,label, or 'digits'")
     p.add_argument("--report", default=None, help="directory to write metrics.json and confusion_matrix.png")
@@ -444,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a bundle to ONNX, TensorRT, OpenVINO and TFLite, each validated against Keras",
+    p = sub.add_parser("export", parents=[tf_logs], help="export a bundle to ONNX, TensorRT, OpenVINO and TFLite, each validated against Keras",
                        description="Writes each artifact into the bundle directory, validates it on the images "
                                    "training held out and records it in bundle.json.")
     p.add_argument("bundle", help="bundle directory written by 'edgeclf train'")
@@ -506,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines: file, label, index, confidence")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("bench", help="latency, throughput and accuracy of every artifact side by side",
+    p = sub.add_parser("bench", parents=[tf_logs], help="latency, throughput and accuracy of every artifact side by side",
                        description="Times every validated artifact (raw backend call and whole Predictor call) "
                                    "and the Keras baselines interleaved in one run; writes JSON, Markdown and a "
                                    "PNG chart, and stores the results in bundle.json for backend='auto'.")
