@@ -5,11 +5,12 @@ digits, models are real Keras networks at 75x75 with random initial weights, sin
 ImageNet weights cannot be downloaded here. Two layers:
 
 - fast: ``tiny_bundle``/``tiny_exported``, a MobileNetV3-Small at 32x32 trained and exported to
-  every format in under 2 minutes on 2 cores, serves the runtime, serving, verification, benchmark,
-  CLI-plumbing and INT8-search tests (``make test-fast``);
-- slow: ``trained_bundle``, ``accurate_bundle`` and ``exported``, the product's
-  InceptionV3 at 75x75, serve the training tests and check every format and the INT8 search on it. A test using any of them
-  is marked ``slow`` here, so no test needs to remember to say so.
+  every format in under 2 minutes on 2 cores, serves the runtime, serving, verification, benchmark
+  and CLI-plumbing tests (``make test-fast``), and the export-error and INT8-search tests that do
+  not need InceptionV3 (those that export or search again are marked ``slow`` one by one);
+- slow: ``trained_bundle``, ``accurate_bundle`` and ``exported``, the product's InceptionV3 at
+  75x75, serve the training tests and check every format and the default INT8 search on it. A
+  test using any of them is marked ``slow`` here, so no test needs to remember to say so.
 """
 
 from __future__ import annotations
@@ -46,15 +47,13 @@ TINY_EPOCHS = 3
 #: Fixtures that train or export InceptionV3: tests using them are ``slow`` (so are tests that train or
 #: export a model themselves, or install packages: they say so with the mark).
 SLOW_FIXTURES = frozenset({"trained_bundle", "accurate_bundle", "exported"})
+#: The fast layer's fixtures.
+TINY_FIXTURES = frozenset({"tiny_bundle", "tiny_exported"})
 #: Under pytest-xdist, the tests of each InceptionV3 chain run in one process (the one that builds it),
 #: so that the processes do not wait on each other's training; so do the tests of the one Triton
 #: server that tests/test_serve.py starts (and stops in its last test).
 XDIST_GROUPS = {"exported": "inceptionv3-export", "accurate_bundle": "inceptionv3-export",
                 "trained_bundle": "inceptionv3-train", "server": "triton-server"}
-
-
-#: The fast layer's fixtures.
-TINY_FIXTURES = frozenset({"tiny_bundle", "tiny_exported"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
