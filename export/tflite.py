@@ -15,6 +15,7 @@ table, which interpreters ignore and :func:`read_tflite_metadata` reads back.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import warnings
@@ -98,6 +99,12 @@ class ServingSavedModel:
         self.close()
 
 
+def serving_savedmodel(model, bundle: Bundle, workdir: Path, shared: ServingSavedModel | None = None):
+    """A context giving ``shared`` as it is (its owner removes it), or else a SavedModel of its own
+    under ``workdir``, removed when the block ends."""
+    return contextlib.nullcontext(shared) if shared is not None else ServingSavedModel(model, bundle, workdir)
+
+
 def representative_dataset(images: np.ndarray):
     """The converter's calibration feed: one image per step (the signature's batch is dynamic)."""
     return lambda: ({"pixels": images[i:i + 1]} for i in range(len(images)))
@@ -129,25 +136,21 @@ def keras_to_tflite(model, bundle: Bundle, out: Path, precision: str = "fp32",
     if precision == "int8" and (calibration_images is None or len(calibration_images) == 0):
         raise InvalidInputError("TFLite INT8 needs calibration images (uint8 NHWC); received none")
 
-    own = source is None
-    source = source or ServingSavedModel(model, bundle, out.parent)
     try:
-        converter = source.converter()
-        if precision == "fp16":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.target_spec.supported_types = [tf.float16]
-        elif precision == "int8":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = representative_dataset(calibration_images)
-            # Fail rather than silently keep a float op: "full-integer" must mean it.
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        with warnings.catch_warnings():
-            # INT8 calibration runs the deprecated tf.lite.Interpreter internally.
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            flatbuffer = converter.convert()
+        with serving_savedmodel(model, bundle, out.parent, source) as serving:
+            converter = serving.converter()
+            if precision == "fp16":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.target_spec.supported_types = [tf.float16]
+            elif precision == "int8":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = representative_dataset(calibration_images)
+                # Fail rather than silently keep a float op: "full-integer" must mean it.
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            with warnings.catch_warnings():
+                # INT8 calibration runs the deprecated tf.lite.Interpreter internally.
+                warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+                flatbuffer = converter.convert()
     except Exception as exc:
         raise ConversionError(f"the TFLite converter failed ({precision}): {exc}") from exc
-    finally:
-        if own:
-            source.close()
     write_tflite(flatbuffer, bundle, out, precision, calibration_images)

@@ -24,7 +24,7 @@ import numpy as np
 from edgeclf.bundle import Bundle
 from edgeclf.errors import ConversionError
 from edgeclf.export.int8_layers import LayerError
-from edgeclf.export.tflite import ServingSavedModel, representative_dataset, write_tflite
+from edgeclf.export.tflite import ServingSavedModel, representative_dataset, serving_savedmodel, write_tflite
 
 
 def _noise(float_out: np.ndarray, quantized: np.ndarray, scale: float, zero_point: int) -> float:
@@ -58,24 +58,20 @@ class LiteRTInt8:
         if self._debugger is None:
             import tensorflow as tf
 
-            own = self._source is None
-            source = self._source or ServingSavedModel(self._model, self._bundle, out_dir)
             try:
-                converter = source.converter()
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                converter.representative_dataset = representative_dataset(self._calibration)
-                # Denylisted layers run as float builtins; every other op must take INT8.
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-                                                       tf.lite.OpsSet.TFLITE_BUILTINS]
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-                    self._debugger = tf.lite.experimental.QuantizationDebugger(
-                        converter=converter, debug_options=self._options())
+                with serving_savedmodel(self._model, self._bundle, out_dir, self._source) as serving:
+                    converter = serving.converter()
+                    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                    converter.representative_dataset = representative_dataset(self._calibration)
+                    # Denylisted layers run as float builtins; every other op must take INT8.
+                    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                                           tf.lite.OpsSet.TFLITE_BUILTINS]
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+                        self._debugger = tf.lite.experimental.QuantizationDebugger(
+                            converter=converter, debug_options=self._options())
             except Exception as exc:
                 raise ConversionError(f"the TFLite converter failed (int8, calibration): {exc}") from exc
-            finally:
-                if own:
-                    source.close()
         return self._debugger
 
     def quantize(self, src: Path | None, out: Path, keep: Sequence[str], calibration: str = "minmax") -> None:
