@@ -152,7 +152,7 @@ def test_cli_trains_another_backbone_at_hxw_without_feature_cache_and_evaluates_
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert saved["confusion_matrix"]["labels"] == [-2, 3, 10]
     assert sum(map(sum, saved["confusion_matrix"]["matrix"])) == saved["n"]
-    assert f"{saved['accuracy']:.3f}" in out.stdout and "label   -2:" in out.stdout
+    assert f"accuracy={saved['accuracy']:.4f}" in out.stdout and "label   -2:" in out.stdout
     assert (tmp_path / "report" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
