@@ -73,6 +73,28 @@ def onnx_to_openvino(src: Path, out: Path) -> None:
     _save(_convert(src), src, out)
 
 
+def _ops_of(model, src: Path, nodes: Sequence[str]) -> list[str]:
+    """The friendly names of the OpenVINO operations that the ONNX nodes ``nodes`` of
+    ``src`` became in ``model``.
+
+    Matched by name (a convolution ``X`` with a bias becomes ``X/WithoutBiases`` and an Add
+    ``X``) and by output tensor: an operation that fused a node keeps its output's
+    name, though not its own (a depthwise convolution followed by a batch-norm Mul becomes one
+    GroupConvolution named after the Mul). Without the second, the ignored scope missed
+    every depthwise convolution of MobileNet.
+    """
+    import onnx
+
+    if not nodes:
+        return []
+    wanted = set(nodes)
+    graph = onnx.load(str(src), load_external_data=False).graph
+    tensors = {name for node in graph.node if node.name in wanted for name in node.output}
+    names = wanted | {f"{node}/WithoutBiases" for node in wanted}
+    return [op.get_friendly_name() for op in model.get_ops()
+            if op.get_friendly_name() in names or any(o.get_names() & tensors for o in op.outputs())]
+
+
 def onnx_to_openvino_int8(src: Path, out: Path, calibration: np.ndarray, reduce_range: bool = True,
                           keep_fp32: Sequence[str] = ()) -> None:
     """Quantize the FP32 ONNX model ``src`` with NNCF into the INT8 IR ``out``.
@@ -85,8 +107,7 @@ def onnx_to_openvino_int8(src: Path, out: Path, calibration: np.ndarray, reduce_
             (VPMADDUBSW), which saturates with 8-bit weights; NNCF's default fixes only
             the first layer, which is exact only on VNNI/AMX CPUs.
         keep_fp32: ONNX node names to leave in FP32 (the accuracy-aware search picks
-            them). OpenVINO names a convolution converted from ONNX node ``X`` as
-            ``X/WithoutBiases`` (the bias becomes an Add named ``X``), so both are looked up.
+            them); :func:`_ops_of` finds the OpenVINO operations they became.
     """
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -94,8 +115,7 @@ def onnx_to_openvino_int8(src: Path, out: Path, calibration: np.ndarray, reduce_
     # Its progress bars stay; its INFO lines (each ignored node, per search trial) repeat what our log says.
     nncf.set_log_level(logging.WARNING)
     model = _convert(src)
-    present = {op.get_friendly_name() for op in model.get_ops()}
-    ignored = [name for node in keep_fp32 for name in (node, f"{node}/WithoutBiases") if name in present]
+    ignored = _ops_of(model, src, keep_fp32)
     advanced = AdvancedQuantizationParameters(
         overflow_fix=OverflowFix.ENABLE if reduce_range else OverflowFix.FIRST_LAYER)
     try:

@@ -107,6 +107,7 @@ def test_nncf_meets_a_target_above_plain_int8_with_an_ignored_scope(tiny_exporte
 
     from edgeclf.export.exporter import _calibration_images
     from edgeclf.export.int8_search import LayerRanking, nncf_quantizer, quantize_to_target
+    from edgeclf.export.openvino_ir import _ops_of
     from edgeclf.export.reference import reference_sets
 
     bundle, _ = tiny_exported
@@ -128,13 +129,15 @@ def test_nncf_meets_a_target_above_plain_int8_with_an_ignored_scope(tiny_exporte
     assert not q["plain"]["passed"] and q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
     assert out.is_file() and out.with_suffix(".bin").is_file()
     convolutions = {op.get_friendly_name(): op for op in ov.Core().read_model(str(out)).get_ops()
-                    if op.get_type_name() == "Convolution"}
+                    if op.get_type_name() in ("Convolution", "GroupConvolution")}
 
     def quantized(conv) -> bool:  # an INT8 convolution takes FakeQuantize'd activations
         return conv.input_value(0).get_node().get_type_name() == "FakeQuantize"
 
-    kept = [f"{layer['node']}/WithoutBiases" for layer in q["layers"] if layer["kept_fp32"]]
-    assert kept and all(not quantized(convolutions[name]) for name in kept if name in convolutions)
+    # Kept ONNX nodes found in the IR by name or output tensor (a depthwise Conv fused with its
+    # batch-norm Mul is a GroupConvolution named after the Mul).
+    kept = [name for name in _ops_of(ov.convert_model(str(src)), src, q["kept_fp32"]) if name in convolutions]
+    assert kept and all(not quantized(convolutions[name]) for name in kept)
     if q["kept_fp32_layers"] < len(convolutions):  # the rest is still INT8
         assert any(quantized(conv) for name, conv in convolutions.items() if name not in kept)
 
