@@ -1,9 +1,11 @@
 """Labelled image data: loaders, the label mapping and the train/validation split.
 
 Every loader returns an :class:`ImageSet` of decoded uint8 RGB images at the model's
-input size. Images are decoded once, up front and in parallel, with the same decoder
-as the device runtime (:mod:`edgeclf.images`); a corrupt file is therefore found
-before training starts, never mid-epoch.
+input size, or, with ``lazy=True``, an :class:`ImageFiles`: the same list of files and
+labels, decoded again batch by batch when a pipeline reads them, so that memory does
+not grow with the number of images. Either way every file is decoded once up front,
+in parallel, with the same decoder as the device runtime (:mod:`edgeclf.images`); a
+corrupt file is therefore found before training starts, never mid-epoch.
 
 Unreadable images: by default they are skipped, listed in a warning and recorded in
 the bundle (``training.skipped_images``); with ``strict=True`` (CLI ``--strict``)
@@ -13,6 +15,7 @@ the first one fails the run. A class left with fewer than two images is an error
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import sys
@@ -26,9 +29,16 @@ import numpy as np
 
 from edgeclf.errors import DataError, ImageDecodeError
 from edgeclf.images import IMAGE_EXTENSIONS, load_image
+from edgeclf.progress import progress
 
 _INT_NAME = re.compile(r"[+-]?[0-9]+", re.ASCII)
 BUILTIN_DATASETS = ("digits",)
+#: How images reach training: all decoded in memory, streamed from the files, or chosen by size.
+INPUT_MODES = ("auto", "memory", "stream")
+#: Under ``auto``, data sets whose decoded pixels exceed this are streamed (1 GiB: about
+#: 4,000 images at 299x299). Streaming costs nothing measurable where the network's
+#: compute dominates (BENCHMARKS.md, "Training input"), so the bound is about memory.
+IN_MEMORY_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -74,8 +84,32 @@ class LabelMap:
         return np.asarray(self.labels, dtype=np.int64)[np.asarray(indices, dtype=np.int64)]
 
 
+class _Labelled:
+    """What in-memory and lazy image sets share: labels, sources and the class check."""
+
+    values: np.ndarray
+    named_labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def all_labels(self) -> list[int]:
+        return sorted(set(self.values.tolist()) | set(self.named_labels))
+
+    def check_classes(self, label_map: LabelMap, what: str = "the data") -> None:
+        """Every class must have at least two images (one to train on, one to check)."""
+        counts = {label: int(np.sum(self.values == label)) for label in label_map.labels}
+        few = {label: n for label, n in counts.items() if n < 2}
+        if few:
+            raise DataError(
+                f"every class needs at least 2 images; in {what} these have fewer: "
+                + ", ".join(f"label {k}: {v}" for k, v in few.items())
+            )
+
+
 @dataclass
-class ImageSet:
+class ImageSet(_Labelled):
     """Decoded images with their integer labels.
 
     Attributes:
@@ -93,26 +127,61 @@ class ImageSet:
     #: were all unreadable, so that such a class is reported rather than dropped.
     named_labels: tuple[int, ...] = ()
 
-    def __len__(self) -> int:
-        return int(self.values.shape[0])
-
     @property
-    def all_labels(self) -> list[int]:
-        return sorted(set(self.values.tolist()) | set(self.named_labels))
+    def image_size(self) -> tuple[int, int]:
+        return (int(self.images.shape[1]), int(self.images.shape[2]))
 
     def subset(self, idx: np.ndarray) -> "ImageSet":
         return ImageSet(self.images[idx], self.values[idx], [self.sources[i] for i in idx], [],
                         self.named_labels)
 
-    def check_classes(self, label_map: LabelMap, what: str = "the data") -> None:
-        """Every class must have at least two images (one to train on, one to check)."""
-        counts = {label: int(np.sum(self.values == label)) for label in label_map.labels}
-        few = {label: n for label, n in counts.items() if n < 2}
-        if few:
-            raise DataError(
-                f"every class needs at least 2 images; in {what} these have fewer: "
-                + ", ".join(f"label {k}: {v}" for k, v in few.items())
-            )
+    def pixels(self, idx: np.ndarray) -> np.ndarray:
+        """uint8 images ``idx`` (in that order), [len(idx), H, W, 3]."""
+        return self.images[np.asarray(idx, dtype=np.int64)]
+
+
+@dataclass
+class ImageFiles(_Labelled):
+    """Image files with their integer labels, decoded only when read.
+
+    Every file in ``sources`` decoded once when the set was made (see :func:`scan`),
+    so reading it again fails only if the file changed since.
+
+    Attributes:
+        sources: image file paths.
+        values: int64 array [N] of integer labels.
+        image_size: (height, width) every image is resized to.
+        skipped: (source, reason) for each image that could not be decoded.
+    """
+
+    sources: list[str]
+    values: np.ndarray
+    image_size: tuple[int, int]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    named_labels: tuple[int, ...] = ()
+
+    def subset(self, idx: np.ndarray) -> "ImageFiles":
+        return ImageFiles([self.sources[i] for i in idx], self.values[idx], self.image_size, [],
+                          self.named_labels)
+
+    def pixels(self, idx: np.ndarray) -> np.ndarray:
+        """Decode images ``idx`` (in that order), in parallel: [len(idx), H, W, 3] uint8."""
+        paths = [self.sources[int(i)] for i in np.asarray(idx).reshape(-1)]
+        out = np.empty((len(paths), *self.image_size, 3), dtype=np.uint8)
+        for k, image in enumerate(_decoder_pool().map(lambda p: load_image(p, self.image_size), paths)):
+            out[k] = image
+        return out
+
+
+def _decode_threads() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder_pool() -> ThreadPoolExecutor:
+    """One pool for every streamed batch (not one started per batch). Pillow releases the GIL
+    while decoding, so its threads use every core."""
+    return ThreadPoolExecutor(max_workers=_decode_threads(), thread_name_prefix="edgeclf-decode")
 
 
 def parse_label(text: str, where: str) -> int:
@@ -124,48 +193,59 @@ def parse_label(text: str, where: str) -> int:
 
 def _decode_all(
     items: list[tuple[str, int]], image_size: tuple[int, int], strict: bool,
-    named_labels: Iterable[int] = (),
-) -> ImageSet:
-    """Decode (path, label) pairs in parallel; skip or fail on unreadable files."""
+    named_labels: Iterable[int] = (), lazy: bool = False,
+) -> ImageSet | ImageFiles:
+    """Decode (path, label) pairs in parallel; skip or fail on unreadable files.
 
-    def decode(path: str) -> np.ndarray | str:
+    ``lazy``: keep only the list of files that decoded (an :class:`ImageFiles`), not the
+    pixels, so that memory stays flat however many images there are.
+    """
+
+    def decode(path: str) -> np.ndarray | str | None:
         try:
-            return load_image(path, image_size)
+            image = load_image(path, image_size)
+            return None if lazy else image
         except ImageDecodeError as exc:
             if strict:
                 raise
             return str(exc)
 
-    # Pillow releases the GIL while decoding, so threads use every core.
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        decoded = list(pool.map(decode, [p for p, _ in items]))
-    keep = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-    skipped = [(items[i][0], decoded[i]) for i, d in enumerate(decoded) if not isinstance(d, np.ndarray)]
+    with ThreadPoolExecutor(max_workers=_decode_threads()) as pool:
+        decoded = list(progress(pool.map(decode, [p for p, _ in items]), total=len(items),
+                                what="checking images" if lazy else "decoding images", unit="img"))
+    keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    skipped = [(items[i][0], d) for i, d in enumerate(decoded) if isinstance(d, str)]
     if skipped:
         listing = "\n".join(f"  {src}: {reason}" for src, reason in skipped)
         warnings.warn(f"skipped {len(skipped)} unreadable image(s):\n{listing}", stacklevel=3)
     if not keep:
         raise DataError(f"none of the {len(items)} image files could be read. Received (first): {skipped[0][0]}")
-    return ImageSet(
-        images=np.stack([decoded[i] for i in keep]),
-        values=np.asarray([items[i][1] for i in keep], dtype=np.int64),
-        sources=[items[i][0] for i in keep],
-        skipped=skipped,
-        named_labels=tuple(sorted({label for _, label in items} | set(named_labels))),
-    )
+    values = np.asarray([items[i][1] for i in keep], dtype=np.int64)
+    sources = [items[i][0] for i in keep]
+    named = tuple(sorted({label for _, label in items} | set(named_labels)))
+    if lazy:
+        return ImageFiles(sources, values, tuple(image_size), skipped, named)
+    return ImageSet(np.stack([decoded[i] for i in keep]), values, sources, skipped, named)
 
 
-def load_folder(root: str | Path, image_size: tuple[int, int], strict: bool = False) -> ImageSet:
+def load_folder(root: str | Path, image_size: tuple[int, int], strict: bool = False,
+                lazy: bool = False) -> ImageSet | ImageFiles:
     """Load a directory with one subfolder per integer label (``0/``, ``-1/``, ``12/``).
 
     Files with extensions JPEG/PNG/BMP/GIF are read, recursively inside each label
-    folder; hidden files and other extensions are ignored.
+    folder; hidden files and other extensions are ignored. ``lazy``: return an
+    :class:`ImageFiles` (pixels decoded when read) instead of an :class:`ImageSet`.
 
     Raises:
         DataError: the directory is missing or holds no label folders or no images, a
             subfolder name is not an integer, or every file is unreadable.
     """
-    root = Path(root)
+    items, folders = _list_folder(Path(root))
+    return _decode_all(items, image_size, strict, named_labels=folders, lazy=lazy)
+
+
+def _list_folder(root: Path) -> tuple[list[tuple[str, int]], dict[int, Path]]:
+    """(path, label) of every image in a folder dataset, and its label folders."""
     if not root.exists():
         raise DataError(f"data directory not found. Received: {root}")
     if not root.is_dir():
@@ -195,17 +275,22 @@ def load_folder(root: str | Path, image_size: tuple[int, int], strict: bool = Fa
         items.extend((str(p), label) for p in files)
     if not items:
         raise DataError(f"data directory has label folders but no JPEG/PNG/BMP/GIF images. Received: {root}")
-    return _decode_all(items, image_size, strict, named_labels=folders)
+    return items, folders
 
 
-def load_csv(path: str | Path, image_size: tuple[int, int], strict: bool = False) -> ImageSet:
+def load_csv(path: str | Path, image_size: tuple[int, int], strict: bool = False,
+             lazy: bool = False) -> ImageSet | ImageFiles:
     """Load a CSV of ``path,label`` rows.
 
     A first row whose second cell is ``label`` is a header and skipped; blank rows and
     rows starting with ``#`` are ignored. Relative image paths are taken relative to
-    the CSV file's directory.
+    the CSV file's directory. ``lazy`` as for :func:`load_folder`.
     """
-    path = Path(path)
+    return _decode_all(_list_csv(Path(path)), image_size, strict, lazy=lazy)
+
+
+def _list_csv(path: Path) -> list[tuple[str, int]]:
+    """(path, label) of every row of a CSV dataset."""
     if not path.is_file():
         raise DataError(f"CSV file not found. Received: {path}")
     items: list[tuple[str, int]] = []
@@ -232,7 +317,7 @@ def load_csv(path: str | Path, image_size: tuple[int, int], strict: bool = False
         raise DataError(f"CSV file is not UTF-8 text ({exc}). Received: {path}") from None
     if not items:
         raise DataError(f"CSV file lists no images; expected rows of 'path,label'. Received: {path}")
-    return _decode_all(items, image_size, strict)
+    return items
 
 
 def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
@@ -297,14 +382,33 @@ def from_arrays(
     return ImageSet(out, values.astype(np.int64), [f"{source_prefix}[{i}]" for i in range(len(values))])
 
 
-def load_dataset(source: str | Path, image_size: tuple[int, int], strict: bool = False) -> ImageSet:
-    """Load ``digits``, a ``.csv`` of path,label, or a directory of label folders."""
+def load_dataset(source: str | Path, image_size: tuple[int, int], strict: bool = False,
+                 input_mode: str = "memory") -> ImageSet | ImageFiles:
+    """Load ``digits``, a ``.csv`` of path,label, or a directory of label folders.
+
+    ``input_mode``: ``memory`` decodes every image into an :class:`ImageSet`; ``stream``
+    returns an :class:`ImageFiles`, decoded batch by batch when read; ``auto`` streams
+    when the decoded images would take more than :data:`IN_MEMORY_MAX_BYTES`. The
+    built-in ``digits`` (1,797 images from arrays) is always in memory.
+    """
+    if input_mode not in INPUT_MODES:
+        raise DataError(f"input mode must be one of {list(INPUT_MODES)}. Received: {input_mode!r}")
     if str(source) in BUILTIN_DATASETS:
         return load_digits_set(image_size)
     path = Path(source)
     if path.suffix.lower() == ".csv":
-        return load_csv(path, image_size, strict)
-    return load_folder(path, image_size, strict)
+        items, folders = _list_csv(path), {}
+    else:
+        items, folders = _list_folder(path)
+    return _decode_all(items, image_size, strict, named_labels=folders,
+                       lazy=streams(input_mode, len(items), image_size))
+
+
+def streams(input_mode: str, count: int, image_size: tuple[int, int]) -> bool:
+    """Whether ``count`` images at ``image_size`` are read lazily under ``input_mode``."""
+    if input_mode == "auto":
+        return count * image_size[0] * image_size[1] * 3 > IN_MEMORY_MAX_BYTES
+    return input_mode == "stream"
 
 
 def split_stratified(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
