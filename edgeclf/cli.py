@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_split=args.val_split, val_data=args.val_dir, seed=args.seed, strategy=args.strategy,
         class_weights=args.class_weights, augment=args.augment, augment_flip=args.augment_flip,
         train_batchnorm=args.train_batchnorm,
-        cache_features=not args.no_feature_cache, patience=args.patience,
+        cache_features=not args.no_feature_cache, input=args.input, patience=args.patience,
         overwrite=args.overwrite, strict=args.strict,
     )
     bundle = train(cfg)
@@ -413,6 +413,7 @@ def _add_batching_arguments(group) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from edgeclf.train.backbones import BACKBONES  # plain data, no TensorFlow
     from edgeclf.train.strategy import STRATEGIES  # imports TensorFlow only when called
+    from edgeclf.train.data import INPUT_MODES  # numpy and Pillow only
     from edgeclf.formats import FORMATS  # plain data
     from edgeclf.export.onnx_int8 import CALIBRATION_METHODS  # numpy only at import
 
@@ -461,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for training from scratch: --weights none --unfreeze-at 0)")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run the frozen backbone every phase-1 epoch instead of caching its features")
+    p.add_argument("--input", choices=INPUT_MODES, default="auto",
+                   help="memory: decode every image before training; stream: decode batch by batch from the "
+                        "files, so memory does not grow with their number; auto (default): stream when the "
+                        "decoded images would take over 1 GiB")
     p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default 3)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

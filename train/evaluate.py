@@ -14,8 +14,9 @@ from edgeclf.train.data import LabelMap, load_dataset
 from edgeclf.train.metrics import classification_metrics, save_confusion_png
 
 
-def predict_logits(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits of the Keras model for uint8 RGB images (the reference every artifact meets)."""
+def predict_logits(model, images, batch_size: int = 64) -> np.ndarray:
+    """Logits of the Keras model for uint8 RGB images: an array, an ImageSet or ImageFiles
+    (the reference every artifact meets)."""
     from edgeclf.train.pipeline import pixel_batches
 
     return np.asarray(model.predict(pixel_batches(images, batch_size), verbose=0))
@@ -34,9 +35,11 @@ def load_keras_model(bundle: Bundle):
 
 def evaluate_bundle(
     bundle_path: str | Path, data: str | Path, report_dir: str | Path | None = None,
-    strict: bool = False, batch_size: int = 64,
+    strict: bool = False, batch_size: int = 64, input_mode: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate the bundle's Keras model on ``data`` (directory, .csv or ``digits``).
+
+    ``input_mode`` as for :func:`edgeclf.train.data.load_dataset`: large sets are streamed.
 
     Writes ``metrics.json`` and ``confusion_matrix.png`` to ``report_dir`` if given.
 
@@ -46,10 +49,10 @@ def evaluate_bundle(
     """
     bundle = Bundle.load(bundle_path)
     model = load_keras_model(bundle)
-    images = load_dataset(data, bundle.image_size, strict)
+    images = load_dataset(data, bundle.image_size, strict, input_mode)
     label_map = LabelMap(tuple(bundle.labels))
     label_map.encode(images.values)  # unknown labels are an error, not a silent miss
-    logits = predict_logits(model, images.images, batch_size)
+    logits = predict_logits(model, images, batch_size)
     predicted = label_map.decode(np.argmax(logits, axis=1))
     metrics = classification_metrics(images.values, predicted, label_map.labels)
     metrics["data"] = str(data)

@@ -24,10 +24,11 @@ import numpy as np
 import tensorflow as tf
 from edgeclf.train import model as model_lib
 from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
-from edgeclf.train.data import ImageSet, LabelMap, load_dataset, split_stratified
+from edgeclf.train.data import INPUT_MODES, ImageSet, LabelMap, load_dataset, split_stratified
 from edgeclf.train.evaluate import load_keras_model, predict_logits
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
-from edgeclf.train.pipeline import augmenter, pixel_batches, training_batches, validation_batches
+from edgeclf.train.pipeline import (augmenter, pixel_batches, steps_per_epoch, training_batches,
+                                    validation_batches)
 from edgeclf.train.strategy import STRATEGIES, is_chief, make_strategy
 
 import edgeclf
@@ -72,6 +73,9 @@ class TrainConfig:
     augment_flip: bool = False
     train_batchnorm: bool = False  # phase 2 BatchNormalization on batch statistics (from scratch)
     cache_features: bool = True
+    #: "memory": decode every image up front; "stream": decode batch by batch from the files
+    #: (memory flat in the number of images); "auto": stream above IN_MEMORY_MAX_BYTES of pixels.
+    input: str = "auto"
     patience: int = 3
     overwrite: bool = False
     strict: bool = False
@@ -102,6 +106,8 @@ class TrainConfig:
             raise InvalidInputError(f"class_weights must be None or 'balanced'. Received: {self.class_weights!r}")
         if self.val_data is None and not 0.0 < self.val_split < 1.0:
             raise InvalidInputError(f"val_split must be between 0 and 1 (exclusive). Received: {self.val_split}")
+        if self.input not in INPUT_MODES:
+            raise InvalidInputError(f"input must be one of {list(INPUT_MODES)}. Received: {self.input!r}")
         if self.strategy not in STRATEGIES:
             raise InvalidInputError(f"strategy must be one of {list(STRATEGIES)}. Received: {self.strategy!r}")
         if self.unfreeze_at is not None and self.unfreeze_at < 0:
@@ -113,13 +119,13 @@ class TrainConfig:
         check_output_dir(self.out, self.overwrite)
 
 
-def _load(source: Any, size: tuple[int, int], strict: bool) -> ImageSet:
+def _load(source: Any, size: tuple[int, int], strict: bool, input_mode: str):
     if isinstance(source, ImageSet):
         if source.images.shape[1:3] != size:
             raise DataError(f"ImageSet images must be {size} (height, width) for this model. "
                             f"Received: {source.images.shape[1:3]}")
         return source
-    return load_dataset(source, size, strict)
+    return load_dataset(source, size, strict, input_mode)
 
 
 def _early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
@@ -187,16 +193,17 @@ def _prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, LabelMap, list]
     """Load, check and split the data; returns (train, validation, label map, skipped)."""
     size = cfg.size
     log(f"loading data from {cfg.data if not isinstance(cfg.data, ImageSet) else 'arrays'} at {size[0]}x{size[1]}")
-    data = _load(cfg.data, size, cfg.strict)
+    data = _load(cfg.data, size, cfg.strict, cfg.input)
     if cfg.val_data is None:
         label_map = LabelMap.from_values(data.all_labels, cfg.labels)
         data.check_classes(label_map)
         train_set, val_set = split_stratified(data, cfg.val_split, cfg.seed)
     else:
-        train_set, val_set = data, _load(cfg.val_data, size, cfg.strict)
+        train_set, val_set = data, _load(cfg.val_data, size, cfg.strict, cfg.input)
         label_map = LabelMap.from_values(train_set.all_labels + val_set.all_labels, cfg.labels)
         train_set.check_classes(label_map, "the training data")
-    log(f"{len(train_set)} training and {len(val_set)} validation images; labels {list(label_map.labels)}")
+    how = "in memory" if isinstance(data, ImageSet) else "streamed from their files"
+    log(f"{len(train_set)} training and {len(val_set)} validation images ({how}); labels {list(label_map.labels)}")
     return train_set, val_set, label_map, data.skipped + (val_set.skipped if cfg.val_data is not None else [])
 
 
@@ -207,8 +214,8 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
     if cfg.cache_features and augment is None:
         log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images")
         extractor = model_lib.feature_extractor(model)
-        f_train = extractor.predict(pixel_batches(train_set.images, cfg.batch_size), verbose=verbose)
-        f_val = extractor.predict(pixel_batches(val_set.images, cfg.batch_size), verbose=0)
+        f_train = extractor.predict(pixel_batches(train_set, cfg.batch_size), verbose=verbose)
+        f_val = extractor.predict(pixel_batches(val_set, cfg.batch_size), verbose=0)
         t_features = time.perf_counter() - t0
         head = model_lib.head_model(model)
         model_lib.compile_model(head, cfg.lr_frozen)
@@ -223,7 +230,8 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
         model_lib.compile_model(model, cfg.lr_frozen)
         log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
         history = model.fit(
-            training_batches(train_set.images, y_train, cfg.batch_size, cfg.seed, augment), validation_data=val_ds,
+            training_batches(train_set, y_train, cfg.batch_size, cfg.seed, augment, epochs=cfg.epochs_frozen),
+            steps_per_epoch=steps_per_epoch(len(train_set), cfg.batch_size), validation_data=val_ds,
             epochs=cfg.epochs_frozen, class_weight=class_weight, shuffle=False,
             callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
         )
@@ -245,11 +253,12 @@ def _train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_d
         # Moving averages lag the changing weights: validate on fresh statistics.
         callbacks.insert(0, _CalibrateThenValidate(calib, val_ds, cfg.batch_size))
     t0 = time.perf_counter()
-    history = model.fit(
-        training_batches(train_set.images, y_train, cfg.batch_size, cfg.seed, augment),
+    history = model.fit(  # the dataset shuffles itself, seeded per epoch; one iterator for all epochs
+        training_batches(train_set, y_train, cfg.batch_size, cfg.seed, augment, epochs=cfg.epochs_finetune),
+        steps_per_epoch=steps_per_epoch(len(train_set), cfg.batch_size),
         validation_data=None if cfg.train_batchnorm else val_ds,
-        epochs=cfg.epochs_finetune, class_weight=class_weight, callbacks=callbacks,
-        shuffle=False, verbose=verbose,  # the dataset shuffles itself, seeded
+        epochs=cfg.epochs_finetune, class_weight=class_weight, callbacks=callbacks, shuffle=False,
+        verbose=verbose,
     )
     return _phase_record(
         history, time.perf_counter() - t0, name="finetune", learning_rate=cfg.lr_finetune,
@@ -288,10 +297,10 @@ def train(cfg: TrainConfig) -> Bundle | None:
         weights = compute_class_weight("balanced", classes=np.arange(len(label_map.labels)), y=y_train)
         class_weight = {i: float(w) for i, w in enumerate(weights)}
     augment = augmenter(cfg.augment_flip) if cfg.augment else None
-    val_ds = validation_batches(val_set.images, y_val, cfg.batch_size)
+    val_ds = validation_batches(val_set, y_val, cfg.batch_size)
     rng = np.random.default_rng(cfg.seed)
-    calib = train_set.images[np.sort(rng.choice(len(train_set), min(len(train_set), BN_CALIBRATION_IMAGES),
-                                                replace=False))]
+    calib = train_set.pixels(np.sort(rng.choice(len(train_set), min(len(train_set), BN_CALIBRATION_IMAGES),
+                                                 replace=False)))
     phases: list[dict[str, Any]] = []
     with strategy.scope():
         model = model_lib.build_model(len(label_map.labels), cfg.size, cfg.backbone, cfg.weights)
@@ -309,7 +318,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
                                           class_weight, augment, verbose))
         model_lib.freeze_backbone(model)
 
-    logits = predict_logits(model, val_set.images, cfg.batch_size)
+    logits = predict_logits(model, val_set, cfg.batch_size)
     metrics = classification_metrics(val_set.values, label_map.decode(logits.argmax(axis=1)), label_map.labels)
     log(f"validation: {format_metrics(metrics)}")
     if not is_chief(strategy):
