@@ -84,26 +84,41 @@ def _quiet_tensorflow(args: argparse.Namespace, load: bool = True) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    settings = train_settings(args)  # a bad config file fails before TensorFlow loads
     _quiet_tensorflow(args)
     from edgeclf.train import TrainConfig, train
 
-    cfg = TrainConfig(
-        data=args.data, out=args.out, labels=args.labels, image_size=args.image_size,
-        backbone=args.backbone, weights=args.weights, init_from=args.init_from, epochs_frozen=args.epochs_frozen,
-        epochs_finetune=args.epochs_finetune, batch_size=args.batch_size,
-        lr_frozen=args.lr_frozen, lr_finetune=args.lr_finetune, unfreeze_at=args.unfreeze_at,
-        val_split=args.val_split, val_data=args.val_dir, seed=args.seed, strategy=args.strategy,
-        class_weights=args.class_weights, augment=args.augment, augment_flip=args.augment_flip,
-        train_batchnorm=args.train_batchnorm,
-        cache_features=not args.no_feature_cache, input=args.input, patience=args.patience,
-        overwrite=args.overwrite, strict=args.strict,
-    )
-    bundle = train(cfg)
+    bundle = train(TrainConfig(**train_settings(args)))
     m = bundle.meta["metrics"]["validation"]
     print(json.dumps({"bundle": str(bundle.path), "accuracy": m["accuracy"], "f1": m["f1"],
                       "mae": m["mae"], "rmse": m["rmse"],
                       "wall_seconds": bundle.meta["training"]["wall_seconds"]}))
     return 0
+
+
+#: train's option dests that are not TrainConfig fields of the same name.
+_TRAIN_DESTS = {"val_dir": "val_data"}
+
+
+def train_settings(args: argparse.Namespace) -> dict:
+    """TrainConfig fields from ``--config`` (if given), overridden by the flags given.
+
+    Every train option defaults to None on the command line, so a flag the user did not
+    give neither overrides the file nor hides the recipe's defaults (see TrainConfig).
+    """
+    from edgeclf.train.options import KEYS, read_config
+
+    settings = read_config(args.config) if args.config else {}
+    for key, (field, _) in KEYS.items():
+        dest = next((d for d, f in _TRAIN_DESTS.items() if f == field), field)
+        value = getattr(args, dest, None)
+        if value is not None:
+            settings[field] = value
+    for field in ("data", "out"):
+        if field not in settings:
+            raise InvalidInputError(f"train needs {'DATA' if field == 'data' else '--out BUNDLE'}: "
+                                    f"give it on the command line or as {field!r} in a --config file")
+    return settings
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -431,44 +446,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[tf_logs], help="train a model and write a bundle directory",
                        description="Two-phase fine-tuning: frozen backbone (head on cached features), "
                                    "then the top backbone blocks at a low learning rate.")
-    p.add_argument("data", help="directory with one subfolder per integer label, a CSV of path,label, or 'digits'")
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("data", nargs="?",
+                   help="directory with one subfolder per integer label, a CSV of path,label, or 'digits'")
+    p.add_argument("--out", help="bundle directory to write")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of train options (keys named as the flags: epochs-frozen = 5); "
+                        "flags given here override it")
     p.add_argument("--labels", type=parse_labels, default=None,
                    help="the integer labels, e.g. 3..7 or --labels=-2,3,10 (default: those in the data)")
-    p.add_argument("--image-size", type=parse_image_size, default=(299, 299), help="N or HxW (default 299)")
-    p.add_argument("--backbone", choices=sorted(BACKBONES), default="inception_v3")
-    p.add_argument("--weights", default="imagenet",
+    p.add_argument("--image-size", type=parse_image_size, help="N or HxW (default 299)")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), help="(default inception_v3)")
+    p.add_argument("--weights",
                    help="'imagenet' (downloaded once by Keras), 'none', or a local weights file (default imagenet)")
     p.add_argument("--init-from", default=None, metavar="BUNDLE",
                    help="start from this bundle's weights (same backbone and labels, any image size): "
                         "train small and cheap first, then finish at full size")
-    p.add_argument("--epochs-frozen", type=int, default=10, help="phase 1 epochs, backbone frozen (default 10)")
-    p.add_argument("--epochs-finetune", type=int, default=5, help="phase 2 epochs, top unfrozen (default 5)")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
-    p.add_argument("--lr-frozen", type=float, default=1e-3, help="phase 1 learning rate (default 1e-3)")
-    p.add_argument("--lr-finetune", type=float, default=1e-5, help="phase 2 learning rate (default 1e-5)")
+    p.add_argument("--epochs-frozen", type=int, help="phase 1 epochs, backbone frozen (default 10)")
+    p.add_argument("--epochs-finetune", type=int, help="phase 2 epochs, top unfrozen (default 5)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 32)")
+    p.add_argument("--lr-frozen", type=float, help="phase 1 learning rate (default 1e-3)")
+    p.add_argument("--lr-finetune", type=float, help="phase 2 learning rate (default 1e-5; 1e-3 with --weights none)")
     p.add_argument("--unfreeze-at", type=int, default=None,
-                   help="first backbone layer index trained in phase 2 (default: the backbone's; 249 for InceptionV3)")
-    p.add_argument("--val-split", type=float, default=0.2, help="stratified validation fraction (default 0.2)")
+                   help="first backbone layer index trained in phase 2 (default: the backbone's, 249 for "
+                        "InceptionV3; 0 with --weights none)")
+    p.add_argument("--val-split", type=float, help="stratified validation fraction (default 0.2)")
     p.add_argument("--val-dir", default=None, help="explicit validation data instead of a split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", choices=STRATEGIES, default="default",
-                   help="tf.distribute strategy: mirrored = all GPUs of this host; multiworker = hosts in TF_CONFIG")
-    p.add_argument("--class-weights", choices=["balanced"], default=None, help="weight classes inversely to their size")
+    p.add_argument("--seed", type=int, help="(default 0)")
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="tf.distribute strategy: mirrored = all GPUs of this host; multiworker = hosts in "
+                        "TF_CONFIG (default: one device)")
+    p.add_argument("--class-weights", choices=["balanced"], help="weight classes inversely to their size")
     p.add_argument("--augment", action="store_true", help="random rotation, zoom and shift (no flips)")
     p.add_argument("--augment-flip", action="store_true", help="with --augment, also flip horizontally")
-    p.add_argument("--train-batchnorm", action="store_true",
+    p.add_argument("--train-batchnorm", action=argparse.BooleanOptionalAction,
                    help="phase 2 trains BatchNormalization on batch statistics, re-estimated each epoch "
-                        "(for training from scratch: --weights none --unfreeze-at 0)")
-    p.add_argument("--no-feature-cache", action="store_true",
+                        "(default: with --weights none only, where the whole network trains from scratch)")
+    p.add_argument("--no-feature-cache", dest="cache_features", action="store_false",
                    help="run the frozen backbone every phase-1 epoch instead of caching its features")
-    p.add_argument("--input", choices=INPUT_MODES, default="auto",
+    p.add_argument("--input", choices=INPUT_MODES,
                    help="memory: decode every image before training; stream: decode batch by batch from the "
                         "files, so memory does not grow with their number; auto (default): stream when the "
                         "decoded images would take over 1 GiB")
-    p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default 3)")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 3)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard logs of both phases to DIR/frozen and DIR/finetune")
+    # Every default is None, the switches' too: TrainConfig's (named in the help) apply, and an
+    # option not given here neither overrides --config nor hides the recipe's defaults.
+    p.set_defaults(augment=None, augment_flip=None, cache_features=None, strict=None, overwrite=None)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[tf_logs], help="evaluate a bundle's Keras model on labelled data")

@@ -62,7 +62,8 @@ class TrainConfig:
     epochs_finetune: int = 5
     batch_size: int = 32
     lr_frozen: float = 1e-3
-    lr_finetune: float = 1e-5
+    #: None, like ``unfreeze_at`` and ``train_batchnorm``: the recipe's (see RECIPES).
+    lr_finetune: float | None = None
     unfreeze_at: int | None = None
     val_split: float = 0.2
     val_data: Any = None
@@ -71,12 +72,13 @@ class TrainConfig:
     class_weights: str | None = None  # None or "balanced"
     augment: bool = False
     augment_flip: bool = False
-    train_batchnorm: bool = False  # phase 2 BatchNormalization on batch statistics (from scratch)
+    train_batchnorm: bool | None = None  # phase 2 BatchNormalization on batch statistics (from scratch)
     cache_features: bool = True
     #: "memory": decode every image up front; "stream": decode batch by batch from the files
     #: (memory flat in the number of images); "auto": stream above IN_MEMORY_MAX_BYTES of pixels.
     input: str = "auto"
     patience: int = 3
+    tensorboard: str | Path | None = None  # a folder for TensorBoard logs of both phases
     overwrite: bool = False
     strict: bool = False
     verbose: int | None = None  # Keras verbosity; None: bars on a terminal, one line per epoch otherwise
@@ -100,7 +102,7 @@ class TrainConfig:
         if self.batch_size < 1:
             raise InvalidInputError(f"batch size must be >= 1. Received: {self.batch_size}")
         for name in ("lr_frozen", "lr_finetune"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise InvalidInputError(f"{name} must be > 0. Received: {getattr(self, name)}")
         if self.class_weights not in (None, "balanced"):
             raise InvalidInputError(f"class_weights must be None or 'balanced'. Received: {self.class_weights!r}")
@@ -116,7 +118,44 @@ class TrainConfig:
             raise InvalidInputError("augment_flip (--augment-flip) needs augment (--augment). Received: augment=False")
         if self.init_from is not None:
             Bundle.load(self.init_from)  # BundleError now, not after loading the data
+        if self.tensorboard is not None:
+            _check_tensorboard(Path(self.tensorboard))
         check_output_dir(self.out, self.overwrite)
+
+    @property
+    def from_scratch(self) -> bool:
+        """No pretrained weights to start from: a random backbone."""
+        return self.init_from is None and model_lib.resolve_weights(self.weights) is None
+
+
+#: Values of the options left unset (None), by whether the backbone starts pretrained.
+#: A frozen random backbone gives features little better than noise: on a Fashion-MNIST
+#: subset the fine-tuning recipe reached 40% test accuracy from scratch, this one 67%.
+RECIPES: dict[str, dict[str, Any]] = {
+    "fine-tuning": {"unfreeze_at": None, "train_batchnorm": False, "lr_finetune": 1e-5},
+    "from scratch": {"unfreeze_at": 0, "train_batchnorm": True, "lr_finetune": 1e-3},
+}
+
+
+def resolve_recipe(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the options it leaves unset taken from its recipe; from scratch, says so
+    on one line when that changes what the fine-tuning recipe would train."""
+    name = "from scratch" if cfg.from_scratch else "fine-tuning"
+    unset = {key: value for key, value in RECIPES[name].items() if getattr(cfg, key) is None}
+    if name == "from scratch" and unset and cfg.epochs_finetune > 0:
+        chosen = ", ".join(f"{key}={value}" for key, value in unset.items())
+        log(f"no pretrained weights: training the whole backbone from scratch ({chosen}); a frozen random "
+            f"backbone learns little. Set these options to override")
+    return dataclasses.replace(cfg, **unset)
+
+
+def _check_tensorboard(folder: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise InvalidInputError("--tensorboard needs the tensorboard package: pip install 'edgeclf[train]'")
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError(f"--tensorboard needs a folder for the logs. Received a file: {folder}")
 
 
 def _load(source: Any, size: tuple[int, int], strict: bool, input_mode: str):
@@ -132,6 +171,14 @@ def _early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
     return keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=patience, restore_best_weights=True, verbose=0
     )
+
+
+def _callbacks(cfg: TrainConfig, phase: str) -> list[keras.callbacks.Callback]:
+    """Early stopping, and TensorBoard logs in ``<tensorboard>/<phase>`` when asked for."""
+    callbacks: list[keras.callbacks.Callback] = [_early_stopping(cfg.patience)]
+    if cfg.tensorboard is not None:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(cfg.tensorboard) / phase)))
+    return callbacks
 
 
 class _CalibrateThenValidate(keras.callbacks.Callback):
@@ -223,7 +270,7 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
         history = head.fit(
             f_train, y_train, validation_data=(f_val, y_val), epochs=cfg.epochs_frozen,
             batch_size=cfg.batch_size, class_weight=class_weight,
-            callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
+            callbacks=_callbacks(cfg, "frozen"), verbose=verbose,
         )
         extra = {"feature_cache": True, "feature_seconds": round(t_features, 2)}
     else:
@@ -233,7 +280,7 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
             training_batches(train_set, y_train, cfg.batch_size, cfg.seed, augment, epochs=cfg.epochs_frozen),
             steps_per_epoch=steps_per_epoch(len(train_set), cfg.batch_size), validation_data=val_ds,
             epochs=cfg.epochs_frozen, class_weight=class_weight, shuffle=False,
-            callbacks=[_early_stopping(cfg.patience)], verbose=verbose,
+            callbacks=_callbacks(cfg, "frozen"), verbose=verbose,
         )
         extra = {"feature_cache": False}
     return _phase_record(history, time.perf_counter() - t0, name="frozen", learning_rate=cfg.lr_frozen, **extra)
@@ -248,7 +295,7 @@ def _train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_d
     last = len(model_lib.backbone_of(model).layers) - 1
     log(f"phase 2: fine-tuning backbone layers {unfreeze_index}..{last} "
          f"(lr={cfg.lr_finetune}, BatchNormalization {bn_mode})")
-    callbacks: list[keras.callbacks.Callback] = [_early_stopping(cfg.patience)]
+    callbacks = _callbacks(cfg, "finetune")
     if cfg.train_batchnorm:
         # Moving averages lag the changing weights: validate on fresh statistics.
         callbacks.insert(0, _CalibrateThenValidate(calib, val_ds, cfg.batch_size))
@@ -283,6 +330,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
     """
     started = time.perf_counter()
     cfg.check()
+    cfg = resolve_recipe(cfg)
     verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
     spec = get_backbone(cfg.backbone)
     train_set, val_set, label_map, skipped = _prepare_data(cfg)
@@ -350,8 +398,10 @@ def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfre
                    "image_size": list(source.image_size)}
     settings = {  # plain fields only: asdict() would deep-copy an ImageSet's pixels
         f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-        if f.name not in ("data", "val_data", "out", "weights", "init_from", "verbose", "image_size")
+        if f.name not in ("data", "val_data", "out", "weights", "init_from", "verbose", "image_size", "tensorboard")
     }
+    settings["recipe"] = "from scratch" if cfg.from_scratch else "fine-tuning"
+    settings["unfreeze_at"] = unfreeze_index  # None meant the backbone's own
     settings["labels"] = list(label_map.labels)
     return {
         "format": BUNDLE_FORMAT,
