@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: with --weights none only, where the whole network trains from scratch)")
     p.add_argument("--no-feature-cache", dest="cache_features", action="store_false",
                    help="run the frozen backbone every phase-1 epoch instead of caching its features")
+    p.add_argument("--feature-cache-dir", metavar="DIR",
+                   help="where phase 1's features are kept for later runs with the same backbone, weights, "
+                        "size and images (default: $EDGECLF_CACHE_DIR, else ~/.cache/edgeclf)")
     p.add_argument("--input", choices=INPUT_MODES,
                    help="memory: decode every image before training; stream: decode batch by batch from the "
                         "files, so memory does not grow with their number; auto (default): stream when the "

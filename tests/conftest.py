@@ -56,6 +56,15 @@ XDIST_GROUPS = {"exported": "inceptionv3-export", "accurate_bundle": "inceptionv
                 "trained_bundle": "inceptionv3-train", "server": "triton-server"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_dir(tmp_path_factory) -> Path:
+    """Phase 1's feature cache of every training of this run (subprocesses too): in the run's
+    temporary folder, not the user's ~/.cache."""
+    path = tmp_path_factory.getbasetemp() / "feature-cache"
+    os.environ["EDGECLF_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     from edgeclf.gpu import local_compute_capability

@@ -83,6 +83,7 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "strategy": ("strategy", _text), "class_weights": ("class_weights", _text),
     "augment": ("augment", _flag), "augment_flip": ("augment_flip", _flag),
     "train_batchnorm": ("train_batchnorm", _flag), "feature_cache": ("cache_features", _flag),
+    "feature_cache_dir": ("feature_cache_dir", _text),
     "input": ("input", _text), "patience": ("patience", _integer), "strict": ("strict", _flag),
     "overwrite": ("overwrite", _flag), "tensorboard": ("tensorboard", _text),
 }

@@ -27,7 +27,8 @@ from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
 from edgeclf.train.data import INPUT_MODES, ImageSet, LabelMap, load_dataset, split_stratified
 from edgeclf.train.evaluate import load_keras_model, predict_logits
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
-from edgeclf.train.pipeline import (augmenter, pixel_batches, steps_per_epoch, training_batches,
+from edgeclf.train.feature_cache import FeatureCache, default_cache_dir
+from edgeclf.train.pipeline import (augmenter, feature_batches, steps_per_epoch, training_batches,
                                     validation_batches)
 from edgeclf.train.strategy import STRATEGIES, is_chief, make_strategy
 
@@ -74,6 +75,8 @@ class TrainConfig:
     augment_flip: bool = False
     train_batchnorm: bool | None = None  # phase 2 BatchNormalization on batch statistics (from scratch)
     cache_features: bool = True
+    #: Where phase 1's features are kept between runs; None: $EDGECLF_CACHE_DIR, else ~/.cache/edgeclf.
+    feature_cache_dir: str | Path | None = None
     #: "memory": decode every image up front; "stream": decode batch by batch from the files
     #: (memory flat in the number of images); "auto": stream above IN_MEMORY_MAX_BYTES of pixels.
     input: str = "auto"
@@ -259,20 +262,29 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
     model_lib.freeze_backbone(model)
     t0 = time.perf_counter()
     if cfg.cache_features and augment is None:
-        log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images")
-        extractor = model_lib.feature_extractor(model)
-        f_train = extractor.predict(pixel_batches(train_set, cfg.batch_size), verbose=verbose)
-        f_val = extractor.predict(pixel_batches(val_set, cfg.batch_size), verbose=0)
+        cache = FeatureCache.for_backbone(cfg.feature_cache_dir or default_cache_dir(), model_lib.backbone_of(model),
+                                          get_backbone(cfg.backbone), cfg.size, train_set, val_set)
+        features = cache.load()
+        hit = features is not None
+        if hit:
+            log(f"phase 1: backbone features of these {len(train_set) + len(val_set)} images read from {cache.path}")
+        else:
+            log(f"phase 1: computing backbone features once for {len(train_set) + len(val_set)} images "
+                f"into {cache.path}")
+            features = cache.compute(model_lib.feature_extractor(model), {"train": train_set, "val": val_set},
+                                     cfg.batch_size)
         t_features = time.perf_counter() - t0
         head = model_lib.head_model(model)
         model_lib.compile_model(head, cfg.lr_frozen)
         log(f"phase 1: training the head on cached features (lr={cfg.lr_frozen})")
-        history = head.fit(
-            f_train, y_train, validation_data=(f_val, y_val), epochs=cfg.epochs_frozen,
-            batch_size=cfg.batch_size, class_weight=class_weight,
-            callbacks=_callbacks(cfg, "frozen"), verbose=verbose,
+        history = head.fit(  # rows are read from the memory-mapped files batch by batch
+            feature_batches(features["train"], y_train, cfg.batch_size, cfg.seed, epochs=cfg.epochs_frozen),
+            steps_per_epoch=steps_per_epoch(len(train_set), cfg.batch_size),
+            validation_data=feature_batches(features["val"], y_val, cfg.batch_size), epochs=cfg.epochs_frozen,
+            class_weight=class_weight, shuffle=False, callbacks=_callbacks(cfg, "frozen"), verbose=verbose,
         )
-        extra = {"feature_cache": True, "feature_seconds": round(t_features, 2)}
+        extra = {"feature_cache": True, "feature_seconds": round(t_features, 2),
+                 "feature_cache_hit": hit, "feature_cache_key": cache.key}
     else:
         model_lib.compile_model(model, cfg.lr_frozen)
         log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
@@ -398,7 +410,8 @@ def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfre
                    "image_size": list(source.image_size)}
     settings = {  # plain fields only: asdict() would deep-copy an ImageSet's pixels
         f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-        if f.name not in ("data", "val_data", "out", "weights", "init_from", "verbose", "image_size", "tensorboard")
+        if f.name not in ("data", "val_data", "out", "weights", "init_from", "verbose", "image_size", "tensorboard",
+                          "feature_cache_dir")
     }
     settings["recipe"] = "from scratch" if cfg.from_scratch else "fine-tuning"
     settings["unfreeze_at"] = unfreeze_index  # None meant the backbone's own

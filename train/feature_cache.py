@@ -1,0 +1,152 @@
+"""Phase 1's frozen-backbone features, computed once and kept on disk.
+
+The features of a frozen backbone depend only on its weights, the image size, the
+images and how they are decoded and scaled. They are written once, as ``.npy`` files
+that later reads memory-map (rows are read batch by batch, never the whole array),
+under a key made of exactly those inputs. A later run with the same key (another head
+learning rate, more phase-1 epochs, a resumed run) reads them instead of running the
+backbone again.
+
+Key inputs: the backbone's name and a sha256 of all its weights as they are when
+phase 1 starts (so a random backbone's seed, its BatchNormalization estimate and
+``--init-from`` all count), the image size, the preprocessing and decoder, and each
+image in order: path, size and modification time for files (as make and ccache do:
+reading every file's bytes would cost as much as decoding it), a sha256 of the pixels
+for in-memory arrays.
+
+An entry is written into a temporary folder and renamed into place, so a reader never
+sees half of one, and two processes computing the same key (two workers on one host)
+both end up reading one complete copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclf.errors import DataError, InvalidInputError
+from edgeclf.images import DECODE_SPEC
+from edgeclf.progress import log, progress
+
+#: Bumped when the layout or the meaning of a cache entry changes.
+CACHE_FORMAT = 1
+SPLITS = ("train", "val")
+
+
+def default_cache_dir() -> Path:
+    """``$EDGECLF_CACHE_DIR``, else ``$XDG_CACHE_HOME/edgeclf``, else ``~/.cache/edgeclf``."""
+    if os.environ.get("EDGECLF_CACHE_DIR"):
+        return Path(os.environ["EDGECLF_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgeclf"
+
+
+def weights_sha256(model) -> str:
+    """sha256 of every weight of ``model`` (trainable or not), in order."""
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def images_sha256(data) -> str:
+    """sha256 naming the images of ``data`` in order (see the module docstring)."""
+    digest = hashlib.sha256()
+    if hasattr(data, "images"):  # in memory: the pixels themselves
+        digest.update(str(data.images.shape).encode())
+        digest.update(np.ascontiguousarray(data.images).tobytes())
+        return digest.hexdigest()
+    for source in data.sources:
+        try:
+            st = os.stat(source)
+        except OSError as exc:
+            raise DataError(f"image file disappeared during training ({exc}). Received: {source}") from None
+        digest.update(f"{os.path.abspath(source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """The cache entry for one backbone state and one pair of image lists."""
+
+    def __init__(self, root: str | Path, description: dict[str, Any]):
+        self.description = description
+        self.key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+        self.root = Path(root)
+        self.path = self.root / "features" / self.key[:32]
+
+    @classmethod
+    def for_backbone(cls, root, backbone, spec, image_size, train_set, val_set) -> "FeatureCache":
+        return cls(root, {
+            "format": CACHE_FORMAT,
+            "backbone": spec.name,
+            "weights_sha256": weights_sha256(backbone),
+            "image_size": list(image_size),
+            "preprocessing": spec.preprocessing,
+            "decode": DECODE_SPEC,
+            "train_images": [len(train_set), images_sha256(train_set)],
+            "val_images": [len(val_set), images_sha256(val_set)],
+        })
+
+    def load(self) -> dict[str, np.ndarray] | None:
+        """The cached features as read-only memory maps, or None when this key has none."""
+        try:
+            meta = json.loads((self.path / "meta.json").read_text())
+            if meta.get("description") != self.description:
+                return None  # a 128-bit prefix collision, or an entry from another format
+            return {split: np.load(self.path / f"{split}.npy", mmap_mode="r") for split in SPLITS}
+        except (OSError, ValueError):
+            return None  # missing, or damaged: computed again and replaced
+
+    def compute(self, extractor, sets: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]:
+        """Run ``extractor`` over ``sets`` (``train``, ``val``) into a new entry; return it memory-mapped."""
+        from edgeclf.train.pipeline import pixel_batches, steps_per_epoch
+
+        try:
+            self.root.joinpath("features").mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{self.key[:32]}.", dir=self.path.parent))
+        except OSError as exc:
+            raise InvalidInputError(f"cannot write the feature cache ({exc}). Received: {self.root}; pass "
+                                    f"--feature-cache-dir DIR (a writable folder) or --no-feature-cache") from None
+        try:
+            dim = int(extractor.output_shape[-1])
+            for split in SPLITS:
+                data = sets[split]
+                out = np.lib.format.open_memmap(stage / f"{split}.npy", mode="w+", dtype=np.float32,
+                                                shape=(len(data), dim))
+                row = 0
+                batches = pixel_batches(data, batch_size)
+                for x in progress(batches, steps_per_epoch(len(data), batch_size),
+                                  f"backbone features of the {split} images", unit="batch"):
+                    f = np.asarray(extractor(x, training=False))
+                    out[row:row + len(f)] = f
+                    row += len(f)
+                out.flush()
+                del out
+            (stage / "meta.json").write_text(json.dumps({"description": self.description}, indent=1))
+            self._publish(stage)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        features = self.load()
+        if features is None:
+            raise DataError(f"feature cache entry {self.path} could not be read back after writing it")
+        return features
+
+    def _publish(self, stage: Path) -> None:
+        """Rename ``stage`` into place; a damaged entry is replaced, a complete one (another
+        process's) kept."""
+        if self.path.exists() and self.load() is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            os.rename(stage, self.path)
+        except OSError:
+            if self.load() is None:
+                raise
+            log(f"feature cache {self.path} was written meanwhile by another process; using it")
