@@ -88,7 +88,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_tensorflow(args)
     from edgeclf.train import TrainConfig, train
 
-    bundle = train(TrainConfig(**train_settings(args)))
+    bundle = train(TrainConfig(**settings))
+    if bundle is None:  # a multi-worker run's other workers: the chief writes the bundle
+        print(json.dumps({"bundle": None, "chief": False}))
+        return 0
     m = bundle.meta["metrics"]["validation"]
     print(json.dumps({"bundle": str(bundle.path), "accuracy": m["accuracy"], "f1": m["f1"],
                       "mae": m["mae"], "rmse": m["rmse"],

@@ -34,16 +34,43 @@ def make_strategy(name: str) -> "tf.distribute.Strategy":
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices=devices)
     if name == "multiworker":
-        config = os.environ.get("TF_CONFIG")
-        if not config:
+        if not os.environ.get("TF_CONFIG"):
             warnings.warn("TF_CONFIG is not set: MultiWorkerMirroredStrategy runs as a single worker.")
-        else:
-            try:
-                json.loads(config)
-            except json.JSONDecodeError as exc:
-                raise InvalidInputError(f"TF_CONFIG is not valid JSON ({exc}). Received: {config[:200]!r}") from None
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        check_tf_config()
+        return _reduces_nested_batches(tf.distribute.MultiWorkerMirroredStrategy())
     raise InvalidInputError(f"unknown strategy {name!r}; expected one of {list(STRATEGIES)}.")
+
+
+def _reduces_nested_batches(strategy):
+    """``strategy`` whose ``reduce`` also takes an (x, y) batch, as Keras' ``fit`` gives it.
+
+    Before training, Keras 3 (3.15 here; keras-team/keras#20585) reduces the first
+    distributed batch, a tuple, only to learn its shapes. ``reduce`` takes one value, and
+    MultiWorkerMirroredStrategy with two workers fails on the tuple ("Attempt to convert
+    a value (PerReplica...)"), so every multi-worker ``fit`` did. A nested value gets each
+    leaf's local replica here: the shapes Keras wants, without a collective.
+
+    Each step, Keras then averages the replicas' scalar loss and metrics with ``axis=0``,
+    which a scalar has not: those are averaged across replicas only (``axis=None``). Other
+    values are reduced as before.
+    """
+    import tensorflow as tf
+
+    reduce = strategy.reduce
+
+    def nested_or_single(reduce_op, value, axis=None):
+        if not isinstance(value, (tuple, list, dict)):
+            local = strategy.experimental_local_results(value)[0] \
+                if isinstance(value, tf.distribute.DistributedValues) else value
+            if axis is not None and getattr(local, "shape", None) is not None and local.shape.rank == 0:
+                axis = None  # a scalar (a step's loss or metric): only across replicas
+            return reduce(reduce_op, value, axis=axis)
+        return tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues)
+            else v, value)
+
+    strategy.reduce = nested_or_single
+    return strategy
 
 
 def is_chief(strategy) -> bool:
@@ -55,3 +82,36 @@ def is_chief(strategy) -> bool:
     if "chief" in cluster:
         return resolver.task_type == "chief"
     return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def check_tf_config(text: str | None = None) -> dict | None:
+    """The cluster in ``TF_CONFIG`` (``text``, else the environment's), checked before
+    TensorFlow waits on it: a mistake there otherwise shows as a hang or a gRPC traceback.
+
+    Raises:
+        InvalidInputError: not JSON, no ``cluster`` of role -> ["host:port", ...] lists, a
+            ``task`` whose type or index is not in the cluster, or an address listed twice.
+    """
+    text = os.environ.get("TF_CONFIG") if text is None else text
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"TF_CONFIG is not valid JSON ({exc}). Received: {text[:200]!r}") from None
+    expected = ('expected {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}. '
+                f"Received: {text[:200]!r}")
+    cluster, task = (config.get("cluster"), config.get("task")) if isinstance(config, dict) else (None, None)
+    if not isinstance(cluster, dict) or not cluster or not all(
+            isinstance(hosts, list) and hosts and all(isinstance(h, str) and ":" in h for h in hosts)
+            for hosts in cluster.values()):
+        raise InvalidInputError(f"TF_CONFIG needs a cluster of role -> list of host:port; {expected}")
+    if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int) \
+            or not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise InvalidInputError(f"TF_CONFIG's task must name a role and an index in its cluster; {expected}")
+    addresses = [host for hosts in cluster.values() for host in hosts]
+    twice = sorted({host for host in addresses if addresses.count(host) > 1})
+    if twice:
+        raise InvalidInputError(f"TF_CONFIG lists {', '.join(twice)} more than once: each worker needs its own "
+                                f"host:port. Received: {text[:200]!r}")
+    return config

@@ -27,10 +27,10 @@ from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
 from edgeclf.train.data import INPUT_MODES, ImageSet, LabelMap, load_dataset, split_stratified
 from edgeclf.train.evaluate import load_keras_model, predict_logits
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
-from edgeclf.train.feature_cache import FeatureCache, default_cache_dir
+from edgeclf.train.feature_cache import FeatureCache, default_cache_dir, weights_sha256
 from edgeclf.train.pipeline import (augmenter, feature_batches, steps_per_epoch, training_batches,
                                     validation_batches)
-from edgeclf.train.strategy import STRATEGIES, is_chief, make_strategy
+from edgeclf.train.strategy import STRATEGIES, check_tf_config, is_chief, make_strategy
 
 import edgeclf
 from edgeclf.bundle import BUNDLE_FORMAT, CONFUSION_PNG, MODEL_FILE, Bundle
@@ -123,6 +123,8 @@ class TrainConfig:
             Bundle.load(self.init_from)  # BundleError now, not after loading the data
         if self.tensorboard is not None:
             _check_tensorboard(Path(self.tensorboard))
+        if self.strategy == "multiworker":
+            check_tf_config()
         check_output_dir(self.out, self.overwrite)
 
     @property
@@ -381,6 +383,9 @@ def train(cfg: TrainConfig) -> Bundle | None:
     logits = predict_logits(model, val_set, cfg.batch_size)
     metrics = classification_metrics(val_set.values, label_map.decode(logits.argmax(axis=1)), label_map.labels)
     log(f"validation: {format_metrics(metrics)}")
+    # Every worker of a synchronous run ends with the same weights: each says which.
+    weights = weights_sha256(model)
+    log(f"final weights sha256 {weights}")
     if not is_chief(strategy):
         log("not the chief worker: leaving the bundle to the chief")
         return None
@@ -392,6 +397,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
         model_lib.inference_copy(model).save(stage / MODEL_FILE)
         save_confusion_png(metrics["confusion_matrix"], stage / CONFUSION_PNG, "validation")
         meta["model"]["sha256"] = sha256_file(stage / MODEL_FILE)
+        meta["model"]["weights_sha256"] = weights
         meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 2)
         Bundle(stage, meta).save()
     log(f"wrote bundle {cfg.out} in {meta['training']['wall_seconds']:.1f} s")
