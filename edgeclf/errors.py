@@ -76,3 +76,7 @@ class PortInUseError(EdgeclfError, OSError):
 
 class ServerError(EdgeclfError, RuntimeError):
     """A server process edgeclf started failed while serving."""
+
+
+class CheckpointError(EdgeclfError, ValueError):
+    """A training checkpoint is unreadable, or belongs to another configuration or data."""
