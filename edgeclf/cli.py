@@ -117,6 +117,8 @@ def train_settings(args: argparse.Namespace) -> dict:
         value = getattr(args, dest, None)
         if value is not None:
             settings[field] = value
+    if args.resume:
+        settings["resume"] = True
     for field in ("data", "out"):
         if field not in settings:
             raise InvalidInputError(f"train needs {'DATA' if field == 'data' else '--out BUNDLE'}: "
@@ -495,12 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoded images would take over 1 GiB")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 3)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output directory (and an interrupted run's checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run writing --out from its last finished epoch (its "
+                        "checkpoint is OUT.checkpoint); it ends with the bundle the run would have written")
     p.add_argument("--tensorboard", metavar="DIR",
                    help="write TensorBoard logs of both phases to DIR/frozen and DIR/finetune")
     # Every default is None, the switches' too: TrainConfig's (named in the help) apply, and an
     # option not given here neither overrides --config nor hides the recipe's defaults.
-    p.set_defaults(augment=None, augment_flip=None, cache_features=None, strict=None, overwrite=None)
+    p.set_defaults(augment=None, augment_flip=None, cache_features=None, strict=None, overwrite=None, resume=None)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[tf_logs], help="evaluate a bundle's Keras model on labelled data")

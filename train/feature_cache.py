@@ -10,9 +10,9 @@ backbone again.
 Key inputs: the backbone's name and a sha256 of all its weights as they are when
 phase 1 starts (so a random backbone's seed, its BatchNormalization estimate and
 ``--init-from`` all count), the image size, the preprocessing and decoder, and each
-image in order: path, size and modification time for files (as make and ccache do:
-reading every file's bytes would cost as much as decoding it), a sha256 of the pixels
-for in-memory arrays.
+image in order: path, size and modification time for files, decoded up front or streamed
+(as make and ccache do: reading every file's bytes would cost as much as decoding it), a
+sha256 of the pixels for arrays that came from no file.
 
 An entry is written into a temporary folder and renamed into place, so a reader never
 sees half of one, and two processes computing the same key (two workers on one host)
@@ -60,7 +60,9 @@ def weights_sha256(model) -> str:
 def images_sha256(data) -> str:
     """sha256 naming the images of ``data`` in order (see the module docstring)."""
     digest = hashlib.sha256()
-    if hasattr(data, "images"):  # in memory: the pixels themselves
+    # Images read from files are named by the files, whether decoded up front or streamed, so
+    # that both inputs share a key; arrays (from_arrays, the built-in digits) by their pixels.
+    if hasattr(data, "images") and not all(os.path.isfile(source) for source in data.sources):
         digest.update(str(data.images.shape).encode())
         digest.update(np.ascontiguousarray(data.images).tobytes())
         return digest.hexdigest()

@@ -12,6 +12,7 @@ and restore the best weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import datetime as _dt
 import sys
 import time
@@ -25,16 +26,18 @@ import tensorflow as tf
 from edgeclf.train import model as model_lib
 from edgeclf.train.backbones import PREPROCESSING_DESCRIPTIONS, get_backbone
 from edgeclf.train.data import INPUT_MODES, ImageSet, LabelMap, load_dataset, split_stratified
+from edgeclf.train.checkpoint import (STATE_FILE, EpochCheckpoints, ResumableEarlyStopping, RunCheckpoint,
+                                      best_weights, checkpoint_dir, restore_variables)
 from edgeclf.train.evaluate import load_keras_model, predict_logits
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
-from edgeclf.train.feature_cache import FeatureCache, default_cache_dir, weights_sha256
+from edgeclf.train.feature_cache import FeatureCache, default_cache_dir, images_sha256, weights_sha256
 from edgeclf.train.pipeline import (augmenter, feature_batches, steps_per_epoch, training_batches,
                                     validation_batches)
 from edgeclf.train.strategy import STRATEGIES, check_tf_config, is_chief, make_strategy
 
 import edgeclf
 from edgeclf.bundle import BUNDLE_FORMAT, CONFUSION_PNG, MODEL_FILE, Bundle
-from edgeclf.errors import DataError, InvalidInputError
+from edgeclf.errors import DataError, InvalidInputError, OutputExistsError
 from edgeclf.fsio import check_output_dir, sha256_file, staged_directory
 from edgeclf.images import DECODE_SPEC
 from edgeclf.progress import log
@@ -82,6 +85,8 @@ class TrainConfig:
     input: str = "auto"
     patience: int = 3
     tensorboard: str | Path | None = None  # a folder for TensorBoard logs of both phases
+    #: Continue the interrupted run writing ``out`` from its last finished epoch (see checkpoint.py).
+    resume: bool = False
     overwrite: bool = False
     strict: bool = False
     verbose: int | None = None  # Keras verbosity; None: bars on a terminal, one line per epoch otherwise
@@ -126,6 +131,12 @@ class TrainConfig:
         if self.strategy == "multiworker":
             check_tf_config()
         check_output_dir(self.out, self.overwrite)
+        saved = checkpoint_dir(self.out) / STATE_FILE
+        if self.resume and not saved.exists():
+            raise InvalidInputError(f"nothing to resume: no checkpoint of an interrupted run in {saved.parent}")
+        if not self.resume and not self.overwrite and saved.exists():
+            raise OutputExistsError(f"{saved.parent} holds the checkpoint of an interrupted run: --resume "
+                                    f"continues it, --overwrite starts over")
 
     @property
     def from_scratch(self) -> bool:
@@ -172,18 +183,62 @@ def _load(source: Any, size: tuple[int, int], strict: bool, input_mode: str):
     return load_dataset(source, size, strict, input_mode)
 
 
-def _early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
-    return keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=patience, restore_best_weights=True, verbose=0
-    )
+class _Run:
+    """A run's checkpoints: what a resumed run restores, and the callbacks that save each epoch."""
+
+    def __init__(self, checkpoint: RunCheckpoint, saving: bool, state: dict[str, Any] | None):
+        self.checkpoint, self.saving, self.state = checkpoint, saving, state
+        self.finished: list[dict[str, Any]] = list(state["finished_phases"]) if state else []
+
+    def finished_phase(self, name: str) -> dict[str, Any] | None:
+        return next((p for p in self.finished if p["name"] == name), None)
+
+    def resumed(self, name: str) -> dict[str, Any] | None:
+        """The saved state if the run stopped inside phase ``name``."""
+        current = self.state["current"] if self.state else None
+        return self.state if current and current["phase"] == name else None
+
+    def callbacks(self, cfg: TrainConfig, phase: str, model: keras.Model,
+                  before: Sequence[keras.callbacks.Callback] = ()) -> tuple[list, EpochCheckpoints]:
+        """``before`` (callbacks that change the weights or the logs), early stopping,
+        TensorBoard logs in ``<tensorboard>/<phase>`` if asked for, and the epoch checkpoint last."""
+        stopping = ResumableEarlyStopping(cfg.patience)
+        resumed = self.resumed(phase)
+        if resumed:
+            current = resumed["current"]
+            stopping.restore(current["early_stopping"], best_weights(resumed["arrays"]))
+        epochs = EpochCheckpoints(self.checkpoint if self.saving else None, phase, self.finished, model,
+                                  stopping, resumed)
+        callbacks = [*before, stopping]
+        if cfg.tensorboard is not None:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(cfg.tensorboard) / phase)))
+        return [*callbacks, epochs], epochs
+
+    def end_phase(self, record: dict[str, Any], model: keras.Model) -> dict[str, Any]:
+        self.finished.append(record)
+        if self.saving:
+            self.checkpoint.save(self.finished, None, model)
+        return record
 
 
-def _callbacks(cfg: TrainConfig, phase: str) -> list[keras.callbacks.Callback]:
-    """Early stopping, and TensorBoard logs in ``<tensorboard>/<phase>`` when asked for."""
-    callbacks: list[keras.callbacks.Callback] = [_early_stopping(cfg.patience)]
-    if cfg.tensorboard is not None:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(cfg.tensorboard) / phase)))
-    return callbacks
+def _fit_phase(run: _Run, cfg: TrainConfig, phase: str, model: keras.Model, fit_model: keras.Model,
+               epochs: int, batches, before: Sequence[keras.callbacks.Callback] = (), **fit_args) -> dict[str, Any]:
+    """Run ``fit_model.fit`` over ``batches(first_epoch)`` for ``epochs`` epochs, from the
+    epoch a resumed run stopped at; returns the phase's merged history."""
+    callbacks, saver = run.callbacks(cfg, phase, model, before)
+    resumed = run.resumed(phase)
+    first = resumed["current"]["epochs_done"] if resumed else 0
+    if resumed and (first >= epochs or resumed["current"]["stopped"]):
+        # Killed after its last epoch's checkpoint: only the end of the phase is left.
+        restore_variables(model.variables, resumed["arrays"], "model", run.checkpoint.dir)
+        best = best_weights(resumed["arrays"])
+        if best is not None:
+            fit_model.set_weights(best)
+        return saver.history
+    if first:
+        log(f"{phase}: resuming after epoch {first} of {epochs}")
+    fit_model.fit(batches(first), initial_epoch=first, epochs=epochs, callbacks=callbacks, shuffle=False, **fit_args)
+    return saver.history
 
 
 class _CalibrateThenValidate(keras.callbacks.Callback):
@@ -206,8 +261,7 @@ class _CalibrateThenValidate(keras.callbacks.Callback):
             logs["val_accuracy"] = float(results["accuracy"])
 
 
-def _phase_record(history: keras.callbacks.History, seconds: float, **extra: Any) -> dict[str, Any]:
-    h = history.history
+def _phase_record(h: dict[str, list[float]], seconds: float, **extra: Any) -> dict[str, Any]:
     best = int(np.argmin(h["val_loss"])) if h.get("val_loss") else None
     record = {
         "epochs_run": len(h.get("loss", [])),
@@ -259,10 +313,12 @@ def _prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, LabelMap, list]
     return train_set, val_set, label_map, data.skipped + (val_set.skipped if cfg.val_data is not None else [])
 
 
-def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_weight, augment, verbose):
+def _train_frozen(run, cfg, model, train_set, val_set, y_train, y_val, val_ds, class_weight, augment, verbose):
     """Phase 1: the head learns on a frozen backbone; on cached features where possible."""
     model_lib.freeze_backbone(model)
     t0 = time.perf_counter()
+    steps = steps_per_epoch(len(train_set), cfg.batch_size)
+    fit_args = dict(steps_per_epoch=steps, class_weight=class_weight, verbose=verbose)
     if cfg.cache_features and augment is None:
         cache = FeatureCache.for_backbone(cfg.feature_cache_dir or default_cache_dir(), model_lib.backbone_of(model),
                                           get_backbone(cfg.backbone), cfg.size, train_set, val_set)
@@ -279,28 +335,26 @@ def _train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds, class_
         head = model_lib.head_model(model)
         model_lib.compile_model(head, cfg.lr_frozen)
         log(f"phase 1: training the head on cached features (lr={cfg.lr_frozen})")
-        history = head.fit(  # rows are read from the memory-mapped files batch by batch
-            feature_batches(features["train"], y_train, cfg.batch_size, cfg.seed, epochs=cfg.epochs_frozen),
-            steps_per_epoch=steps_per_epoch(len(train_set), cfg.batch_size),
-            validation_data=feature_batches(features["val"], y_val, cfg.batch_size), epochs=cfg.epochs_frozen,
-            class_weight=class_weight, shuffle=False, callbacks=_callbacks(cfg, "frozen"), verbose=verbose,
-        )
+        history = _fit_phase(  # rows are read from the memory-mapped files batch by batch
+            run, cfg, "frozen", model, head, cfg.epochs_frozen,
+            lambda first: feature_batches(features["train"], y_train, cfg.batch_size, cfg.seed, first,
+                                          cfg.epochs_frozen),
+            validation_data=feature_batches(features["val"], y_val, cfg.batch_size), **fit_args)
         extra = {"feature_cache": True, "feature_seconds": round(t_features, 2),
                  "feature_cache_hit": hit, "feature_cache_key": cache.key}
     else:
         model_lib.compile_model(model, cfg.lr_frozen)
         log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
-        history = model.fit(
-            training_batches(train_set, y_train, cfg.batch_size, cfg.seed, augment, epochs=cfg.epochs_frozen),
-            steps_per_epoch=steps_per_epoch(len(train_set), cfg.batch_size), validation_data=val_ds,
-            epochs=cfg.epochs_frozen, class_weight=class_weight, shuffle=False,
-            callbacks=_callbacks(cfg, "frozen"), verbose=verbose,
-        )
+        history = _fit_phase(
+            run, cfg, "frozen", model, model, cfg.epochs_frozen,
+            lambda first: training_batches(train_set, y_train, cfg.batch_size, cfg.seed, augment, first,
+                                           cfg.epochs_frozen),
+            validation_data=val_ds, **fit_args)
         extra = {"feature_cache": False}
     return _phase_record(history, time.perf_counter() - t0, name="frozen", learning_rate=cfg.lr_frozen, **extra)
 
 
-def _train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_ds, class_weight, augment,
+def _train_finetune(run, cfg, model, unfreeze_index, calib, train_set, y_train, val_ds, class_weight, augment,
                     verbose):
     """Phase 2: the top of the backbone learns at a low learning rate."""
     model_lib.unfreeze_top(model, unfreeze_index, cfg.train_batchnorm)
@@ -309,23 +363,31 @@ def _train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_d
     last = len(model_lib.backbone_of(model).layers) - 1
     log(f"phase 2: fine-tuning backbone layers {unfreeze_index}..{last} "
          f"(lr={cfg.lr_finetune}, BatchNormalization {bn_mode})")
-    callbacks = _callbacks(cfg, "finetune")
-    if cfg.train_batchnorm:
-        # Moving averages lag the changing weights: validate on fresh statistics.
-        callbacks.insert(0, _CalibrateThenValidate(calib, val_ds, cfg.batch_size))
+    # Moving averages lag the changing weights: validate on fresh statistics.
+    before = [_CalibrateThenValidate(calib, val_ds, cfg.batch_size)] if cfg.train_batchnorm else []
     t0 = time.perf_counter()
-    history = model.fit(  # the dataset shuffles itself, seeded per epoch; one iterator for all epochs
-        training_batches(train_set, y_train, cfg.batch_size, cfg.seed, augment, epochs=cfg.epochs_finetune),
-        steps_per_epoch=steps_per_epoch(len(train_set), cfg.batch_size),
-        validation_data=None if cfg.train_batchnorm else val_ds,
-        epochs=cfg.epochs_finetune, class_weight=class_weight, callbacks=callbacks, shuffle=False,
-        verbose=verbose,
-    )
+    history = _fit_phase(  # the dataset shuffles itself, seeded per epoch; one iterator for all epochs
+        run, cfg, "finetune", model, model, cfg.epochs_finetune,
+        lambda first: training_batches(train_set, y_train, cfg.batch_size, cfg.seed, augment, first,
+                                       cfg.epochs_finetune),
+        before, steps_per_epoch=steps_per_epoch(len(train_set), cfg.batch_size),
+        validation_data=None if cfg.train_batchnorm else val_ds, class_weight=class_weight, verbose=verbose)
     return _phase_record(
         history, time.perf_counter() - t0, name="finetune", learning_rate=cfg.lr_finetune,
         unfreeze_at=unfreeze_index,
         batchnorm="batch statistics, re-estimated each epoch" if cfg.train_batchnorm else "inference mode",
     )
+
+
+def _fingerprint(cfg: TrainConfig, train_set, val_set) -> dict[str, Any]:
+    """What a resumed run must share with the one it continues: every setting that changes
+    the weights, the weights it started from, and the images (path, size, mtime) in order."""
+    same_either_way = {"resume", "overwrite", "strict", "input", "feature_cache_dir", "tensorboard", "verbose"}
+    fingerprint = {k: v for k, v in _settings(cfg).items() if k not in same_either_way}
+    fingerprint.update(image_size=list(cfg.size), weights=_weights_record(cfg),
+                       train_images=[len(train_set), images_sha256(train_set)],
+                       val_images=[len(val_set), images_sha256(val_set)])
+    return json.loads(json.dumps(fingerprint))  # as state.json will read back (tuples become lists)
 
 
 def train(cfg: TrainConfig) -> Bundle | None:
@@ -363,7 +425,11 @@ def train(cfg: TrainConfig) -> Bundle | None:
     rng = np.random.default_rng(cfg.seed)
     calib = train_set.pixels(np.sort(rng.choice(len(train_set), min(len(train_set), BN_CALIBRATION_IMAGES),
                                                  replace=False)))
-    phases: list[dict[str, Any]] = []
+    checkpoint = RunCheckpoint(cfg.out, _fingerprint(cfg, train_set, val_set))
+    state = checkpoint.load() if cfg.resume else None  # CheckpointError: damaged, or another run's
+    if not cfg.resume:
+        checkpoint.remove()  # an interrupted run's, which check() let --overwrite replace
+    run = _Run(checkpoint, saving=is_chief(strategy), state=state)
     with strategy.scope():
         model = model_lib.build_model(len(label_map.labels), cfg.size, cfg.backbone, cfg.weights)
         unfreeze_index = model_lib.resolve_unfreeze_index(model_lib.backbone_of(model), spec, cfg.unfreeze_at)
@@ -372,12 +438,18 @@ def train(cfg: TrainConfig) -> Bundle | None:
         elif model_lib.resolve_weights(cfg.weights) is None:
             log(f"random backbone: estimating BatchNormalization statistics from {len(calib)} training images")
             model_lib.calibrate_batchnorm(model, calib, cfg.batch_size)
-        if cfg.epochs_frozen > 0:
-            phases.append(_train_frozen(cfg, model, train_set, val_set, y_train, y_val, val_ds,
-                                        class_weight, augment, verbose))
-        if cfg.epochs_finetune > 0:
-            phases.append(_train_finetune(cfg, model, unfreeze_index, calib, train_set, y_train, val_ds,
-                                          class_weight, augment, verbose))
+        if state is not None:
+            restore_variables(model.variables, state["arrays"], "model", checkpoint.dir)
+            log(f"resuming from {checkpoint.dir}: {len(run.finished)} phase(s) finished"
+                + (f", {state['current']['phase']} after epoch {state['current']['epochs_done']}"
+                   if state["current"] else ""))
+        if cfg.epochs_frozen > 0 and not run.finished_phase("frozen"):
+            run.end_phase(_train_frozen(run, cfg, model, train_set, val_set, y_train, y_val, val_ds,
+                                        class_weight, augment, verbose), model)
+        if cfg.epochs_finetune > 0 and not run.finished_phase("finetune"):
+            run.end_phase(_train_finetune(run, cfg, model, unfreeze_index, calib, train_set, y_train, val_ds,
+                                          class_weight, augment, verbose), model)
+        phases = run.finished
         model_lib.freeze_backbone(model)
 
     logits = predict_logits(model, val_set, cfg.batch_size)
@@ -400,25 +472,35 @@ def train(cfg: TrainConfig) -> Bundle | None:
         meta["model"]["weights_sha256"] = weights
         meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 2)
         Bundle(stage, meta).save()
+    checkpoint.remove()  # the bundle is complete: nothing left to resume
     log(f"wrote bundle {cfg.out} in {meta['training']['wall_seconds']:.1f} s")
     return Bundle.load(cfg.out)
+
+
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The plain settings of ``cfg`` (asdict() would deep-copy an ImageSet's pixels)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name not in ("data", "val_data", "out", "weights", "init_from", "verbose", "image_size",
+                              "tensorboard", "feature_cache_dir")}
+
+
+def _weights_record(cfg: TrainConfig) -> Any:
+    """What the backbone started from: "none", "imagenet", a weights file or another bundle."""
+    if cfg.init_from is not None:
+        source = Bundle.load(cfg.init_from)
+        return {"init_from": str(source.path), "sha256": source.meta["model"]["sha256"],
+                "image_size": list(source.image_size)}
+    weights = model_lib.resolve_weights(cfg.weights)
+    if weights not in (None, "imagenet"):
+        return {"file": Path(weights).name, "sha256": sha256_file(Path(weights))}
+    return weights or "none"
 
 
 def _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfreeze_index, phases,
                  metrics, strategy) -> dict[str, Any]:
     height, width = cfg.size
-    weights = model_lib.resolve_weights(cfg.weights)
-    if weights not in (None, "imagenet"):
-        weights = {"file": Path(weights).name, "sha256": sha256_file(Path(weights))}
-    if cfg.init_from is not None:
-        source = Bundle.load(cfg.init_from)
-        weights = {"init_from": str(source.path), "sha256": source.meta["model"]["sha256"],
-                   "image_size": list(source.image_size)}
-    settings = {  # plain fields only: asdict() would deep-copy an ImageSet's pixels
-        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-        if f.name not in ("data", "val_data", "out", "weights", "init_from", "verbose", "image_size", "tensorboard",
-                          "feature_cache_dir")
-    }
+    weights = _weights_record(cfg)
+    settings = _settings(cfg)
     settings["recipe"] = "from scratch" if cfg.from_scratch else "fine-tuning"
     settings["unfreeze_at"] = unfreeze_index  # None meant the backbone's own
     settings["labels"] = list(label_map.labels)
