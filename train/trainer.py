@@ -406,10 +406,10 @@ def train(cfg: TrainConfig) -> Bundle | None:
     """
     started = time.perf_counter()
     cfg.check()
-    cfg = resolve_recipe(cfg)
     verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
     spec = get_backbone(cfg.backbone)
     train_set, val_set, label_map, skipped = _prepare_data(cfg)
+    cfg = resolve_recipe(cfg)  # said once the data is known to be readable
     y_train, y_val = label_map.encode(train_set.values), label_map.encode(val_set.values)
 
     keras.utils.set_random_seed(cfg.seed)
