@@ -2,6 +2,7 @@
 
     python -m edgeclf.benchmarks.train_scale [--sizes 2000,8000] [--inputs stream,memory]
         [--backbone inception_v3] [--image-size 299] [--work DIR] [--out results.json]
+        [--train-args "--unfreeze-at 249 --no-train-batchnorm --lr-finetune 1e-5"]
 
 Writes N real-looking JPEG images per size (scikit-learn's digits, upscaled to the image
 size with a random rotation, shift, contrast, tint and noise each, so that no two files
@@ -56,12 +57,13 @@ def write_images(out: Path, count: int, size: int, seed: int = 0) -> Path:
     return out
 
 
-def run_training(data: Path, out: Path, input_mode: str, backbone: str, image_size: int) -> dict[str, Any]:
+def run_training(data: Path, out: Path, input_mode: str, backbone: str, image_size: int,
+                 extra: list[str]) -> dict[str, Any]:
     """One ``edgeclf train`` process; its peak RSS, wall time and phase figures."""
     cmd = [sys.executable, "-m", "edgeclf", "train", str(data), "--out", str(out), "--overwrite",
            "--backbone", backbone, "--image-size", str(image_size), "--weights", "none",
            "--epochs-frozen", "1", "--epochs-finetune", "1", "--input", input_mode,
-           "--feature-cache-dir", str(out.parent / f"cache-{out.name}")]
+           "--feature-cache-dir", str(out.parent / f"cache-{out.name}"), *extra]
     started = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = process.stderr.read()
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=299)
     parser.add_argument("--work", default="runs/train_scale", help="images and bundles (default runs/train_scale)")
     parser.add_argument("--out", default=None, help="results JSON (default WORK/results.json)")
+    parser.add_argument("--train-args", default="",
+                        help='more train options, e.g. "--unfreeze-at 249 --no-train-batchnorm --lr-finetune 1e-5" '
+                             "(the fine-tuning recipe: phase 2 trains the top blocks only, so decoding weighs more)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     results = []
@@ -98,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         data = write_images(work / f"images-{count}", count, args.image_size)
         for mode in args.inputs.split(","):
             log(f"training on {count} images, input {mode}")
-            result = run_training(data, work / f"bundle-{count}-{mode}", mode, args.backbone, args.image_size)
+            result = run_training(data, work / f"bundle-{count}-{mode}", mode, args.backbone, args.image_size,
+                                  args.train_args.split())
             results.append(result)
             log(f"  peak RSS {result['peak_rss_mb']:.0f} MB, phase 2 {result['phase2_images_per_s']:.1f} images/s, "
                 f"wall {result['wall_seconds']:.0f} s")
     from edgeclf.benchmarks.environment import environment  # the CPU and its flags: every figure depends on them
 
-    report = {"backbone": args.backbone, "image_size": args.image_size, "environment": environment(),
+    report = {"backbone": args.backbone, "image_size": args.image_size, "train_args": args.train_args,
+              "environment": environment(),
               "runs": results}
     out = Path(args.out) if args.out else work / "results.json"
     out.write_text(json.dumps(report, indent=1))

@@ -427,9 +427,10 @@ def train(cfg: TrainConfig) -> Bundle | None:
                                                  replace=False)))
     checkpoint = RunCheckpoint(cfg.out, _fingerprint(cfg, train_set, val_set))
     state = checkpoint.load() if cfg.resume else None  # CheckpointError: damaged, or another run's
-    if not cfg.resume:
+    chief = is_chief(strategy)  # the only worker that writes: checkpoints and the bundle
+    if not cfg.resume and chief:
         checkpoint.remove()  # an interrupted run's, which check() let --overwrite replace
-    run = _Run(checkpoint, saving=is_chief(strategy), state=state)
+    run = _Run(checkpoint, saving=chief, state=state)
     with strategy.scope():
         model = model_lib.build_model(len(label_map.labels), cfg.size, cfg.backbone, cfg.weights)
         unfreeze_index = model_lib.resolve_unfreeze_index(model_lib.backbone_of(model), spec, cfg.unfreeze_at)
@@ -458,7 +459,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
     # Every worker of a synchronous run ends with the same weights: each says which.
     weights = weights_sha256(model)
     log(f"final weights sha256 {weights}")
-    if not is_chief(strategy):
+    if not chief:
         log("not the chief worker: leaving the bundle to the chief")
         return None
 
