@@ -12,7 +12,6 @@ pytest.importorskip("tensorflow")
 
 import keras  # noqa: E402
 
-from edgeclf.train import TrainConfig, train  # noqa: E402
 from edgeclf.train.backbones import get_backbone  # noqa: E402
 from edgeclf.train.data import load_dataset  # noqa: E402
 from edgeclf.train.feature_cache import FeatureCache  # noqa: E402
@@ -58,13 +57,20 @@ def test_an_entry_is_reused_recomputed_on_change_and_replaced_when_damaged(nonco
 
 @pytest.mark.slow  # two training runs
 def test_a_second_run_reads_the_features_the_first_computed(noncontiguous_dir, tmp_path):
-    def run(name: str, lr: float):
-        return train(TrainConfig(noncontiguous_dir, tmp_path / name, image_size=32, backbone="mobilenet_v3_small",
-                                 weights=None, epochs_frozen=2, epochs_finetune=0, lr_frozen=lr, seed=3,
-                                 feature_cache_dir=tmp_path / "cache", verbose=0))
+    """Two runs of the command line, as a user makes them (each its own process)."""
+    import json
 
-    first, second = run("a", 1e-3), run("b", 3e-3)  # another head learning rate: the same features
-    phase1, phase2 = first.meta["training"]["phases"][0], second.meta["training"]["phases"][0]
-    assert phase1["feature_cache_hit"] is False and phase2["feature_cache_hit"] is True
-    assert phase1["feature_cache_key"] == phase2["feature_cache_key"]
+    from tests.conftest import run_cli
+
+    def run(name: str, lr: str) -> dict:
+        done = run_cli("train", str(noncontiguous_dir), "--out", str(tmp_path / name), "--image-size", "32",
+                       "--backbone", "mobilenet_v3_small", "--weights", "none", "--epochs-frozen", "2",
+                       "--epochs-finetune", "0", "--lr-frozen", lr, "--seed", "3",
+                       "--feature-cache-dir", str(tmp_path / "cache"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((tmp_path / name / "bundle.json").read_text())["training"]["phases"][0]
+
+    first, second = run("a", "1e-3"), run("b", "3e-3")  # another head learning rate: the same features
+    assert first["feature_cache_hit"] is False and second["feature_cache_hit"] is True
+    assert first["feature_cache_key"] == second["feature_cache_key"]
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 1
