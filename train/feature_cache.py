@@ -109,7 +109,15 @@ class FeatureCache:
 
     def compute(self, extractor, sets: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]:
         """Run ``extractor`` over ``sets`` (``train``, ``val``) into a new entry; return it memory-mapped."""
+        import tensorflow as tf
+
         from edgeclf.train.pipeline import pixel_batches, steps_per_epoch
+
+        # One traced graph for every batch: calling the model eagerly ran InceptionV3 at 75x75
+        # 3.7x slower than Keras' predict (25.5 s against 6.9 s for 1,437 images), and predict
+        # itself would gather every worker's rows under MultiWorkerMirroredStrategy.
+        features_of = tf.function(lambda x: extractor(x, training=False), input_signature=[
+            tf.TensorSpec([None, *extractor.input_shape[1:]], tf.float32)])
 
         try:
             self.root.joinpath("features").mkdir(parents=True, exist_ok=True)
@@ -127,7 +135,7 @@ class FeatureCache:
                 batches = pixel_batches(data, batch_size)
                 for x in progress(batches, steps_per_epoch(len(data), batch_size),
                                   f"backbone features of the {split} images", unit="batch"):
-                    f = np.asarray(extractor(x, training=False))
+                    f = np.asarray(features_of(x))
                     out[row:row + len(f)] = f
                     row += len(f)
                 out.flush()
