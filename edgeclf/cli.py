@@ -99,8 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-#: train's option dests that are not TrainConfig fields of the same name.
-_TRAIN_DESTS = {"val_dir": "val_data"}
+#: TrainConfig fields whose train option has another dest.
+_TRAIN_DESTS = {"val_data": "val_dir"}
 
 
 def train_settings(args: argparse.Namespace) -> dict:
@@ -113,8 +113,7 @@ def train_settings(args: argparse.Namespace) -> dict:
 
     settings = read_config(args.config) if args.config else {}
     for key, (field, _) in KEYS.items():
-        dest = next((d for d, f in _TRAIN_DESTS.items() if f == field), field)
-        value = getattr(args, dest, None)
+        value = getattr(args, _TRAIN_DESTS.get(field, field), None)
         if value is not None:
             settings[field] = value
     if args.resume:

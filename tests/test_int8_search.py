@@ -41,6 +41,25 @@ def _record(records, fmt):
     return next(r for r in records if r["format"] == fmt)
 
 
+def _search_just_above_plain(quantizer, src, out, ranking, bundle, max_trials: int) -> dict:
+    """Plain INT8 (no layer in FP32), then the search for a target just above it: the
+    search report. Skips where even plain INT8 agrees on every image (no target above it).
+    ``max_trials`` must reach every ranked layer by doubling, so the target is met."""
+    from edgeclf.export.int8_search import quantize_to_target
+
+    reference = load_verification_set(bundle)
+    plain = quantize_to_target(quantizer, src, out.with_name(f"plain{quantizer.suffix}"), ranking, reference,
+                               bundle.labels, Int8Target(max_trials=0))["plain"]
+    if plain["agreement"] == 1.0:
+        pytest.skip(f"even badly calibrated {quantizer.format} agrees on every image on this CPU: "
+                    "no target above it")
+    target = Int8Target(min_agreement=plain["agreement"] + 0.5 / len(reference), max_accuracy_drop=0.5,
+                        max_trials=max_trials)
+    q = quantize_to_target(quantizer, src, out, ranking, reference, bundle.labels, target)
+    assert not q["plain"]["passed"] and q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
+    return q
+
+
 def test_every_int8_onnx_export_reports_its_layers(exported):
     _, records = exported
     q = _record(records, "onnx-int8")["quantization"]
@@ -73,24 +92,16 @@ def test_litert_meets_a_target_above_plain_int8_with_a_denylist(tiny_exported, t
     from ai_edge_litert.interpreter import Interpreter
 
     from edgeclf.export.exporter import _calibration_images
-    from edgeclf.export.int8_search import litert_quantizer, quantize_to_target
+    from edgeclf.export.int8_search import litert_quantizer
     from edgeclf.export.reference import reference_sets
     from edgeclf.export.tflite_int8 import LiteRTInt8
     from edgeclf.train.evaluate import load_keras_model
 
     bundle, _ = tiny_exported
-    reference = load_verification_set(bundle)
     litert = LiteRTInt8(load_keras_model(bundle), bundle, _calibration_images(reference_sets(bundle)[0], 60) // 8)
-    plain = quantize_to_target(litert_quantizer(litert), None, tmp_path / "plain.tflite", litert, reference,
-                               bundle.labels, Int8Target(max_trials=0))["plain"]
-    if plain["agreement"] == 1.0:
-        pytest.skip("even badly calibrated LiteRT INT8 agrees on every image on this CPU: no target above it")
-    # Just above plain INT8; 9 trials reach every op by doubling (fewer than 256), so it is met.
-    target = Int8Target(min_agreement=plain["agreement"] + 0.5 / len(reference), max_accuracy_drop=0.5,
-                        max_trials=9)
     out = tmp_path / "model.int8.tflite"
-    q = quantize_to_target(litert_quantizer(litert), None, out, litert, reference, bundle.labels, target)
-    assert not q["plain"]["passed"] and q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
+    # 9 trials reach every op by doubling (fewer than 256).
+    q = _search_just_above_plain(litert_quantizer(litert), None, out, litert, bundle, max_trials=9)
     tensors = {t["name"]: t["dtype"] for t in Interpreter(model_path=str(out)).get_tensor_details()}
     assert q["kept_fp32"] and all(tensors[name] == np.float32 for name in q["kept_fp32"])
     assert any(dtype == np.int8 for dtype in tensors.values())
@@ -109,27 +120,18 @@ def test_nncf_meets_a_target_above_plain_int8_with_an_ignored_scope(tiny_exporte
     import openvino as ov
 
     from edgeclf.export.exporter import _calibration_images
-    from edgeclf.export.int8_search import LayerRanking, nncf_quantizer, quantize_to_target
+    from edgeclf.export.int8_search import LayerRanking, nncf_quantizer
     from edgeclf.export.openvino_ir import _ops_of
     from edgeclf.export.reference import reference_sets
 
     bundle, _ = tiny_exported
-    reference = load_verification_set(bundle)
     calibration = _calibration_images(reference_sets(bundle)[0], 60) // 8
     src = tmp_path / "model.onnx"
     shutil.copyfile(bundle.path / "model.onnx", src)
-    ranking = LayerRanking(src, calibration)
-    quantizer = nncf_quantizer(calibration, reduce_range=False)
-    plain = quantize_to_target(quantizer, src, tmp_path / "plain.xml", ranking, reference, bundle.labels,
-                               Int8Target(max_trials=0))["plain"]
-    if plain["agreement"] == 1.0:
-        pytest.skip("even badly calibrated NNCF INT8 agrees on every image on this CPU: no target above it")
-    # Just above plain INT8; 8 trials reach every layer by doubling (under 128), so it is met.
-    target = Int8Target(min_agreement=plain["agreement"] + 0.5 / len(reference), max_accuracy_drop=0.5,
-                        max_trials=8)
     out = tmp_path / "model.int8.openvino.xml"
-    q = quantize_to_target(quantizer, src, out, ranking, reference, bundle.labels, target)
-    assert not q["plain"]["passed"] and q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
+    # 8 trials reach every layer by doubling (under 128).
+    q = _search_just_above_plain(nncf_quantizer(calibration, reduce_range=False), src, out,
+                                 LayerRanking(src, calibration), bundle, max_trials=8)
     assert out.is_file() and out.with_suffix(".bin").is_file()
     convolutions = {op.get_friendly_name(): op for op in ov.Core().read_model(str(out)).get_ops()
                     if op.get_type_name() in ("Convolution", "GroupConvolution")}
@@ -155,25 +157,16 @@ def test_qdq_meets_a_target_above_plain_int8_on_the_small_model(tiny_exported, t
     import onnx
 
     from edgeclf.export.exporter import _calibration_images
-    from edgeclf.export.int8_search import LayerRanking, qdq_quantizer, quantize_to_target
+    from edgeclf.export.int8_search import LayerRanking, qdq_quantizer
     from edgeclf.export.reference import reference_sets
 
     bundle, _ = tiny_exported
-    reference = load_verification_set(bundle)
     calibration = _calibration_images(reference_sets(bundle)[0], 60) // 8 + 96
     src = tmp_path / "model.onnx"
     shutil.copyfile(bundle.path / "model.onnx", src)
-    quantizer = qdq_quantizer(calibration, "minmax", reduce_range=True)
-    ranking = LayerRanking(src, calibration)
-    plain = quantize_to_target(quantizer, src, tmp_path / "plain.onnx", ranking, reference, bundle.labels,
-                               Int8Target(max_trials=0))["plain"]
-    if plain["agreement"] == 1.0:
-        pytest.skip("even badly calibrated QDQ INT8 agrees on every image on this CPU: no target above it")
-    target = Int8Target(min_agreement=plain["agreement"] + 0.5 / len(reference), max_accuracy_drop=0.5,
-                        max_trials=8)
     out = tmp_path / "model.int8.onnx"
-    q = quantize_to_target(quantizer, src, out, ranking, reference, bundle.labels, target)
-    assert not q["plain"]["passed"] and q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
+    q = _search_just_above_plain(qdq_quantizer(calibration, "minmax", reduce_range=True), src, out,
+                                 LayerRanking(src, calibration), bundle, max_trials=8)
     graph = onnx.load(str(out)).graph
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     kept = [n for n in graph.node if n.name in q["kept_fp32"] and n.op_type in ("Conv", "Gemm", "MatMul")]

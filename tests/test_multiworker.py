@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from edgeclf.errors import InvalidInputError
+from edgeclf.serve.server import free_loopback_ports
 from edgeclf.train.strategy import check_tf_config
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.mark.parametrize("config,match", [
@@ -53,7 +42,7 @@ def test_a_bad_tf_config_is_one_line_from_the_cli(tmp_path):
 
 @pytest.mark.slow  # two training processes
 def test_two_worker_processes_train_together_and_only_the_chief_writes(noncontiguous_dir, tmp_path):
-    ports = _free_ports(2)
+    ports = free_loopback_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     workers = []
     for index in range(2):
