@@ -47,7 +47,7 @@ class BenchConfig:
     threads: int | None = None
     #: Time the Keras model too; None: where TensorFlow is installed.
     baselines: bool | None = None
-    #: Add OpenVINO BF16 (the FP32 IR with a BF16 hint); None: only on CPUs with AMX.
+    #: Add OpenVINO BF16 (the FP32 IR with a BF16 hint); None: only on CPUs with AMX or AVX512_BF16.
     bf16: bool | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +81,7 @@ def contestants(bundle: Bundle, config: BenchConfig) -> list[tuple[str, str, str
         names = [f for name, info in BACKENDS.items() if runs_here(name, detect()) for f in info.formats
                  if trusted_here(bundle, f, detect())]
     rows = [(name, name, None) for name in names]
-    if "openvino" in names and (config.bf16 if config.bf16 is not None else detect().amx):
+    if "openvino" in names and (config.bf16 if config.bf16 is not None else detect().bf16):
         rows.append(("openvino-bf16", "openvino", "bf16"))
     return rows
 
@@ -134,6 +134,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
             "precision": hint or record["precision"], "precision_hint": hint, "load_s": load_s,
             "memory_mb": max(0.0, _rss_mb() - before), "size_mb": record["size_bytes"] / 1e6,
             "accuracy": float(np.mean(labels == heldout.values)), "agreement": float(np.mean(labels == keras_labels)),
+            **_fp32_layers(record),
         }
 
     baselines: dict[str, Any] = {}
@@ -227,14 +228,27 @@ def _reference(bundle: Bundle) -> VerificationSet:
     return VerificationSet(heldout.images, np.asarray(heldout.values), logits)
 
 
+def _fp32_layers(record: dict[str, Any]) -> dict[str, Any]:
+    """How many of an INT8 artifact's quantizable layers its search kept in FP32 (none for others)."""
+    q = record.get("quantization") or {}
+    if "quantizable_layers" not in q:
+        return {}
+    return {"fp32_layers": q["kept_fp32_layers"], "quantizable_layers": q["quantizable_layers"]}
+
+
 def _speedups(rows: list[dict[str, Any]]) -> None:
-    """Each row's speed-up against the baselines of the same batch size (p50 against p50)."""
+    """Each row's speed-up against the baselines of the same batch size (p50 against p50), and an
+    INT8 or FP16 artifact's against the FP32 artifact of its backend (onnx-int8 against onnx)."""
     for batch_size in {r["batch"] for r in rows}:
         same = [r for r in rows if r["batch"] == batch_size and r["status"] == "ok"]
         refs = {r["name"]: r["p50_ms"] for r in same if r["name"] in (PREDICT, TF_FUNCTION, "onnx")}
+        fp32 = {r["backend"]: r["p50_ms"] for r in same
+                if r.get("precision") == "fp32" and r.get("artifact") == r["name"]}
         for row in same:
             if row["name"] == "decode":
                 continue
+            if row.get("precision") in ("int8", "fp16", "bf16") and row.get("backend") in fp32:
+                row["speedup_vs_backend_fp32"] = fp32[row["backend"]] / row["p50_ms"]
             for ref, key in ((PREDICT, "speedup_vs_predict"), (TF_FUNCTION, "speedup_vs_tf_function"),
                              ("onnx", "speedup_vs_onnx_fp32")):
                 if ref in refs:

@@ -13,6 +13,11 @@ def _f(value: Any, fmt: str, empty: str = "") -> str:
     return empty if value is None else format(value, fmt)
 
 
+def _fp32_layers(row: dict[str, Any]) -> str:
+    """"0/123": an INT8 artifact's layers kept in FP32 of its quantizable ones."""
+    return f"{row['fp32_layers']}/{row['quantizable_layers']}" if "quantizable_layers" in row else ""
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     env = result["environment"]
     h, w = result["image_size"]
@@ -22,19 +27,20 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{h}x{w} input; accuracy on {result['heldout_images']} held-out images (the bundle's verification set).",
         "",
         "| name | precision | batch | p50 ms | p99 ms | images/s | Predictor p50 ms | overhead | "
-        "x model.predict | x ORT FP32 | accuracy | agreement | MB | load s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "x model.predict | x ORT FP32 | x own FP32 | FP32 layers | accuracy | agreement | MB | load s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | | {r['batch']} | failed: {r['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {r['name']} | | {r['batch']} | failed: {r['error'][:80]} |" + " |" * 12)
             continue
         overhead = _f(r.get("overhead_pct"), "+.1f")
         lines.append(
             f"| {r['name']} | {r.get('precision') or ''} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['throughput_ips']:.1f} | {_f(r.get('predictor_p50_ms'), '.2f')} | "
             f"{overhead + '%' if overhead else ''} | {_f(r.get('speedup_vs_predict'), '.1f')} | "
-            f"{_f(r.get('speedup_vs_onnx_fp32'), '.2f')} | {_f(r.get('accuracy'), '.4f')} | "
+            f"{_f(r.get('speedup_vs_onnx_fp32'), '.2f')} | {_f(r.get('speedup_vs_backend_fp32'), '.2f')} | "
+            f"{_fp32_layers(r)} | {_f(r.get('accuracy'), '.4f')} | "
             f"{_f(r.get('agreement'), '.4f')} | {_f(r.get('size_mb'), '.1f')} | {_f(r.get('load_s'), '.2f')} |"
         )
     return "\n".join(lines) + "\n"

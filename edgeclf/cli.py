@@ -208,6 +208,7 @@ def _write_triton(args: argparse.Namespace) -> None:
 def _export_formats(args: argparse.Namespace, formats: str) -> None:
     _quiet_tensorflow(args)
     from edgeclf.export import ExportOptions, export_bundle
+    from edgeclf.export.int8_gate import MarginRule
     from edgeclf.export.int8_search import Int8Target
     from edgeclf.export.tensorrt_engine import EngineOptions
 
@@ -216,12 +217,15 @@ def _export_formats(args: argparse.Namespace, formats: str) -> None:
                            compute_capabilities=tuple(args.trt_compute_capability.split(","))
                            if args.trt_compute_capability else None,
                            timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+    cpu = "vnni" if args.full_range_int8 else (None if args.int8_cpu == "auto" else args.int8_cpu)
     options = ExportOptions(opset=args.opset, calibration_images=args.calibration_images,
-                            calibration_method=args.calibration_method,
-                            int8_reduce_range=not args.full_range_int8, validate=not args.no_validate,
+                            tuning_images=args.tuning_images, calibration_method=args.calibration_method,
+                            int8_cpu=cpu, validate=not args.no_validate,
                             verification_images=args.verification_images,
                             int8_target=Int8Target(args.int8_min_agreement, args.int8_max_accuracy_drop,
-                                                   args.int8_search_trials, args.int8_search_seconds),
+                                                   args.int8_search_trials, args.int8_search_seconds,
+                                                   args.int8_max_fp32_share),
+                            decided=MarginRule(scale=args.int8_margin_scale, margin=args.int8_decided_margin),
                             data=args.data, engine=engine)
     try:
         records = export_bundle(args.bundle, formats, options)
@@ -255,12 +259,17 @@ def _print_int8_report(records: list[dict], bundle: Path) -> None:
 def quantization_report(record: dict) -> str:
     """The INT8 search of one artifact: target, trials, and the layers ranked by added error."""
     q = record["quantization"]
-    lines = [f"\n{record['format']}: target agreement >= {q['target']['min_agreement']}, accuracy drop <= "
+    decided = q.get("decided") or {}
+    gate = (f" on images with a Keras margin >= {decided['margin']:.3g} ({decided['decided_share']:.0%} of the tuning "
+            f"images)" if "margin" in decided else "")
+    lines = [f"\n{record['format']}: target agreement >= {q['target']['min_agreement']}{gate}, accuracy drop <= "
              f"{q['target']['max_accuracy_drop']}; {'met' if q['met'] else 'NOT met'} with {q['kept_fp32_layers']} "
-             f"layer(s) in FP32 ({q['seconds']:.0f} s)",
-             f"  quantized by {q['quantizer']}; judged on {q['judged_on']}; layers ranked by {q['ranked_by']}"]
+             f"of {q.get('quantizable_layers', '?')} layer(s) in FP32 ({q['seconds']:.0f} s)",
+             f"  quantized by {q['quantizer']} for {record.get('int8_cpu_class', '?')} CPUs; judged on "
+             f"{q['judged_on']}; layers ranked by {q['ranked_by']}"]
     for t in [q["plain"], *q["trials"]]:
-        lines.append(f"  {t.get('layers', 0):>4} in FP32: agreement {t['agreement']:.4f}, accuracy drop "
+        on_decided = f" (decided {t['decided_agreement']:.4f})" if "decided_agreement" in t else ""
+        lines.append(f"  {t.get('layers', 0):>4} in FP32: agreement {t['agreement']:.4f}{on_decided}, accuracy drop "
                      f"{t['accuracy_drop']:+.4f}{'  ok' if t['passed'] else ''}")
     lines.append(f"  {'node':<40} {'op':<7} {'added NSR':>10} {'SQNR dB':>8}  kept FP32")
     for layer in q["layers"]:
@@ -378,11 +387,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"  {name:<13} {result['error']}")
             for check in result.get("checks", []):
                 print(format_check(name, check))
-        print(f"{'entry':<15} {'backend':<12} {'images':>6} {'max|diff|':>10} {'agree':>7} {'acc':>7} "
-              f"{'acc drop':>8}  result")
+        # agree: on every image, with its one-sided 95% lower bound; decided: on the images the gate
+        # judges (INT8 and BF16: a Keras margin at least the recorded one).
+        print(f"{'entry':<15} {'backend':<12} {'images':>6} {'max|diff|':>10} {'agree':>7} {'(95% lb)':>8} "
+              f"{'decided':>7} {'acc':>7} {'acc drop':>8}  result")
         for name, r in report.results.items():
+            decided = f"{r['decided']['agreement']:>7.4f}" if "decided" in r else f"{'-':>7}"
             figures = (f"{r['images']:>6} {r['max_abs_logit_diff']:>10.3g} {r['top1_agreement']:>7.4f} "
-                       f"{r['accuracy']:>7.4f} {r['accuracy_keras'] - r['accuracy']:>+8.4f}") if "images" in r else f"{'-':>43}"
+                       f"{r.get('top1_agreement_lower_95', float('nan')):>8.4f} {decided} "
+                       f"{r['accuracy']:>7.4f} {r['accuracy_keras'] - r['accuracy']:>+8.4f}") if "images" in r \
+                else f"{'-':>60}"
             backend = (r.get("run_by") or {}).get("backend", "-")
             print(f"{name:<15} {backend:<12} {figures}  {'passed' if r['passed'] else 'FAILED'}")
         print(f"[edgeclf] verified in {report.seconds:.1f} s"
@@ -526,20 +540,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--calibration-images", type=int, default=300,
                    help="training images used to calibrate INT8 (default 300)")
+    p.add_argument("--tuning-images", type=int, default=500,
+                   help="other training images the INT8 searches judge candidates on and the INT8 gate's decided "
+                        "margin is derived on; the verification set never reaches them (default 500)")
     p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=None,
                    help="onnxruntime's INT8 calibrator (default: minmax, then entropy and percentile while plain "
                         "INT8 misses the target)")
-    p.add_argument("--full-range-int8", action="store_true",
-                   help="8-bit INT8 weights (default 7-bit: exact on x86 CPUs without VNNI)")
+    p.add_argument("--int8-cpu", choices=["auto", "avx2", "vnni"], default="auto",
+                   help="CPUs the INT8 artifacts are quantized for: avx2 (no VNNI: 7-bit weights, exact where u8 x s8 "
+                        "pairs are summed in int16), vnni (VNNI, AMX or ARM dot product: full 8-bit weights); auto "
+                        "(default): this machine's class. Other machines check them with 'edgeclf verify'")
+    p.add_argument("--full-range-int8", action="store_true", help=argparse.SUPPRESS)  # the old name of --int8-cpu vnni
     p.add_argument("--data", default=None,
                    help="labelled images for calibration and validation instead of the bundle's training data")
     p.add_argument("--no-validate", action="store_true", help="skip validation against Keras (not recommended)")
-    int8 = p.add_argument_group("INT8 accuracy target (onnx-int8, openvino-int8)")
+    int8 = p.add_argument_group("INT8 gate (onnx-int8, openvino-int8, tflite-int8)")
     int8.add_argument("--int8-min-agreement", type=float, default=0.99,
-                      help="top-1 agreement with Keras INT8 must reach; layers are kept in FP32 until it does "
-                           "(default 0.99)")
+                      help="top-1 agreement with Keras INT8 must reach on the images Keras has decided (logit margin "
+                           "at least the decided margin); layers are kept in FP32 until it does (default 0.99)")
     int8.add_argument("--int8-max-accuracy-drop", type=float, default=0.005,
-                      help="largest accuracy drop against Keras allowed (default 0.005)")
+                      help="accuracy drop against Keras allowed; fails only when a paired exact test on the images "
+                           "one gets right and the other wrong finds the drop significantly larger (default 0.005)")
+    int8.add_argument("--int8-decided-margin", type=float, default=None, metavar="LOGITS",
+                      help="the decided margin in logits (default: derived, see --int8-margin-scale)")
+    int8.add_argument("--int8-margin-scale", type=float, default=2.0,
+                      help="the derived decided margin is this times the 99th percentile of how far BF16 arithmetic "
+                           "moves the top-1 logit towards another class on the tuning images (default 2)")
+    int8.add_argument("--int8-max-fp32-share", type=float, default=0.1,
+                      help="most quantizable layers a validated INT8 artifact may keep in FP32 (default 0.1)")
     int8.add_argument("--int8-search-trials", type=int, default=12,
                       help="most quantizations the FP32-fallback search tries after plain INT8 (default 12)")
     int8.add_argument("--int8-search-seconds", type=float, default=900,
@@ -547,9 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="also print the INT8 per-layer error report (the layers ranked, those kept in FP32) and plot "
                         "it to BUNDLE/int8_layers.png")
-    p.add_argument("--verification-images", type=int, default=256,
+    p.add_argument("--verification-images", type=int, default=2000,
                    help="held-out images kept in the bundle as its verification set, with the Keras logits; "
-                        "validation here and 'edgeclf verify' on the device run on them (default 256)")
+                        "validation here and 'edgeclf verify' on the device run on them (default: all held-out "
+                        "images up to 2000)")
     trt = p.add_argument_group("TensorRT engine")
     trt.add_argument("--batch-profile", default="1,8,32", metavar="MIN,OPT,MAX",
                      help="batch sizes of the optimisation profile (default 1,8,32)")

@@ -6,8 +6,8 @@ artifact through the same backend the Predictor uses), the modules and extra its
 needs, the format it is converted from, and the Triton backend that serves it.
 
 Some formats also run in another precision chosen at run time (the FP32 OpenVINO IR in
-BF16 on AMX CPUs). Such a run is an *entry* of its own, named ``FORMAT-PRECISION``
-("openvino-bf16"): numerics differ, so it is validated (export on an AMX CPU, ``edgeclf
+BF16 on AMX or AVX512_BF16 CPUs). Such a run is an *entry* of its own, named ``FORMAT-PRECISION``
+("openvino-bf16"): numerics differ, so it is validated (export on such a CPU, ``edgeclf
 verify`` on the device) before ``auto`` may pick it.
 
 Nothing here imports a heavy library: the CLI lists formats without TensorFlow.

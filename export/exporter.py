@@ -25,11 +25,12 @@ import importlib
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from edgeclf.export.int8_gate import MarginRule
 from edgeclf.export.int8_search import Int8Target
 from edgeclf.export.tensorrt_engine import EngineOptions
 from edgeclf.export.tflite import ServingSavedModel
@@ -52,6 +53,8 @@ from edgeclf.versions import installed_versions
 INT8_SEARCHED = ("onnx-int8", "openvino-int8", "tflite-int8")
 #: Fewer calibration images than this give a warning: activation ranges get noisy.
 MIN_CALIBRATION_IMAGES = 100
+#: The CPU classes INT8 is quantized for (runtime.hardware.Hardware.int8_class).
+INT8_CPU_CLASSES = ("avx2", "vnni")
 TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime", "openvino",
                  "ai-edge-litert", "tensorrt", "tensorrt-rtx-cu12")
 
@@ -60,10 +63,18 @@ TOOL_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common
 class ExportOptions:
     opset: int = 17
     calibration_images: int = 300
+    #: Training images (not used to calibrate) the INT8 searches judge their candidates on
+    #: and the decided margin is derived on; the verification set never reaches them.
+    tuning_images: int = 500
     #: onnxruntime's calibrator for the QDQ INT8 models; None: min-max, and where plain INT8
     #: misses the target, entropy then percentile before any layer is kept in FP32.
     calibration_method: str | None = None
-    int8_reduce_range: bool = True  # 7-bit weights: exact on CPUs without VNNI (see onnx_int8)
+    #: The CPUs INT8 is quantized for: "avx2" (no VNNI: 7-bit weights, exact where u8 x s8 pairs
+    #: are summed in int16), "vnni" (VNNI, AMX, ARM dot product: full 8-bit weights); None: this
+    #: machine's class. Other machines rely on `edgeclf verify` there.
+    int8_cpu: str | None = None
+    #: How the INT8 gate's decided margin is derived (int8_gate).
+    decided: MarginRule = field(default_factory=MarginRule)
     validate: bool = True
     #: Held-out images kept in the bundle as its verification set (validation runs on them).
     verification_images: int = DEFAULT_IMAGES
@@ -73,6 +84,15 @@ class ExportOptions:
     #: in FP32 until they do.
     int8_target: Int8Target = field(default_factory=Int8Target)
     engine: EngineOptions = field(default_factory=EngineOptions)  # TensorRT build settings
+
+    def __post_init__(self) -> None:
+        if self.int8_cpu not in (None, *INT8_CPU_CLASSES):
+            raise InvalidInputError(f"the INT8 CPU class must be one of {list(INT8_CPU_CLASSES)} (or None: this "
+                                    f"machine's). Received: {self.int8_cpu!r}")
+
+    def int8_class(self, hardware: Hardware) -> str:
+        """The CPU class INT8 artifacts are quantized for: the one asked for, else this machine's."""
+        return self.int8_cpu or hardware.int8_class
 
 
 def _importable(module: str) -> bool:
@@ -129,8 +149,31 @@ class RecordFields(dict):
     """Fields a builder adds to its artifact's bundle.json record."""
 
 
-def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.ndarray,
-              reference: VerificationSet, serving: ServingSavedModel) -> dict[str, Callable]:
+@dataclass
+class TrainingSide:
+    """The training-side images INT8 is made with, kept apart from the verification set:
+    ``calibration`` (uint8 images the activation ranges come from) and ``tuning`` (other
+    training images with their Keras logits, which the searches judge candidates on and the
+    gate's decided margin is derived on)."""
+
+    calibration: np.ndarray | None
+    tuning: VerificationSet | None
+    margin: dict[str, Any] | None = None  # the decided-margin record, derived on first use
+
+    def decided_margin(self, onnx_fp32: Path, rule: MarginRule) -> dict[str, Any]:
+        """The gate's decided margin, derived once (from the FP32 ONNX ``onnx_fp32``) and recorded."""
+        from edgeclf.export.int8_gate import derive_margin
+
+        if self.margin is None:
+            self.margin = derive_margin(onnx_fp32, self.tuning.images, self.tuning.logits, rule)
+            log(f"INT8 gate: decided images have a Keras logit margin >= {self.margin['margin']:.3g} "
+                f"({self.margin['decided_share']:.0%} of {len(self.tuning)} tuning images; "
+                f"{self.margin['derived_from'].split(' (')[0]})")
+        return self.margin
+
+
+def _builders(model, bundle: Bundle, options: ExportOptions, side: TrainingSide,
+              reference: VerificationSet, serving: ServingSavedModel, stage: Path) -> dict[str, Callable]:
     from edgeclf.export.int8_search import (LayerRanking, figures_of, litert_quantizer, nncf_quantizer,
                                             qdq_quantizer, quantize_to_target)
     from edgeclf.export.onnx_fp16 import onnx_to_fp16
@@ -143,12 +186,26 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
 
     rankings: dict[Path, LayerRanking] = {}  # one per FP32 ONNX: both INT8 searches share it
     first_method = options.calibration_method or "minmax"  # what the ranking and the TensorRT QDQ calibrate with
+    calibration = side.calibration
+    cpu_class = options.int8_class(detect())
+    reduce_range = cpu_class == "avx2"
+
+    def fp32_onnx(src: Path | None) -> Path:
+        """An FP32 ONNX to derive the margin from: ``src``, else one made in the staging folder."""
+        if src is not None:
+            return src
+        made = stage / "margin.fp32.onnx"
+        if not made.exists():
+            keras_to_onnx(model, bundle, made, options.opset)
+        return made
 
     def searched(quantizer, out: Path, src: Path | None, ranking=None) -> RecordFields:
-        ranking = ranking or rankings.setdefault(src, LayerRanking(
-            src, calibration, first_method, options.int8_reduce_range))
-        report = quantize_to_target(quantizer, src, out, ranking, reference, bundle.labels, options.int8_target)
-        return RecordFields(quantization=report, calibration={
+        ranking = ranking or rankings.setdefault(src, LayerRanking(src, calibration, first_method, reduce_range))
+        margin = side.decided_margin(fp32_onnx(src), options.decided)
+        report = quantize_to_target(quantizer, src, out, ranking, side.tuning, bundle.labels, options.int8_target,
+                                    margin["margin"])
+        report["decided"] = margin
+        return RecordFields(quantization=report, int8_cpu_class=cpu_class, calibration={
             "images": len(calibration), **quantizer.calibration_record(report["calibration"])})
 
     def int8_engine(out: Path, src: Path) -> RecordFields:
@@ -180,9 +237,9 @@ def _builders(model, bundle: Bundle, options: ExportOptions, calibration: np.nda
         "onnx": lambda out, src: keras_to_onnx(model, bundle, out, options.opset),
         "onnx-fp16": lambda out, src: onnx_to_fp16(src, out),
         "onnx-int8": lambda out, src: searched(
-            qdq_quantizer(calibration, options.calibration_method, options.int8_reduce_range), out, src),
+            qdq_quantizer(calibration, options.calibration_method, reduce_range), out, src),
         "openvino": lambda out, src: onnx_to_openvino(src, out),
-        "openvino-int8": lambda out, src: searched(nncf_quantizer(calibration, options.int8_reduce_range), out, src),
+        "openvino-int8": lambda out, src: searched(nncf_quantizer(calibration, reduce_range), out, src),
         "tensorrt": lambda out, src: onnx_to_engine(src, out, artifact_metadata(bundle, "fp16"), options.engine),
         "tensorrt-int8": int8_engine,
         "tflite": lambda out, src: keras_to_tflite(model, bundle, out, "fp32", source=serving),
@@ -221,18 +278,37 @@ def _build(builder: Callable, out: Path, source: Path | None, needed: int) -> di
         raise converted from None
 
 
-def _calibration_images(calibration, count: int) -> np.ndarray:
-    if count < 1:
-        raise InvalidInputError(f"calibration image count must be >= 1. Received: {count}")
-    if len(calibration) == 0:
+def training_side(model, training, calibration_count: int, tuning_count: int,
+                  searched: bool) -> TrainingSide:
+    """Calibration and tuning images: disjoint reproducible samples of the training images.
+
+    ``searched``: an INT8 search will run, so the tuning images (and their Keras logits) are needed.
+    When the training side is too small for both, the tuning images are the calibration ones
+    (with a warning): still never a held-out image.
+    """
+    from edgeclf.train.evaluate import predict_logits
+
+    if calibration_count < 1 or tuning_count < 1:
+        raise InvalidInputError(f"calibration and tuning image counts must be >= 1. Received: "
+                                f"{calibration_count}, {tuning_count}")
+    if len(training) == 0:
         raise DataError("no calibration images: the training data holds none. Pass --data with labelled images.")
-    n = min(count, len(calibration))
+    n = min(calibration_count, len(training))
     if n < MIN_CALIBRATION_IMAGES:
         warnings.warn(f"calibrating INT8 on only {n} images; {MIN_CALIBRATION_IMAGES}+ give steadier ranges.",
                       stacklevel=3)
-    # A reproducible random sample of the training images.
-    idx = np.random.default_rng(0).permutation(len(calibration))[:n]
-    return calibration.images[np.sort(idx)]
+    order = np.random.default_rng(0).permutation(len(training))  # a reproducible sample of the training images
+    calibration = training.images[np.sort(order[:n])]
+    if not searched:
+        return TrainingSide(calibration, None)
+    rest = np.sort(order[n:n + tuning_count])
+    if len(rest) == 0:
+        warnings.warn(f"all {n} training images calibrate INT8, so the INT8 searches are tuned on the same "
+                      f"images; fewer --calibration-images leave some to tune on", stacklevel=3)
+        rest = np.sort(order[:min(n, tuning_count)])
+    images = training.images[rest]
+    return TrainingSide(calibration, VerificationSet(images, np.asarray(training.values)[rest],
+                                                     predict_logits(model, images)))
 
 
 def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
@@ -263,11 +339,14 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     bundle = Bundle.load(bundle_path)
     model = load_keras_model(bundle)
     calibration, heldout = reference_sets(bundle, options.data)
-    calib_images = _calibration_images(calibration, options.calibration_images) \
-        if any(f.calibrated for f in wanted) else None
+    searching = any(f.name in INT8_SEARCHED for f in wanted)
+    # The gate's decided margin also judges BF16 runs, validated where the CPU has BF16.
+    tuned = searching or (detect().bf16 and any("bf16" in f.run_time_precisions for f in wanted))
+    side = training_side(model, calibration, options.calibration_images, options.tuning_images, tuned) \
+        if tuned or any(f.calibrated for f in wanted) else TrainingSide(None, None)
     reference, drawn = _reference(bundle, model, heldout, options)
     to_judge = options.int8_target.images_to_judge()
-    if any(f.name in INT8_SEARCHED for f in wanted) and len(reference) < to_judge:
+    if searching and len(reference) < to_judge:
         warnings.warn(f"the INT8 target ({options.int8_target.min_agreement} agreement) is judged on only "
                       f"{len(reference)} held-out images, where one disagreement costs {1 / len(reference):.4f}; "
                       f"it needs at least {to_judge} (a larger held-out split, --data, or --verification-images)",
@@ -280,8 +359,8 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     records, failures = [], []
     built: dict[str, tuple[Path, dict[str, Any]]] = {}  # format -> its file and record, for those made from it
     with staging_directory(bundle.path, "export") as stage, ServingSavedModel(model, bundle, stage) as serving:
-        builders = _builders(model, bundle, options, calib_images, reference, serving)
-        run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed, detect())
+        builders = _builders(model, bundle, options, side, reference, serving, stage)
+        run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed, detect(), side)
         for fmt in wanted:
             record, kept = _export_one(run, fmt, built)
             built[fmt.name] = kept, record
@@ -326,6 +405,7 @@ class _Run:
     tools: dict[str, str]
     needed: int  # bytes one artifact may take (for out-of-space messages)
     hardware: Hardware
+    side: TrainingSide  # calibration and tuning images, and the gate's decided margin
     written: list[dict] = field(default_factory=list)  # the verification set's record, once written
 
 
@@ -338,7 +418,7 @@ def _export_one(run: _Run, fmt: Format, built: dict[str, tuple[Path, dict]]) -> 
     extra = _build(run.builders[fmt.name], out, source[0] if source else None, run.needed)
     record = _new_record(run, fmt, out, time.perf_counter() - started, source[1] if source else None)
     record.update(extra)
-    run_time = _validate(run, fmt, out, record)
+    run_time = _validate(run, fmt, out, record, source[0] if source else None)
     if not run.written:  # with the first artifact: an export that makes none leaves the bundle as it was
         run.written.append(write_verification_set(run.bundle.path, run.reference, run.drawn))
         log(f"verification set: {len(run.reference)} held-out images -> {run.written[0]['file']} "
@@ -371,7 +451,7 @@ def _new_record(run: _Run, fmt: Format, out: Path, seconds: float, source: dict 
     if fmt.name in ("onnx-int8", "openvino-int8"):  # their calibration joins the record with the search's report
         # 8-bit weights overflow AVX2's u8 x s8 pair sums (VPMADDUBSW) on CPUs without VNNI;
         # NNCF's default overflow fix covers only the first layer.
-        record["needs_int8_dot_product"] = not options.int8_reduce_range
+        record["needs_int8_dot_product"] = options.int8_class(run.hardware) == "vnni"
     if fmt.backend == "tensorrt":
         header = read_engine_header(out)
         record["tensorrt"] = header["tensorrt"]
@@ -394,13 +474,15 @@ def _cannot_validate(fmt: Format, hardware: Hardware) -> str | None:
     return None
 
 
-def _tolerance(options: ExportOptions, fmt: Format) -> Tolerance:
-    """What the artifact is validated against: the INT8 target for the INT8 formats the search
-    serves; otherwise the given or default tolerance of its precision."""
+def _tolerance(options: ExportOptions, fmt: Format, record: dict[str, Any]) -> Tolerance:
+    """What the artifact is validated against: the INT8 gate, with the decided margin its search
+    recorded, for the INT8 formats the search serves; otherwise the given or default tolerance
+    of its precision."""
     if options.tolerances and fmt.precision in options.tolerances:
         return options.tolerances[fmt.precision]
     if fmt.name in INT8_SEARCHED:
-        return options.int8_target.tolerance()
+        decided = (record.get("quantization") or {}).get("decided") or {}
+        return options.int8_target.tolerance(decided.get("margin"))
     return TOLERANCES[fmt.precision]
 
 
@@ -413,10 +495,22 @@ def _check(run: _Run, fmt: Format, out: Path, hint: str | None, tolerance: Toler
                 "checks": [{"check": "loads in the runtime", "value": False, "limit": True, "passed": False}]}
 
 
-def _validate(run: _Run, fmt: Format, out: Path, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _run_time_tolerance(run: _Run, hint: str, onnx_fp32: Path | None) -> Tolerance:
+    """The limits of a run-time precision: BF16 is judged like INT8 on the decided images and by
+    the paired accuracy test (a change of arithmetic flips near-ties: 0.9896 agreement on all
+    images for the main job's model here), besides its logit tolerance."""
+    given = (run.options.tolerances or {}).get(hint)
+    if given is not None or run.side.tuning is None or onnx_fp32 is None:
+        return given or TOLERANCES[hint]
+    margin = run.side.decided_margin(onnx_fp32, run.options.decided)["margin"]
+    return replace(TOLERANCES[hint], decided_margin=margin, paired_alpha=run.options.int8_target.paired_alpha)
+
+
+def _validate(run: _Run, fmt: Format, out: Path, record: dict[str, Any],
+              source: Path | None = None) -> dict[str, dict[str, Any]]:
     """Validate the built artifact against Keras; sets the record's ``validation`` and ``status``.
 
-    Returns the results of its run-time precisions (BF16 on AMX CPUs), which do not decide
+    Returns the results of its run-time precisions (BF16 on AMX or AVX512_BF16 CPUs), which do not decide
     its status: a failed BF16 run only keeps ``auto`` from running the IR in BF16."""
     skipped = _cannot_validate(fmt, run.hardware) if run.options.validate else \
         "validation switched off (--no-validate)"
@@ -425,18 +519,26 @@ def _validate(run: _Run, fmt: Format, out: Path, record: dict[str, Any]) -> dict
         record["validation"] = {"skipped": skipped}
         record["status"] = "unvalidated"
         return {}
-    report = _check(run, fmt, out, None, _tolerance(run.options, fmt))
+    report = _check(run, fmt, out, None, _tolerance(run.options, fmt, record))
+    if fmt.name in INT8_SEARCHED and "quantizable_layers" in record.get("quantization", {}):
+        from edgeclf.export.int8_search import fp32_share_check
+
+        # A model mostly in FP32 under an INT8 name is refused, whatever its agreement.
+        report["checks"].append(fp32_share_check(record["quantization"], run.options.int8_target))
+        report["passed"] = all(c["passed"] for c in report["checks"])
     for check in report["checks"]:
         log(format_check(fmt.name, check))
     record["validation"] = report
     record["status"] = "validated" if report["passed"] else "failed-validation"
     run_time: dict[str, dict[str, Any]] = {}
     for name, hint in entries(fmt.name)[1:]:
-        if hint == "bf16" and not run.hardware.amx:
-            log(f"  {name:<13} not validated: BF16 runs natively only on CPUs with AMX; `edgeclf verify` "
-                f"validates it on such a device")
+        if hint == "bf16" and not run.hardware.bf16:
+            log(f"  {name:<13} not validated: BF16 runs natively only on CPUs with AMX or AVX512_BF16; "
+                f"`edgeclf verify` validates it on such a device")
             continue
-        result = _check(run, fmt, out, hint, (run.options.tolerances or {}).get(hint, TOLERANCES[hint]))
+        tolerance = _run_time_tolerance(run, hint, source)
+        record.setdefault("run_time_tolerances", {})[hint] = asdict(tolerance)  # what verify checks it against
+        result = _check(run, fmt, out, hint, tolerance)
         for check in result["checks"]:
             log(format_check(name, check))
         run_time[name] = {**result, "format": fmt.name, "precision_hint": hint}

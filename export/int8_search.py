@@ -3,11 +3,14 @@
 One search drives each INT8 tool: ONNX Runtime's static QDQ quantizer for ``onnx-int8``,
 NNCF for the OpenVINO IR ``openvino-int8`` and LiteRT's converter for ``tflite-int8``.
 Plain INT8 is tried first, with each calibration the tool offers. When it misses the
-target (top-1 agreement with Keras, accuracy drop) on the held-out verification set,
-the model is quantized again with the top 1, 2, 4, ... layers of a per-layer error
-ranking kept in FP32 until the target is met, then the count is narrowed by bisection.
-Each candidate is judged by the runtime backend that will run it; the search is bounded
-in trials and seconds.
+gate (:mod:`edgeclf.runtime.fidelity`: agreement with Keras on the images it has decided,
+a paired test of the accuracy drop) on *tuning* images from the training side, the model
+is quantized again with the top 1, 2, 4, ... layers of a per-layer error ranking kept in
+FP32 until the gate is met, then the count is narrowed by bisection. Each candidate is
+judged by the runtime backend that will run it; the search is bounded in trials and
+seconds, and never keeps more than ``max_fp32_share`` of the quantizable layers in FP32:
+beyond that the artifact is not INT8. The held-out verification set never reaches the
+search: it judges the final artifact once, in export's validation.
 
 The ranking (:mod:`edgeclf.export.int8_layers`) measures on *calibration* images, never
 on the images the candidates are judged on, how much error each node's quantization adds
@@ -20,6 +23,7 @@ by their output tensors and ranks them with its own debugger
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import tempfile
@@ -48,10 +52,12 @@ REPORTED_LAYERS = 30
 class Int8Target:
     """What an INT8 artifact must reach, and how long the search for it may take."""
 
-    min_agreement: float = 0.99
-    max_accuracy_drop: float = 0.005
+    min_agreement: float = 0.99  # on the images the Keras model has decided
+    max_accuracy_drop: float = 0.005  # failed only when a paired test finds the drop significantly larger
     max_trials: int = 12  # quantizations with layers in FP32, after plain INT8's calibrations
     max_seconds: float = 900.0
+    max_fp32_share: float = 0.1  # of the quantizable layers; more is not an INT8 model
+    paired_alpha: float = 0.05  # level of the paired accuracy test
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_agreement <= 1.0:
@@ -59,25 +65,47 @@ class Int8Target:
         if not 0.0 <= self.max_accuracy_drop < 1.0:
             raise InvalidInputError(f"INT8 maximum accuracy drop must be in [0, 1). Received: "
                                     f"{self.max_accuracy_drop}")
-        if self.max_trials < 0 or self.max_seconds <= 0:
-            raise InvalidInputError(f"the INT8 search needs max_trials >= 0 and max_seconds > 0. Received: "
+        if self.max_trials < 0 or not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise InvalidInputError(f"the INT8 search needs max_trials >= 0 and a finite max_seconds > 0. Received: "
                                     f"{self.max_trials}, {self.max_seconds}")
+        if not 0.0 <= self.max_fp32_share <= 1.0 or not 0.0 < self.paired_alpha < 1.0:
+            raise InvalidInputError(f"the INT8 gate needs 0 <= max_fp32_share <= 1 and 0 < paired_alpha < 1. "
+                                    f"Received: {self.max_fp32_share}, {self.paired_alpha}")
 
     def images_to_judge(self) -> int:
         """Held-out images needed for the agreement target to be measurable: with N images one
         disagreement costs 1/N, so 0.99 takes at least 100 (and 1.0 any number)."""
         return 1 if self.min_agreement >= 1.0 else math.ceil(round(1.0 / (1.0 - self.min_agreement), 6))
 
-    def tolerance(self) -> Tolerance:
+    def tolerance(self, decided_margin: float | None = None) -> Tolerance:
+        """The gate's limits; ``decided_margin`` (logits) restricts the agreement to decided images."""
         return Tolerance(rtol=None, atol=0.0, min_agreement=self.min_agreement,
-                         max_accuracy_drop=self.max_accuracy_drop)
+                         max_accuracy_drop=self.max_accuracy_drop, decided_margin=decided_margin,
+                         paired_alpha=self.paired_alpha)
+
+    def most_fp32_layers(self, quantizable: int) -> int:
+        """The most layers of ``quantizable`` a candidate may keep in FP32 and still count as INT8."""
+        return math.floor(self.max_fp32_share * quantizable + 1e-9)
+
+
+def fp32_share_check(report: dict[str, Any], target: Int8Target) -> dict[str, Any]:
+    """The check of an INT8 search's result that refuses a candidate keeping too many layers in FP32."""
+    kept, total = report["kept_fp32_layers"], report["quantizable_layers"]
+    share = kept / total if total else 0.0
+    return {"check": f"layers kept in FP32 ({kept} of {total})", "value": share, "limit": target.max_fp32_share,
+            "passed": share <= target.max_fp32_share + 1e-12}
 
 
 def figures_of(report: dict[str, Any]) -> dict[str, Any]:
-    """Agreement, accuracy drop and verdict of a check_entry report."""
-    return {"agreement": report.get("top1_agreement"), "accuracy_drop":
-            None if "accuracy" not in report else report["accuracy_keras"] - report["accuracy"],
-            "passed": report["passed"]}
+    """Agreement (all images and decided ones), accuracy drop and verdict of a check_entry report."""
+    figures = {"agreement": report.get("top1_agreement"), "accuracy_drop":
+               None if "accuracy" not in report else report["accuracy_keras"] - report["accuracy"],
+               "passed": report["passed"]}
+    if "decided" in report:
+        figures["decided_agreement"] = report["decided"]["agreement"]
+    if "paired" in report:
+        figures["paired_p_value"] = report["paired"]["p_value"]
+    return figures
 
 
 @dataclass(frozen=True)
@@ -123,7 +151,7 @@ def nncf_quantizer(calibration: np.ndarray, reduce_range: bool) -> Quantizer:
     return Quantizer("openvino-int8", "openvino", ".xml",
                      lambda src, out, keep, _: onnx_to_openvino_int8(src, out, calibration, reduce_range, keep),
                      ("nncf",), files=ir_files, description="nncf.quantize (OpenVINO)",
-                     calibration_record=lambda _: {"method": "nncf (min-max, fast bias correction)",
+                     calibration_record=lambda _: {"method": "nncf (min-max, bias correction)",
                                                    "reduce_range": reduce_range})
 
 
@@ -162,13 +190,18 @@ class LayerRanking:
 
 
 def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, ranking: LayerRanking,
-                       reference: VerificationSet, labels: list[int], target: Int8Target) -> dict[str, Any]:
-    """Write to ``out`` the INT8 model with the fewest FP32 layers that meets ``target``
-    (or, if none does within the bounds, the best one tried).
+                       tuning: VerificationSet, labels: list[int], target: Int8Target,
+                       decided_margin: float | None = None) -> dict[str, Any]:
+    """Write to ``out`` the INT8 model with the fewest FP32 layers that meets ``target`` on the
+    ``tuning`` images (or, if none does within the bounds, the best one tried).
 
     Args:
         src: the FP32 ONNX quantized (None for LiteRT, which quantizes the Keras model).
         ranking: the per-layer error ranking (:class:`LayerRanking`, or LiteRT's own).
+        tuning: images from the training side with their Keras logits; never the
+            verification set, which judges only the artifact this returns.
+        decided_margin: the gate's margin (:mod:`edgeclf.export.int8_gate`); None judges
+            agreement on every image.
 
     Returns:
         The search report for bundle.json: the target, each trial's kept layers and
@@ -176,18 +209,19 @@ def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, rankin
     """
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".{out.stem}.search.", dir=out.parent))
-    tolerance = target.tolerance()
+    tolerance = target.tolerance(decided_margin)
 
     def candidate(keep: Sequence[str], calibration: str) -> Path:
         return work / f"{calibration}.keep{len(keep)}{quantizer.suffix}"
 
     def trial(keep: list[str], layers: int, calibration: str) -> dict[str, Any]:
         quantizer.quantize(src, candidate(keep, calibration), keep, calibration)
-        figures = figures_of(check_entry(candidate(keep, calibration), quantizer.backend, None, reference, labels,
+        figures = figures_of(check_entry(candidate(keep, calibration), quantizer.backend, None, tuning, labels,
                                        tolerance))
         figures.update(layers=layers, calibration=calibration, seconds=round(time.perf_counter() - started, 1))
+        decided = f" (decided images {figures['decided_agreement']:.4f})" if "decided_agreement" in figures else ""
         log(f"  {quantizer.format:<14}{layers:>3} layers in FP32 ({calibration}): agreement "
-            f"{figures['agreement']:.4f}, accuracy drop {figures['accuracy_drop']:+.4f}"
+            f"{figures['agreement']:.4f}{decided}, accuracy drop {figures['accuracy_drop']:+.4f}"
             f"{'  meets the target' if figures['passed'] else ''}")
         return figures
 
@@ -202,8 +236,9 @@ def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, rankin
         units = [[e.node, *e.companions] for e in ranked]  # keeping a Conv in FP32 keeps its Relu too
         chosen = next((t for t in plain if t["passed"]), None) or max(plain, key=_closeness)
         trials, best = [chosen], 0
+        most = target.most_fp32_layers(len(units))
         if not chosen["passed"]:
-            best = _search(quantizer.format, trials, units,
+            best = _search(quantizer.format, trials, units[:most],
                            lambda keep, layers: trial(keep, layers, chosen["calibration"]), target, started)
         keep = [name for unit in units[:best] for name in unit]
         made = candidate(keep, chosen["calibration"])
@@ -214,10 +249,13 @@ def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, rankin
     return {
         "target": asdict(target), "quantizer": quantizer.description, "calibration": chosen["calibration"],
         "plain": chosen, "calibrations": plain, "trials": trials[1:],
-        "kept_fp32": keep, "kept_fp32_layers": best, "met": any(t["passed"] for t in trials),
+        "kept_fp32": keep, "kept_fp32_layers": best, "quantizable_layers": len(units),
+        "most_fp32_layers": most, "met": any(t["passed"] for t in trials),
         "seconds": round(time.perf_counter() - started, 1),
         "ranked_by": ranking.description,
-        "judged_on": f"{len(reference)} held-out verification images with {quantizer.backend}",
+        "decided_margin": decided_margin,
+        "judged_on": f"{len(tuning)} tuning images from the training side with {quantizer.backend}",
+        "tuning_sha256": hashlib.sha256(np.ascontiguousarray(tuning.images).tobytes()).hexdigest(),
         "layers": [e.to_dict() | {"kept_fp32": i < best} for i, e in enumerate(ranked[:max(REPORTED_LAYERS, best)])],
     }
 
@@ -238,6 +276,9 @@ def _search(fmt: str, trials: list[dict], units: list[list[str]], trial, target:
         trials.append(trial([name for unit in units[:count] for name in unit], count))
         return trials[-1]["passed"]
 
+    if not units:  # the cap allows no layer in FP32
+        log(f"  {fmt:<14}no layer may be kept in FP32 (max_fp32_share); keeping plain INT8")
+        return 0
     low, high, count = 0, None, 1
     while budget_left() and count <= len(units):
         if run(count):
@@ -252,7 +293,8 @@ def _search(fmt: str, trials: list[dict], units: list[list[str]], trial, target:
             low = middle
     if high is not None:
         return high
-    log(f"  {fmt:<14}no trial met the target within {target.max_trials} trials / {target.max_seconds:.0f} s; "
-        f"keeping the best one found")
+    log(f"  {fmt:<14}no trial met the target within {target.max_trials} trials / {target.max_seconds:.0f} s "
+        f"/ {len(units)} layers in FP32 ({target.max_fp32_share:.0%} of the quantizable ones); keeping the best "
+        f"one found")
     best = max(trials, key=_closeness)
     return best.get("layers", 0)

@@ -9,10 +9,12 @@ Hugging Face optimum. Needs numpy only.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
+
+from edgeclf.runtime.fidelity import clopper_pearson_lower, decided_agreement, paired_accuracy_test
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,19 @@ class Tolerance:
     ``max|logit diff| <= atol + rtol * max|Keras logit|`` (skipped when ``rtol`` is
     None: INT8 logits differ by design), top-1 agreement with Keras of at least
     ``min_agreement``, and accuracy at most ``max_accuracy_drop`` below Keras's.
+
+    The INT8 gate (:mod:`edgeclf.runtime.fidelity`) sets the last two: ``decided_margin``
+    judges agreement only on images whose Keras top-1 minus top-2 logit margin reaches it,
+    and ``paired_alpha`` fails the accuracy only when a paired exact test on the discordant
+    images finds the drop significantly above ``max_accuracy_drop`` at that level.
     """
 
     rtol: float | None
     atol: float
     min_agreement: float
     max_accuracy_drop: float
+    decided_margin: float | None = None
+    paired_alpha: float | None = None
 
 
 TOLERANCES = {
@@ -50,10 +59,15 @@ def artifact_outputs(predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.concatenate([p["logits"] for p in parts]), np.concatenate([p["label"] for p in parts])
 
 
-def tolerance_for(precision: str, record: dict[str, Any] | None = None) -> Tolerance:
-    """The limits an entry is checked against: those export recorded for it, else the defaults."""
-    recorded = ((record or {}).get("validation") or {}).get("tolerance")
-    if isinstance(recorded, dict) and set(recorded) == {"rtol", "atol", "min_agreement", "max_accuracy_drop"}:
+def tolerance_for(precision: str, record: dict[str, Any] | None = None, hint: str | None = None) -> Tolerance:
+    """The limits an entry is checked against: those export recorded for it (for a run-time
+    precision ``hint``, under the artifact's ``run_time_tolerances``), else the defaults."""
+    if hint is not None:
+        recorded = ((record or {}).get("run_time_tolerances") or {}).get(hint)
+    else:
+        recorded = ((record or {}).get("validation") or {}).get("tolerance")
+    known = {f.name for f in fields(Tolerance)}
+    if isinstance(recorded, dict) and {"rtol", "atol", "min_agreement", "max_accuracy_drop"} <= set(recorded) <= known:
         return Tolerance(**recorded)
     return TOLERANCES[precision]
 
@@ -74,18 +88,34 @@ def compare(
     reference_predicted = table[reference.argmax(axis=1)]
     max_diff = float(np.max(np.abs(logits.astype(np.float64) - reference)))
     scale = float(np.max(np.abs(reference)))
-    agreement = float(np.mean(predicted == reference_predicted))
+    agreeing = predicted == reference_predicted
+    agreement = float(np.mean(agreeing))
     accuracy = float(np.mean(predicted == true_values))
     accuracy_keras = float(np.mean(reference_predicted == true_values))
     checks = []
+    gate: dict[str, Any] = {}
     if tol.rtol is not None:
         limit = tol.atol + tol.rtol * scale
         checks.append({"check": "max |logit diff|", "value": max_diff, "limit": limit,
                        "passed": max_diff <= limit})
-    checks.append({"check": "top-1 agreement", "value": agreement, "limit": tol.min_agreement,
-                   "passed": agreement >= tol.min_agreement})
-    checks.append({"check": "accuracy drop", "value": accuracy_keras - accuracy,
-                   "limit": tol.max_accuracy_drop, "passed": accuracy_keras - accuracy <= tol.max_accuracy_drop})
+    if tol.decided_margin is None:
+        checks.append({"check": "top-1 agreement", "value": agreement, "limit": tol.min_agreement,
+                       "passed": agreement >= tol.min_agreement})
+    else:
+        gate["decided"] = decided_agreement(reference, logits.argmax(axis=1), tol.decided_margin)
+        checks.append({"check": f"top-1 agreement, margin >= {tol.decided_margin:.3g} "
+                                f"({gate['decided']['decided_images']} img)",
+                       "value": gate["decided"]["agreement"], "limit": tol.min_agreement,
+                       "passed": gate["decided"]["agreement"] >= tol.min_agreement})
+    if tol.paired_alpha is None:
+        checks.append({"check": "accuracy drop", "value": accuracy_keras - accuracy,
+                       "limit": tol.max_accuracy_drop, "passed": accuracy_keras - accuracy <= tol.max_accuracy_drop})
+    else:
+        gate["paired"] = paired_accuracy_test(reference_predicted == true_values, predicted == true_values,
+                                              tol.max_accuracy_drop, tol.paired_alpha)
+        checks.append({"check": f"accuracy drop > {tol.max_accuracy_drop:g} (p-value)",
+                       "value": gate["paired"]["p_value"], "limit": tol.paired_alpha,
+                       "passed": not gate["paired"]["significant"]})
     label_ok = bool(np.array_equal(label_out, predicted))
     checks.append({"check": "label output = labels[argmax(logits)]", "value": label_ok, "limit": True,
                    "passed": label_ok})
@@ -94,9 +124,12 @@ def compare(
         "max_abs_logit_diff": max_diff,
         "max_abs_keras_logit": scale,
         "top1_agreement": agreement,
+        # What the images can show: the one-sided 95% lower bound of the all-image agreement.
+        "top1_agreement_lower_95": clopper_pearson_lower(int(agreeing.sum()), int(len(agreeing))),
         "accuracy": accuracy,
         "accuracy_keras": accuracy_keras,
         "accuracy_delta": accuracy - accuracy_keras,
+        **gate,
         "tolerance": asdict(tol),
         "checks": checks,
         "passed": all(c["passed"] for c in checks),
@@ -108,8 +141,8 @@ def format_check(artifact: str, check: dict[str, Any]) -> str:
     value, limit = check["value"], check["limit"]
     if isinstance(value, bool):
         shown = f"{value}"
-    elif check["check"] == "max |logit diff|" or check["check"] == "accuracy drop":
+    elif check["check"] in ("max |logit diff|", "accuracy drop") or check["check"].startswith("layers kept in FP32"):
         shown = f"{value:.4g} <= {limit:.4g}"
     else:
         shown = f"{value:.4f} >= {limit:.4g}"
-    return f"  {artifact:<13} {check['check']:<40} {shown:<24} {'ok' if check['passed'] else 'FAILED'}"
+    return f"  {artifact:<13} {check['check']:<44} {shown:<24} {'ok' if check['passed'] else 'FAILED'}"

@@ -30,8 +30,8 @@ def _details(backend: str, hw: Hardware) -> str:
         import openvino as ov
 
         caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        bf16 = "BF16 with AMX" if hw.amx else ("BF16 emulated (no AMX: slower than FP32)" if "BF16" in caps
-                                               else "no BF16")
+        bf16 = ("BF16 with AMX" if hw.amx else "BF16 with AVX512_BF16") if hw.bf16 else \
+            ("BF16 emulated (slower than FP32)" if "BF16" in caps else "no BF16")
         int8 = "fast INT8 (VNNI)" if hw.vnni else "INT8 without VNNI (AVX2: a 7-bit weight range is exact)"
         return f"CPU capabilities {caps}; {bf16}; {int8}"
     if backend == "tflite":
@@ -76,7 +76,9 @@ def doctor() -> dict[str, Any]:
         rows.append(row)
     accelerators = {
         "nvidia_gpu": _gpu_line(search),
-        "amx": "yes" if hw.amx else "no (BF16 on OpenVINO needs an Intel CPU with AMX)",
+        "amx": "yes" if hw.amx else "no",
+        "bf16": ("yes (AMX)" if hw.amx else "yes (AVX512_BF16)") if hw.bf16 else
+                "no (OpenVINO BF16 needs AMX or AVX512_BF16)",
         "vnni": "yes" if hw.vnni else "no (INT8 runs, but without single-instruction INT8 dot products)",
     }
     gpu = {**asdict(search.gpu), "tried": search.tried} if search.gpu else {"tried": search.tried}

@@ -34,6 +34,18 @@ class Hardware:
     def amx(self) -> bool:
         return "amx_bf16" in self.cpu_flags
 
+    @property
+    def bf16(self) -> bool:
+        """BF16 arithmetic in hardware: AMX, or AVX512_BF16 (AMD Zen 4 and 5, Intel Cooper Lake).
+        OpenVINO runs FP32 models in BF16 by default on both."""
+        return bool(self.cpu_flags & {"amx_bf16", "avx512_bf16"})
+
+    @property
+    def int8_class(self) -> str:
+        """How the CPU multiplies INT8: "vnni" (VNNI, AMX or ARM dot product: 8-bit products summed
+        in 32 bits) or "avx2" (u8 x s8 pairs summed in int16, which saturates with 8-bit weights)."""
+        return "vnni" if self.vnni else "avx2"
+
     def summary(self) -> str:
         flags = ",".join(sorted(self.cpu_flags)) or "none of note"
         gpu = f"NVIDIA GPU (compute capability {self.gpu_compute_capability})" \

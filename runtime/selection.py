@@ -4,7 +4,7 @@
 ("onnx-int8"). "auto" takes the fastest validated artifact from benchmark results stored
 in the bundle by ``edgeclf bench`` on a machine like this one (same CPU model and ISA
 flags, same GPU); without them, a fixed order for the hardware found:
-TensorRT on an NVIDIA GPU, OpenVINO BF16 on Intel CPUs with AMX, OpenVINO INT8 on Intel
+TensorRT on an NVIDIA GPU, OpenVINO BF16 on CPUs with AMX or AVX512_BF16, OpenVINO INT8 on Intel
 CPUs with VNNI, ONNX Runtime FP32 otherwise.
 
 "auto" never runs what was not checked for this machine: a run-time precision (OpenVINO
@@ -36,7 +36,7 @@ class Choice:
     backend: str
     path: Path
     format: str | None  # the bundle's artifact name; None for a lone file
-    precision_hint: str | None  # "bf16": run the FP32 IR in BF16 (OpenVINO on AMX)
+    precision_hint: str | None  # "bf16": run the FP32 IR in BF16 (OpenVINO on AMX or AVX512_BF16 CPUs)
     record: dict[str, Any] | None  # the artifact's bundle.json entry
     reason: str
 
@@ -119,8 +119,9 @@ def _by_hardware(bundle: Bundle, hardware: Hardware) -> Choice | None:
         gpu = f"NVIDIA GPU (compute capability {hardware.gpu_compute_capability})"
         order.append(("tensorrt-int8", None, f"{gpu}: TensorRT INT8, validated on a GPU"))
         order.append(("tensorrt", None, gpu))
-    if hardware.intel and hardware.amx:
-        order.append(("openvino", "bf16", "Intel CPU with AMX: OpenVINO in BF16, verified on this machine"))
+    if hardware.bf16:
+        order.append(("openvino", "bf16", "CPU with BF16 arithmetic (AMX or AVX512_BF16): OpenVINO in BF16, "
+                                          "verified on this machine"))
     if hardware.intel and hardware.vnni:
         order.append(("openvino-int8", None, "Intel CPU with VNNI: OpenVINO INT8"))
     order += [("onnx", None, "ONNX Runtime FP32, the portable default"),
@@ -143,7 +144,7 @@ def _held_back(bundle: Bundle, hardware: Hardware) -> list[str]:
         if needs_int8_dot_product(record) and not hardware.vnni:
             notes.append(f"{fmt} left out: its full-range INT8 weights need a CPU with VNNI/AMX/ARM dot product "
                          f"(`edgeclf verify {bundle.path} --backend {fmt}` shows how far it drifts here)")
-    if hardware.amx and "openvino" in bundle.meta.get("artifacts", {}) \
+    if hardware.bf16 and "openvino" in bundle.meta.get("artifacts", {}) \
             and not passed_here(bundle, "openvino-bf16", hardware):
         notes.append(f"OpenVINO BF16 left out until it passes here: `edgeclf verify {bundle.path} "
                      f"--backend openvino --precision bf16`")

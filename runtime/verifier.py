@@ -143,9 +143,9 @@ def select_entries(bundle: Bundle, backend: str, precision: str | None, hardware
     chosen = []
     for fmt in runnable:
         for name, hint in entries(fmt):
-            # A run-time precision is tried where it is native (BF16: AMX) or when asked for.
+            # A run-time precision is tried where it is native (BF16: AMX or AVX512_BF16) or when asked for.
             wanted = (hint is None and precision in (None, FORMATS[fmt].precision)) or \
-                (hint is not None and (precision == hint or (precision is None and hint == "bf16" and hardware.amx)))
+                (hint is not None and (precision == hint or (precision is None and hint == "bf16" and hardware.bf16)))
             if wanted:
                 chosen.append(Entry(fmt, hint))
     if not chosen:
@@ -182,7 +182,7 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
     for entry in chosen:
         artifact = bundle.meta["artifacts"][entry.format]
         # The limits export checked this artifact against; a run-time precision has its own.
-        tolerance = tolerance_for(entry.precision, artifact if entry.hint is None else None)
+        tolerance = tolerance_for(entry.precision, artifact, entry.hint)
         result: dict[str, Any] = {"format": entry.format, "precision_hint": entry.hint,
                                   "artifact_sha256": artifact["sha256"], "by": "verify"}
         try:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from edgeclf.errors import BundleError, EdgeclfError, ImageDecodeError, InvalidInputError
+from edgeclf.bundle import Bundle
 from edgeclf.runtime import Predictor
 from edgeclf.runtime.fingerprint import fingerprint, machine_key
 from edgeclf.runtime.hardware import Hardware, detect
@@ -447,15 +448,18 @@ def test_auto_never_picks_an_artifact_export_did_not_validate(tiny_exported, tmp
         assert not choose(copy, "auto", None, gpu).format.startswith("tensorrt")
 
 
-@pytest.mark.skipif(not detect().amx,
-                    reason="BF16 runs natively only on CPUs with AMX (Intel Sapphire Rapids and later); none here")
-def test_bf16_on_an_amx_cpu_gives_the_keras_integers(tiny_exported, reference):
-    """The README's BF16 path: the FP32 OpenVINO IR run in BF16 meets the BF16 tolerance."""
-    from edgeclf.runtime.checks import TOLERANCES
+@pytest.mark.skipif(not detect().bf16, reason="BF16 runs natively only on CPUs with AMX or AVX512_BF16 (Intel "
+                                              "Sapphire Rapids and Cooper Lake, AMD Zen 4 and later); none here")
+def test_bf16_on_a_bf16_cpu_gives_the_keras_integers(tiny_exported):
+    """The README's BF16 path: the FP32 OpenVINO IR run in BF16 passes, on the device, the gate
+    export recorded for it (agreement on the images Keras has decided, the paired accuracy test)."""
+    from edgeclf.runtime import verify
 
     bundle, _ = tiny_exported
-    images, keras_labels = reference
     with Predictor.load(bundle.path, "openvino", precision="bf16") as predictor:
         assert predictor.describe()["precision_hint"] == "bf16"
-        labels = np.asarray([p.label for p in predictor.predict(images)])
-    assert float(np.mean(labels == keras_labels)) >= TOLERANCES["bf16"].min_agreement
+    report = verify(bundle.path, "openvino", precision="bf16", record=False)
+    result = report.results["openvino-bf16"]
+    assert report.passed, report.failures()
+    recorded = Bundle.load(bundle.path).meta["artifacts"]["openvino"]["run_time_tolerances"]["bf16"]
+    assert recorded["decided_margin"] is not None and result["tolerance"] == recorded

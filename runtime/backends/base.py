@@ -13,7 +13,7 @@ import numpy as np
 class BackendOptions:
     #: CPU threads for one inference; None: the library's default (all cores).
     threads: int | None = None
-    #: Run-time precision hint: "bf16" asks OpenVINO for BF16 (AMX CPUs); None: the artifact's own.
+    #: Run-time precision hint: "bf16" asks OpenVINO for BF16 (AMX or AVX512_BF16 CPUs); None: the artifact's own.
     precision: str | None = None
     #: onnxruntime execution providers, in order; None: the best installed (TensorRT, CUDA, CPU).
     providers: tuple[str, ...] | None = None

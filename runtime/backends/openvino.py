@@ -1,4 +1,4 @@
-"""OpenVINO on the CPU: FP32 or INT8 IRs, and BF16 at run time on AMX CPUs."""
+"""OpenVINO on the CPU: FP32 or INT8 IRs, and BF16 at run time on AMX or AVX512_BF16 CPUs."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class OpenVINOBackend:
                       else None, "outputs": names,
                       "classes": logits[-1].get_length() if logits is not None and logits[-1].is_static else None}
         # INT8 IRs carry their precision in the graph; the hint sets what the rest runs in.
-        # f32 by default: on AMX CPUs OpenVINO would otherwise pick BF16 unasked.
+        # f32 by default: on AMX and AVX512_BF16 CPUs OpenVINO would otherwise pick BF16 unasked.
         self._config = {"INFERENCE_PRECISION_HINT": _HINTS[options.precision], "PERFORMANCE_HINT": "LATENCY"}
         if options.threads:
             self._config["INFERENCE_NUM_THREADS"] = options.threads
