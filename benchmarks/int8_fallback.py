@@ -60,7 +60,7 @@ def measure_fallback(bundle_path: str | Path, duration_s: float = 20.0,
     """One row per INT8 artifact: FP32, plain and exported p50 (ms), agreements, and the share kept.
 
     ``calibration_images``: None calibrates on the sample export used (its recorded count)."""
-    from edgeclf.export.exporter import _calibration_images
+    from edgeclf.export.exporter import training_side
     from edgeclf.export.reference import reference_sets
 
     bundle = Bundle.load(bundle_path)
@@ -80,7 +80,8 @@ def measure_fallback(bundle_path: str | Path, duration_s: float = 20.0,
             log(f"quantizing plain {fmt}")
             (Path(tmp) / fmt).mkdir()
             count = calibration_images or artifacts[fmt].get("calibration", {}).get("images", 300)
-            plain = _plain_int8(bundle, fmt, _calibration_images(training, count), Path(tmp) / fmt)
+            calibration = training_side(None, training, count, 1, searched=False).calibration
+            plain = _plain_int8(bundle, fmt, calibration, Path(tmp) / fmt)
             paths[f"{fmt} fp32"] = (runtime, bundle.path / artifacts[SIBLINGS[fmt]]["file"])
             paths[f"{fmt} plain"] = (runtime, plain)
             paths[f"{fmt} exported"] = (runtime, bundle.path / artifacts[fmt]["file"])

@@ -288,9 +288,10 @@ def training_side(model, training, calibration_count: int, tuning_count: int,
     """
     from edgeclf.train.evaluate import predict_logits
 
-    if calibration_count < 1 or tuning_count < 1:
-        raise InvalidInputError(f"calibration and tuning image counts must be >= 1. Received: "
-                                f"{calibration_count}, {tuning_count}")
+    if calibration_count < 1:
+        raise InvalidInputError(f"calibration image count must be >= 1. Received: {calibration_count}")
+    if tuning_count < 1:
+        raise InvalidInputError(f"tuning image count must be >= 1. Received: {tuning_count}")
     if len(training) == 0:
         raise DataError("no calibration images: the training data holds none. Pass --data with labelled images.")
     n = min(calibration_count, len(training))

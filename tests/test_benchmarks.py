@@ -98,8 +98,14 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
         assert row["total_ms"] == pytest.approx(row["mean_ms"] * row["runs"])
         if row["artifact"]:
             assert 0.9 <= row["agreement"] <= 1.0 and row["predictor_p50_ms"] > 0 and "speedup_vs_predict" in row
+    # Each INT8 row: its speed-up over the FP32 artifact of its backend, and its layers kept in FP32.
+    p50 = {(r["name"], r["batch"]): r["p50_ms"] for r in saved["rows"]}
+    for row in (r for r in saved["rows"] if r["name"] == "onnx-int8"):
+        assert row["speedup_vs_backend_fp32"] == pytest.approx(p50[("onnx", row["batch"])] / row["p50_ms"])
+        assert 0 <= row["fp32_layers"] <= 0.1 * row["quantizable_layers"]
     table = paths["markdown"].read_text()
     assert table.count("\n| onnx-int8 |") == 2 and "x model.predict" in table
+    assert "x own FP32 | FP32 layers" in table
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from edgeclf.benchmarks.publish import render
 
