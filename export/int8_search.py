@@ -151,7 +151,7 @@ def nncf_quantizer(calibration: np.ndarray, reduce_range: bool) -> Quantizer:
     return Quantizer("openvino-int8", "openvino", ".xml",
                      lambda src, out, keep, _: onnx_to_openvino_int8(src, out, calibration, reduce_range, keep),
                      ("nncf",), files=ir_files, description="nncf.quantize (OpenVINO)",
-                     calibration_record=lambda _: {"method": "nncf (min-max, bias correction)",
+                     calibration_record=lambda _: {"method": "nncf (global min-max activation ranges, bias correction)",
                                                    "reduce_range": reduce_range})
 
 

@@ -57,9 +57,27 @@ def test_every_cpu_artifact_gives_the_integers_export_validated(tiny_exported, r
     # The runtime reproduces what export measured on the same images (session settings
     # may move an INT8 near-tie by an image)...
     assert abs(agreement - validation["top1_agreement"]) <= 0.01
-    assert agreement >= validation["tolerance"]["min_agreement"]
+    if validation["tolerance"].get("decided_margin") is None:  # the INT8 gate judges decided images only
+        assert agreement >= validation["tolerance"]["min_agreement"]
     if bundle.meta["artifacts"][artifact]["precision"] == "fp32":
         assert agreement == 1.0  # ...and FP32 is Keras's answer on every image.
+
+
+def test_full_integer_tflite_logits_are_read_back_as_real_numbers(tiny_exported):
+    """LiteRT's full-integer model outputs INT8 logits; the backend dequantizes them, so logits,
+    probabilities and confidences are Keras's scale, not raw integers."""
+    pytest.importorskip("ai_edge_litert")
+    from edgeclf.verification import load_verification_set
+
+    bundle, _ = tiny_exported
+    reference = load_verification_set(bundle)
+    with Predictor.load(bundle.path, "tflite-int8") as predictor:
+        logits = predictor.backend.infer(reference.images[:32])
+        probabilities = predictor.probabilities(reference.images[:32])
+    assert logits.dtype == np.float32 and not np.array_equal(logits, np.round(logits))
+    scale = np.abs(reference.logits[:32]).max()
+    assert np.abs(logits - reference.logits[:32]).max() < 0.25 * scale
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
 
 
 def test_files_decode_as_in_training_and_decoding_matches_the_graph_label(tiny_exported, test_files):

@@ -23,6 +23,7 @@ class TFLiteBackend:
         self.max_batch: int | None = None
         self.graph: dict[str, Any] = {}  # input shape, output names, classes: checked against metadata
         self._lock = threading.Lock()
+        self._dequantize: dict[str, tuple[float, int]] = {}
         self._threads: int | None = None
 
     def load(self, path: Path, options: BackendOptions) -> None:
@@ -40,20 +41,31 @@ class TFLiteBackend:
         except Exception as exc:
             raise BundleError(f"LiteRT cannot load {path}: {exc}") from None
         self._threads = threads
+        # A full-integer model gives INT8 logits (LiteRT's debugger quantizes the outputs too): they
+        # are read back as (q - zero_point) * scale, or softmax, confidences and logit checks see
+        # raw integers (max |logit diff| 41 where the real one is about 1 on the main job's model).
+        self._dequantize = {name: (float(d["quantization"][0]), int(d["quantization"][1]))
+                            for name, d in outputs.items()
+                            if np.issubdtype(d["dtype"], np.integer) and d["quantization"][0] > 0}
         pixels = inputs.get("pixels", {}).get("shape")
         logits = outputs.get("logits", {}).get("shape")
         self.graph = {"input_shape": [int(d) for d in pixels] if pixels is not None else None,
                       "outputs": sorted(outputs), "classes": int(logits[-1]) if logits is not None else None}
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        # An interpreter is not thread-safe: calls take turns.
-        with self._lock:
-            return self.runner(pixels=batch)["logits"]
+        return self.run(batch)["logits"]
 
     def run(self, batch: np.ndarray, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+        # An interpreter is not thread-safe: calls take turns.
         with self._lock:
             result = self.runner(pixels=batch)
-        return {name: result[name] for name in outputs}
+        return {name: self._real(name, result[name]) for name in outputs}
+
+    def _real(self, name: str, values: np.ndarray) -> np.ndarray:
+        if name not in self._dequantize:
+            return values
+        scale, zero_point = self._dequantize[name]
+        return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "delegate": "XNNPACK (CPU)", "threads": self._threads}
