@@ -217,6 +217,9 @@ def _export_formats(args: argparse.Namespace, formats: str) -> None:
                            compute_capabilities=tuple(args.trt_compute_capability.split(","))
                            if args.trt_compute_capability else None,
                            timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+    if args.full_range_int8 and args.int8_cpu not in ("auto", "vnni"):
+        raise InvalidInputError(f"--full-range-int8 (the old name of --int8-cpu vnni) contradicts --int8-cpu "
+                                f"{args.int8_cpu}. Received both; give one")
     cpu = "vnni" if args.full_range_int8 else (None if args.int8_cpu == "auto" else args.int8_cpu)
     options = ExportOptions(opset=args.opset, calibration_images=args.calibration_images,
                             tuning_images=args.tuning_images, calibration_method=args.calibration_method,

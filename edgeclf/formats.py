@@ -60,7 +60,9 @@ FORMATS: dict[str, Format] = {
                source="onnx", calibrated=True),
         Format("tflite", "model.tflite", "fp32", "tflite", _TFLITE, "tflite"),
         Format("tflite-fp16", "model.fp16.tflite", "fp16", "tflite", _TFLITE, "tflite"),
-        Format("tflite-int8", "model.int8.tflite", "int8", "tflite", _TFLITE, "tflite", calibrated=True),
+        # The INT8 gate's decided margin is derived on the FP32 ONNX (export.int8_gate): the ONNX stack too.
+        Format("tflite-int8", "model.int8.tflite", "int8", "tflite", _TFLITE + _ONNX, "export,tflite",
+               calibrated=True),
     )
 }
 

@@ -205,8 +205,11 @@ def _builders(model, bundle: Bundle, options: ExportOptions, side: TrainingSide,
         report = quantize_to_target(quantizer, src, out, ranking, side.tuning, bundle.labels, options.int8_target,
                                     margin["margin"])
         report["decided"] = margin
-        return RecordFields(quantization=report, int8_cpu_class=cpu_class, calibration={
+        fields = RecordFields(quantization=report, calibration={
             "images": len(calibration), **quantizer.calibration_record(report["calibration"])})
+        if quantizer.backend != "tflite":  # LiteRT picks its own weight range, whatever the CPU
+            fields["int8_cpu_class"] = cpu_class
+        return fields
 
     def int8_engine(out: Path, src: Path) -> RecordFields:
         _, qdq = onnx_to_int8_engine(src, out, calibration, first_method,
@@ -341,8 +344,9 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     model = load_keras_model(bundle)
     calibration, heldout = reference_sets(bundle, options.data)
     searching = any(f.name in INT8_SEARCHED for f in wanted)
-    # The gate's decided margin also judges BF16 runs, validated where the CPU has BF16.
-    tuned = searching or (detect().bf16 and any("bf16" in f.run_time_precisions for f in wanted))
+    # The gate's decided margin also judges BF16 runs: recorded with the FP32 IR wherever it is
+    # exported (BF16 is emulated to derive it), so a BF16 device's `verify` applies it.
+    tuned = searching or any("bf16" in f.run_time_precisions for f in wanted)
     side = training_side(model, calibration, options.calibration_images, options.tuning_images, tuned) \
         if tuned or any(f.calibrated for f in wanted) else TrainingSide(None, None)
     reference, drawn = _reference(bundle, model, heldout, options)
@@ -352,6 +356,10 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
                       f"{len(reference)} held-out images, where one disagreement costs {1 / len(reference):.4f}; "
                       f"it needs at least {to_judge} (a larger held-out split, --data, or --verification-images)",
                       stacklevel=2)
+    if searching and side.tuning is not None and len(side.tuning) < to_judge:
+        warnings.warn(f"the INT8 searches are tuned on only {len(side.tuning)} training images, where one "
+                      f"disagreement costs {1 / len(side.tuning):.4f}; the target needs at least {to_judge} "
+                      f"(more training images, fewer --calibration-images, or more --tuning-images)", stacklevel=2)
 
     tools = installed_versions(TOOL_PACKAGES)  # the same for every artifact of this run
     for done in recover_bundle(bundle.path):  # what a killed export left behind
@@ -515,6 +523,8 @@ def _validate(run: _Run, fmt: Format, out: Path, record: dict[str, Any],
     its status: a failed BF16 run only keeps ``auto`` from running the IR in BF16."""
     skipped = _cannot_validate(fmt, run.hardware) if run.options.validate else \
         "validation switched off (--no-validate)"
+    for _, hint in entries(fmt.name)[1:]:  # what verify checks a run-time precision against, on any device
+        record.setdefault("run_time_tolerances", {})[hint] = asdict(_run_time_tolerance(run, hint, source))
     if skipped is not None:
         log(f"  {fmt.name:<13} not validated: {skipped}")
         record["validation"] = {"skipped": skipped}
@@ -537,9 +547,7 @@ def _validate(run: _Run, fmt: Format, out: Path, record: dict[str, Any],
             log(f"  {name:<13} not validated: BF16 runs natively only on CPUs with AMX or AVX512_BF16; "
                 f"`edgeclf verify` validates it on such a device")
             continue
-        tolerance = _run_time_tolerance(run, hint, source)
-        record.setdefault("run_time_tolerances", {})[hint] = asdict(tolerance)  # what verify checks it against
-        result = _check(run, fmt, out, hint, tolerance)
+        result = _check(run, fmt, out, hint, Tolerance(**record["run_time_tolerances"][hint]))
         for check in result["checks"]:
             log(format_check(name, check))
         run_time[name] = {**result, "format": fmt.name, "precision_hint": hint}

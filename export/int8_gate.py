@@ -102,8 +102,9 @@ def derive_margin(src: Path, images: np.ndarray, keras_logits: np.ndarray, rule:
         margin = float(rule.margin)
         record["derived_from"] = "given (--int8-decided-margin)"
     else:
-        shift = margin_shift(keras_logits, bf16_logits(src, images))
-        flipped = int(np.sum(shift > margins(keras_logits)))
+        moved = bf16_logits(src, images)
+        shift = margin_shift(keras_logits, moved)
+        flipped = int(np.sum(moved.argmax(axis=1) != np.asarray(keras_logits).argmax(axis=1)))
         margin = float(rule.scale * np.quantile(shift, rule.quantile))
         record.update(derived_from="BF16 emulated on ONNX Runtime (convolution and matrix-product inputs and "
                                    "weights rounded to BF16), on tuning images from the training side",

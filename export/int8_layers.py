@@ -86,7 +86,8 @@ def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, skip: set
     """Every quantized node of the model, the one adding the most INT8 error first.
 
     Args:
-        images: uint8 NHWC calibration images (never the held-out ones the result is judged on).
+        images: uint8 NHWC calibration images (never the tuning or held-out images candidates and
+            the result are judged on).
         skip: nodes never quantized (the preprocessing), left out of the ranking.
     """
     import onnx

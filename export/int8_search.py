@@ -255,14 +255,17 @@ def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, rankin
         "ranked_by": ranking.description,
         "decided_margin": decided_margin,
         "judged_on": f"{len(tuning)} tuning images from the training side with {quantizer.backend}",
+        "tuning_images": len(tuning),
         "tuning_sha256": hashlib.sha256(np.ascontiguousarray(tuning.images).tobytes()).hexdigest(),
         "layers": [e.to_dict() | {"kept_fp32": i < best} for i, e in enumerate(ranked[:max(REPORTED_LAYERS, best)])],
     }
 
 
-def _closeness(trial: dict[str, Any]) -> tuple[float, float]:
-    """Order of trials that miss the target: agreement first, then the smaller accuracy drop."""
-    return trial["agreement"], -trial["accuracy_drop"]
+def _closeness(trial: dict[str, Any]) -> tuple[float, float, float]:
+    """Order of trials that miss the target: what the gate judges first (agreement on decided
+    images, then the paired test's p-value), then all-image agreement."""
+    return (trial.get("decided_agreement", trial["agreement"]), trial.get("paired_p_value", 0.0),
+            trial["agreement"])
 
 
 def _search(fmt: str, trials: list[dict], units: list[list[str]], trial, target: Int8Target,

@@ -91,8 +91,9 @@ def onnx_to_int8(src: Path, out: Path, calibration_images: np.ndarray, method: s
         reduce_range: quantize weights to 7 bits. x86 CPUs without VNNI (AVX2 only) add
             pairs of 8-bit products in 16 bits, which saturates with full-range
             weights: on an AVX2 machine here, top-1 agreement with Keras was 0.78 with
-            8-bit per-channel weights and 0.98 with 7-bit ones. An artifact may run on
-            such a CPU, so 7 bits is the default.
+            8-bit per-channel weights and 0.98 with 7-bit ones. Export asks for it only
+            for that CPU class (``--int8-cpu avx2``); on VNNI, AMX and ARM dot-product
+            CPUs 7 bits only cost accuracy.
         keep_fp32: names of nodes left in FP32 (the accuracy-aware search picks them).
         cache: a JSON file of calibrated ranges: written by the first call, read by the
             next ones, so a search that quantizes again with other ``keep_fp32``

@@ -117,7 +117,9 @@ def write_tflite(flatbuffer: bytes, bundle: Bundle, out: Path, precision: str,
     if precision == "int8":
         meta["calibration"] = {"images": len(calibration_images), "method": "minmax (TFLite converter)"}
         meta["quantization"] = {"activations": "int8", "weights": "int8 per-channel",
-                                "edges": "uint8 pixels in, float32 logits out", "kept_float": kept_float or []}
+                                "edges": "uint8 pixels in; logits out in float32, or in INT8 with their scale and "
+                                         "zero point where the converter quantized them (the runtime "
+                                         "dequantizes them)", "kept_float": kept_float or []}
     atomic_write_bytes(out, embed_tflite_metadata(flatbuffer, meta))
 
 

@@ -69,6 +69,15 @@ def tolerance_for(precision: str, record: dict[str, Any] | None = None, hint: st
     known = {f.name for f in fields(Tolerance)}
     if isinstance(recorded, dict) and {"rtol", "atol", "min_agreement", "max_accuracy_drop"} <= set(recorded) <= known:
         return Tolerance(**recorded)
+    quantization = (record or {}).get("quantization") or {}
+    target, decided = quantization.get("target"), quantization.get("decided") or {}
+    if hint is None and isinstance(target, dict) and "margin" in decided:  # an INT8 export not validated there
+        try:
+            return Tolerance(rtol=None, atol=0.0, min_agreement=float(target["min_agreement"]),
+                             max_accuracy_drop=float(target["max_accuracy_drop"]),
+                             decided_margin=float(decided["margin"]), paired_alpha=float(target["paired_alpha"]))
+        except (KeyError, TypeError, ValueError):
+            pass  # a record from another version: the defaults below
     return TOLERANCES[precision]
 
 
@@ -106,7 +115,9 @@ def compare(
         checks.append({"check": f"top-1 agreement, margin >= {tol.decided_margin:.3g} "
                                 f"({gate['decided']['decided_images']} img)",
                        "value": gate["decided"]["agreement"], "limit": tol.min_agreement,
-                       "passed": gate["decided"]["agreement"] >= tol.min_agreement})
+                       # No decided image shows nothing: that is a failure, not a pass.
+                       "passed": gate["decided"]["decided_images"] > 0
+                       and gate["decided"]["agreement"] >= tol.min_agreement})
     if tol.paired_alpha is None:
         checks.append({"check": "accuracy drop", "value": accuracy_keras - accuracy,
                        "limit": tol.max_accuracy_drop, "passed": accuracy_keras - accuracy <= tol.max_accuracy_drop})

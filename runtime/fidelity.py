@@ -32,7 +32,7 @@ def margin_shift(reference: np.ndarray, moved: np.ndarray) -> np.ndarray:
     """How much ``moved`` closes the gap between each image's reference top-1 and any other class.
 
     ``max_j((moved_j - ref_j) - (moved_t - ref_t))`` over classes j other than the reference
-    top-1 t, at least 0: an image flips when this exceeds its margin.
+    top-1 t, at least 0: an image can flip only when this exceeds its margin.
     """
     reference, moved = np.asarray(reference, np.float64), np.asarray(moved, np.float64)
     top = reference.argmax(axis=1)

@@ -101,7 +101,8 @@ def test_compare_passes_an_artifact_that_flips_only_near_ties_and_fails_one_that
                   labels, Tolerance(None, 0.0, 0.99, 0.005))
     assert not old["passed"]
     decided_flipped = reference.copy()
-    decided_flipped[1:40:2] = decided_flipped[1:40:2, ::-1]  # 20 decided images answered otherwise
+    decided_flipped[1:40:2] = decided_flipped[1:40:2, ::-1]  # decided images answered otherwise (those not
+    # topped by the middle class: about 13 of these 20)
     report = compare("int8", decided_flipped, np.asarray(labels)[decided_flipped.argmax(1)], reference, truth,
                      labels, _gate(0.5))
     assert not report["passed"]
@@ -209,3 +210,21 @@ def test_the_bf16_emulation_moves_logits_a_little_and_keeps_the_graph_runnable(t
     assert given["margin"] == 0.25 and "bf16_shift" not in given
     with pytest.raises(InvalidInputError, match="Received"):
         MarginRule(scale=0.0)
+
+
+def test_no_decided_image_shows_nothing_and_fails():
+    reference = np.array([[1.0, 0.9], [0.5, 0.45]])  # every image a near-tie
+    report = compare("int8", reference, np.array([3, 3]), reference, np.array([3, 3]), [3, 4], _gate(5.0))
+    assert report["decided"]["decided_images"] == 0 and not report["passed"]
+
+
+def test_an_int8_record_exported_without_validation_is_verified_by_the_gate_its_search_recorded():
+    from dataclasses import asdict
+
+    from edgeclf.export.int8_search import Int8Target
+
+    record = {"validation": {"skipped": "validation switched off (--no-validate)"},
+              "quantization": {"target": asdict(Int8Target()), "decided": {"margin": 1.5}}}
+    assert tolerance_for("int8", record) == _gate(1.5)
+    assert tolerance_for("int8", {"quantization": {"target": {"min_agreement": "x"}, "decided": {"margin": 1}}}) \
+        == Tolerance(None, 0.0, 0.95, 0.02)  # a malformed record: the defaults

@@ -185,7 +185,7 @@ def test_a_target_above_plain_int8_is_met_by_keeping_layers_in_fp32(inception_co
     reference = load_verification_set(Bundle.load(bundle_copy))
     if plain["agreement"] == 1.0:
         pytest.skip("plain INT8 already agrees on every image on this CPU: no target above it")
-    tuning = plain["images"] if "images" in plain else 500
+    tuning = _record(exported[1], "onnx-int8")["quantization"]["tuning_images"]
     # Every image counts (margin 0) and the cap is lifted: the mechanics of the fallback, on InceptionV3.
     target = Int8Target(min_agreement=min(1.0, plain["agreement"] + 0.5 / tuning), max_accuracy_drop=0.02,
                         max_fp32_share=1.0)
@@ -194,7 +194,7 @@ def test_a_target_above_plain_int8_is_met_by_keeping_layers_in_fp32(inception_co
     with pytest.warns(UserWarning, match=rf"judged on only {len(reference)} held-out images.*needs at least "
                                          rf"{target.images_to_judge()}"):
         records = export_bundle(bundle_copy, "onnx-int8", ExportOptions(
-            calibration_images=300, int8_target=target, calibration_method="minmax", decided=MarginRule(margin=0.0)))
+            calibration_images=200, int8_target=target, calibration_method="minmax", decided=MarginRule(margin=0.0)))
     record = _record(records, "onnx-int8")
     q = record["quantization"]
     assert q["plain"]["agreement"] == plain["agreement"] and not q["plain"]["passed"]
@@ -227,7 +227,8 @@ def test_the_search_stops_at_its_bound_and_keeps_the_best_as_unvalidated(incepti
     # No trial allowed: plain INT8 (the same calibration as the fixture's, so it misses) is all there is.
     target = Int8Target(min_agreement=1.0, max_accuracy_drop=0.0, max_trials=0)
     with pytest.raises(ValidationError, match=r"onnx-int8: .*kept as model.int8.unvalidated.onnx"):
-        export_bundle(bundle_copy, "onnx-int8", ExportOptions(int8_target=target, calibration_method="minmax",
+        export_bundle(bundle_copy, "onnx-int8", ExportOptions(calibration_images=200, int8_target=target,
+                                                              calibration_method="minmax",
                                                               decided=MarginRule(margin=0.0)))
     meta = Bundle.load(bundle_copy).meta
     record = meta["artifacts"]["onnx-int8"]  # the earlier validated artifact stays in force
