@@ -228,7 +228,8 @@ def _export_formats(args: argparse.Namespace, formats: str) -> None:
                             int8_target=Int8Target(args.int8_min_agreement, args.int8_max_accuracy_drop,
                                                    args.int8_search_trials, args.int8_search_seconds,
                                                    args.int8_max_fp32_share),
-                            decided=MarginRule(scale=args.int8_margin_scale, margin=args.int8_decided_margin),
+                            decided=MarginRule(scale=args.int8_margin_scale, margin=args.int8_decided_margin,
+                                               floor=args.int8_margin_floor),
                             data=args.data, engine=engine)
     try:
         records = export_bundle(args.bundle, formats, options)
@@ -569,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     int8.add_argument("--int8-margin-scale", type=float, default=2.0,
                       help="the derived decided margin is this times the 99th percentile of how far BF16 arithmetic "
                            "moves the top-1 logit towards another class on the tuning images (default 2)")
+    int8.add_argument("--int8-margin-floor", type=float, default=1.0, metavar="LOGITS",
+                      help="the derived decided margin is at least this many logits (default 1: below it the "
+                           "runner-up has more than a third of the answer's probability)")
     int8.add_argument("--int8-max-fp32-share", type=float, default=0.1,
                       help="most quantizable layers a validated INT8 artifact may keep in FP32 (default 0.1)")
     int8.add_argument("--int8-search-trials", type=int, default=12,

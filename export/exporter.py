@@ -166,9 +166,10 @@ class TrainingSide:
 
         if self.margin is None:
             self.margin = derive_margin(onnx_fp32, self.tuning.images, self.tuning.logits, rule)
+            how = (f"the floor; {rule.scale:g} x emulated BF16's shift gave {self.margin['from_bf16']:.3g}"
+                   if self.margin.get("floored") else self.margin["derived_from"].split(" (")[0])
             log(f"INT8 gate: decided images have a Keras logit margin >= {self.margin['margin']:.3g} "
-                f"({self.margin['decided_share']:.0%} of {len(self.tuning)} tuning images; "
-                f"{self.margin['derived_from'].split(' (')[0]})")
+                f"({self.margin['decided_share']:.0%} of {len(self.tuning)} tuning images; {how})")
         return self.margin
 
 

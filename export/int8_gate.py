@@ -8,6 +8,14 @@ weights rounded to BF16, as BF16 kernels take them, on tuning images from the tr
 side; the gate's margin is ``scale`` times the ``quantile`` of how much that closes each
 image's gap between its top-1 and any other class (:func:`edgeclf.runtime.fidelity.margin_shift`).
 Emulated, not run natively, so every machine derives the same threshold.
+
+The margin is never below ``floor`` (1 logit by default). Logits are log-odds: below a margin
+of 1 the model gives its runner-up more than a third of its answer's probability, undecided
+whatever the arithmetic. BF16 alone is no yardstick of INT8 where the logits are small: on the
+main job's model at 299 px, BF16 moved the top-1 margin by 0.10 (99th percentile, tuning
+images) and the INT8 artifacts by 0.8 to 1.9, where at 75 px both were about 2. On a kept
+pretrained case every INT8 disagreement had a margin of at most 0.44, and margins of 1 or more
+agreed on every image (DESIGN.md section 10).
 """
 
 from __future__ import annotations
@@ -28,16 +36,20 @@ BF16_OPS = ("Conv", "MatMul", "Gemm")
 @dataclass(frozen=True)
 class MarginRule:
     """How the decided margin is derived: ``scale`` x the ``quantile`` of the BF16 margin shift,
-    or a fixed ``margin`` in logits when one is given."""
+    at least ``floor`` logits; or a fixed ``margin`` in logits when one is given."""
 
     quantile: float = 0.99
     scale: float = 2.0
     margin: float | None = None
+    floor: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quantile <= 1.0 or not (np.isfinite(self.scale) and self.scale > 0):
             raise InvalidInputError(f"the decided-margin rule needs 0 < quantile <= 1 and a finite scale > 0. "
                                     f"Received: quantile={self.quantile}, scale={self.scale}")
+        if not (np.isfinite(self.floor) and self.floor >= 0):
+            raise InvalidInputError(f"the decided margin's floor must be a finite number of logits >= 0. "
+                                    f"Received: {self.floor}")
         if self.margin is not None and not (np.isfinite(self.margin) and self.margin >= 0):
             raise InvalidInputError(f"the decided margin must be a finite number of logits >= 0. "
                                     f"Received: {self.margin}")
@@ -97,7 +109,8 @@ def derive_margin(src: Path, images: np.ndarray, keras_logits: np.ndarray, rule:
         The record: ``margin`` (logits), the rule, the BF16 figures it rests on and the share of
         the tuning images it counts as decided.
     """
-    record: dict[str, Any] = {"quantile": rule.quantile, "scale": rule.scale, "images": int(len(images))}
+    record: dict[str, Any] = {"quantile": rule.quantile, "scale": rule.scale, "floor": rule.floor,
+                              "images": int(len(images))}
     if rule.margin is not None:
         margin = float(rule.margin)
         record["derived_from"] = "given (--int8-decided-margin)"
@@ -105,8 +118,10 @@ def derive_margin(src: Path, images: np.ndarray, keras_logits: np.ndarray, rule:
         moved = bf16_logits(src, images)
         shift = margin_shift(keras_logits, moved)
         flipped = int(np.sum(moved.argmax(axis=1) != np.asarray(keras_logits).argmax(axis=1)))
-        margin = float(rule.scale * np.quantile(shift, rule.quantile))
-        record.update(derived_from="BF16 emulated on ONNX Runtime (convolution and matrix-product inputs and "
+        from_bf16 = float(rule.scale * np.quantile(shift, rule.quantile))
+        margin = max(from_bf16, rule.floor)
+        record.update(from_bf16=from_bf16, floored=from_bf16 < rule.floor,
+                      derived_from="BF16 emulated on ONNX Runtime (convolution and matrix-product inputs and "
                                    "weights rounded to BF16), on tuning images from the training side",
                       bf16_shift={"median": float(np.median(shift)), "quantile": float(np.quantile(shift, rule.quantile)),
                                   "max": float(shift.max())},

@@ -203,13 +203,18 @@ def test_the_bf16_emulation_moves_logits_a_little_and_keeps_the_graph_runnable(t
     moved = bf16_logits(bundle.path / "model.onnx", images)
     change = np.abs(moved - keras)
     assert 0 < change.max() < 0.1 * np.abs(keras).max()
-    record = derive_margin(bundle.path / "model.onnx", images, keras, MarginRule(quantile=0.9, scale=3.0))
+    record = derive_margin(bundle.path / "model.onnx", images, keras, MarginRule(quantile=0.9, scale=3.0, floor=0.0))
     assert record["margin"] == pytest.approx(3.0 * np.quantile(margin_shift(keras, moved), 0.9), rel=1e-6)
     assert record["decided_share"] == pytest.approx(np.mean(margins(keras) >= record["margin"]))
+    # Never below the floor (log-odds of 1 by default): BF16 is no yardstick where logits are small.
+    floored = derive_margin(bundle.path / "model.onnx", images, keras, MarginRule(quantile=0.9, scale=3.0,
+                                                                                   floor=1e3))
+    assert floored["margin"] == 1e3 and floored["floored"] and floored["from_bf16"] == pytest.approx(record["margin"])
     given = derive_margin(bundle.path / "model.onnx", images, keras, MarginRule(margin=0.25))
     assert given["margin"] == 0.25 and "bf16_shift" not in given
-    with pytest.raises(InvalidInputError, match="Received"):
-        MarginRule(scale=0.0)
+    for bad in ({"scale": 0.0}, {"floor": float("nan")}, {"margin": -1.0}, {"quantile": 1.5}):
+        with pytest.raises(InvalidInputError, match="Received"):
+            MarginRule(**bad)
 
 
 def test_no_decided_image_shows_nothing_and_fails():
