@@ -21,8 +21,9 @@ WEIGHTS    ?= none
 DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --train-batchnorm --lr-finetune 1e-3
 
 # BENCHMARKS.md: InceptionV3 at 299x299 (the main job's 75px model continued at 299 for
-# two epochs, exported, benchmarked). About 1 h 45 min on 2 CPU cores: on the AMD EPYC here
-# training at 299 took 28.5 min and the export 43 min (two INT8 searches used their 15-min bound).
+# two epochs, exported, benchmarked). About 40 min on 2 CPU cores: on an AMD EPYC Zen 5 training at
+# 299 took 14.4 min, the export about 10 (every INT8 artifact plain, no search) and the bench 8; on an
+# AVX2-only EPYC, before the INT8 gate, 28.5 and 43 min (two INT8 searches used their 15-min bound).
 BENCH_DIR ?= runs/bench
 
 .PHONY: demo test test-fast test-gpu install clean benchmarks serve-loadtest
