@@ -283,10 +283,12 @@ def _build(builder: Callable, out: Path, source: Path | None, needed: int) -> di
 
 
 def training_side(model, training, calibration_count: int, tuning_count: int,
-                  searched: bool) -> TrainingSide:
+                  searched: bool, calibrated: bool = True) -> TrainingSide:
     """Calibration and tuning images: disjoint reproducible samples of the training images.
 
-    ``searched``: an INT8 search will run, so the tuning images (and their Keras logits) are needed.
+    ``searched``: an INT8 search will run (or a BF16 gate be recorded), so the tuning images (and
+    their Keras logits) are needed. ``calibrated``: a calibrated format is built (else the
+    calibration sample only sets the tuning images apart, and a small one is not worth a warning).
     When the training side is too small for both, the tuning images are the calibration ones
     (with a warning): still never a held-out image.
     """
@@ -299,7 +301,7 @@ def training_side(model, training, calibration_count: int, tuning_count: int,
     if len(training) == 0:
         raise DataError("no calibration images: the training data holds none. Pass --data with labelled images.")
     n = min(calibration_count, len(training))
-    if n < MIN_CALIBRATION_IMAGES:
+    if calibrated and n < MIN_CALIBRATION_IMAGES:
         warnings.warn(f"calibrating INT8 on only {n} images; {MIN_CALIBRATION_IMAGES}+ give steadier ranges.",
                       stacklevel=3)
     order = np.random.default_rng(0).permutation(len(training))  # a reproducible sample of the training images
@@ -348,8 +350,9 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     # The gate's decided margin also judges BF16 runs: recorded with the FP32 IR wherever it is
     # exported (BF16 is emulated to derive it), so a BF16 device's `verify` applies it.
     tuned = searching or any("bf16" in f.run_time_precisions for f in wanted)
-    side = training_side(model, calibration, options.calibration_images, options.tuning_images, tuned) \
-        if tuned or any(f.calibrated for f in wanted) else TrainingSide(None, None)
+    calibrated = any(f.calibrated for f in wanted)
+    side = training_side(model, calibration, options.calibration_images, options.tuning_images, tuned, calibrated) \
+        if tuned or calibrated else TrainingSide(None, None)
     reference, drawn = _reference(bundle, model, heldout, options)
     to_judge = options.int8_target.images_to_judge()
     if searching and len(reference) < to_judge:

@@ -105,6 +105,8 @@ def figures_of(report: dict[str, Any]) -> dict[str, Any]:
         figures["decided_agreement"] = report["decided"]["agreement"]
     if "paired" in report:
         figures["paired_p_value"] = report["paired"]["p_value"]
+    if "margin_shift_q99" in report:
+        figures["margin_shift_q99"] = report["margin_shift_q99"]
     return figures
 
 
@@ -122,6 +124,9 @@ class Quantizer:
     #: A candidate's files (an OpenVINO IR has its weights beside it).
     files: Callable[[Path], list[Path]] = lambda entry: [entry]
     description: str = ""
+    #: Try every calibration and keep, of those that meet the target, the one that moves the
+    #: logits least (99th-percentile margin shift on the tuning images), not the first that does.
+    compare_all: bool = False
     #: The calibration chosen -> how the artifact's record names it.
     calibration_record: Callable[[str], dict[str, Any]] = lambda chosen: {"method": chosen}
 
@@ -148,11 +153,20 @@ def nncf_quantizer(calibration: np.ndarray, reduce_range: bool) -> Quantizer:
     """NNCF's post-training quantization of the FP32 OpenVINO model (an ignored scope keeps nodes in FP32)."""
     from edgeclf.export.openvino_ir import ir_files, onnx_to_openvino_int8
 
+    # Bias correction helps some models and hurts others (measured with global min-max ranges, 8-bit
+    # weights, Zen 5): the main job's model moved its logits less with it (99th-percentile margin
+    # shift 2.7 against 5.2 on 500 tuning images); the tests' 3-class InceptionV3 flipped 2 of 86
+    # decided held-out images with it and none without. Both are tried; the search keeps the one
+    # that meets the gate and moves the logits least on the tuning images.
     return Quantizer("openvino-int8", "openvino", ".xml",
-                     lambda src, out, keep, _: onnx_to_openvino_int8(src, out, calibration, reduce_range, keep),
-                     ("nncf",), files=ir_files, description="nncf.quantize (OpenVINO)",
-                     calibration_record=lambda _: {"method": "nncf (global min-max activation ranges, bias correction)",
-                                                   "reduce_range": reduce_range})
+                     lambda src, out, keep, method: onnx_to_openvino_int8(
+                         src, out, calibration, reduce_range, keep, bias_correction=method == "nncf"),
+                     ("nncf", "nncf-no-bias-correction"), files=ir_files, description="nncf.quantize (OpenVINO)",
+                     compare_all=True,
+                     calibration_record=lambda chosen: {
+                         "method": "nncf (global min-max activation ranges, "
+                                   f"{'bias correction' if chosen == 'nncf' else 'no bias correction'})",
+                         "reduce_range": reduce_range})
 
 
 def litert_quantizer(litert) -> Quantizer:
@@ -229,12 +243,13 @@ def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, rankin
         plain: list[dict[str, Any]] = []
         for calibration in quantizer.calibrations:  # better calibration before any layer leaves INT8
             plain.append(trial([], 0, calibration))
-            if plain[-1]["passed"] or time.perf_counter() - started > target.max_seconds:
+            if (plain[-1]["passed"] and not quantizer.compare_all) or time.perf_counter() - started > target.max_seconds:
                 break
         first = quantizer.calibrations[0]
         ranked = ranking.layers(candidate([], first) if quantizer.backend == "onnxruntime" else None)
         units = [[e.node, *e.companions] for e in ranked]  # keeping a Conv in FP32 keeps its Relu too
-        chosen = next((t for t in plain if t["passed"]), None) or max(plain, key=_closeness)
+        passing = [t for t in plain if t["passed"]]
+        chosen = min(passing, key=lambda t: t.get("margin_shift_q99", 0.0)) if passing else max(plain, key=_closeness)
         trials, best = [chosen], 0
         most = target.most_fp32_layers(len(units))
         if not chosen["passed"]:

@@ -96,7 +96,7 @@ def _ops_of(model, src: Path, nodes: Sequence[str]) -> list[str]:
 
 
 def onnx_to_openvino_int8(src: Path, out: Path, calibration: np.ndarray, reduce_range: bool = True,
-                          keep_fp32: Sequence[str] = ()) -> None:
+                          keep_fp32: Sequence[str] = (), bias_correction: bool = True) -> None:
     """Quantize the FP32 ONNX model ``src`` with NNCF into the INT8 IR ``out``.
 
     Args:
@@ -109,6 +109,8 @@ def onnx_to_openvino_int8(src: Path, out: Path, calibration: np.ndarray, reduce_
             and ARM dot-product CPUs, where 7-bit weights only cost accuracy.
         keep_fp32: ONNX node names to leave in FP32 (the accuracy-aware search picks
             them); :func:`_ops_of` finds the OpenVINO operations they became.
+        bias_correction: NNCF's full bias correction (the search tries both; see
+            :func:`edgeclf.export.int8_search.nncf_quantizer`).
     """
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -124,7 +126,8 @@ def onnx_to_openvino_int8(src: Path, out: Path, calibration: np.ndarray, reduce_
     # (Keras logits up to 93; 99th percentile of the top-1 margin shift 103), against 1.9 (2.6).
     advanced = AdvancedQuantizationParameters(
         overflow_fix=OverflowFix.ENABLE if reduce_range else OverflowFix.FIRST_LAYER,
-        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+        disable_bias_correction=not bias_correction)
     try:
         # Full bias correction, not NNCF's default fast one: on the main job's model (AMD Zen 5, 500
         # tuning images) fast bias correction left agreement with Keras at 0.964 (0.985 on decided
@@ -137,6 +140,7 @@ def onnx_to_openvino_int8(src: Path, out: Path, calibration: np.ndarray, reduce_
         raise ConversionError(f"NNCF could not quantize {src.name} for OpenVINO: {exc}") from exc
     _save(quantized, src, out, {
         "precision": "int8",
-        "calibration": {"images": int(len(calibration)), "method": "nncf (global min-max activation ranges, bias correction)"},
+        "calibration": {"images": int(len(calibration)), "method": "nncf (global min-max activation ranges, "
+                        f"{'bias correction' if bias_correction else 'no bias correction'})"},
         "quantization": {"tool": "nncf", "weights": f"int8 per-channel{', 7-bit range' if reduce_range else ''}",
                          "kept_fp32": list(keep_fp32)}})

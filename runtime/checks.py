@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeclf.runtime.fidelity import clopper_pearson_lower, decided_agreement, paired_accuracy_test
+from edgeclf.runtime.fidelity import clopper_pearson_lower, decided_agreement, margin_shift, paired_accuracy_test
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,9 @@ def compare(
         "max_abs_logit_diff": max_diff,
         "max_abs_keras_logit": scale,
         "top1_agreement": agreement,
+        # How far the artifact closes the top-1's gap to another class (99th percentile, logits):
+        # a continuous measure of fidelity where agreement counts flips only.
+        "margin_shift_q99": float(np.quantile(margin_shift(reference, logits), 0.99)) if len(logits) else 0.0,
         # What the images can show: the one-sided 95% lower bound of the all-image agreement.
         "top1_agreement_lower_95": clopper_pearson_lower(int(agreeing.sum()), int(len(agreeing))),
         "accuracy": accuracy,
