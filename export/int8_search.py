@@ -268,7 +268,6 @@ def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, rankin
         "most_fp32_layers": most, "met": any(t["passed"] for t in trials),
         "seconds": round(time.perf_counter() - started, 1),
         "ranked_by": ranking.description,
-        "decided_margin": decided_margin,
         "judged_on": f"{len(tuning)} tuning images from the training side with {quantizer.backend}",
         "tuning_images": len(tuning),
         "tuning_sha256": hashlib.sha256(np.ascontiguousarray(tuning.images).tobytes()).hexdigest(),
