@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeclf import limits
 from edgeclf.benchmarks.environment import environment
 from edgeclf.benchmarks.timing import time_interleaved
 from edgeclf.bundle import Bundle, artifact_files
@@ -51,11 +52,16 @@ class BenchConfig:
     bf16: bool | None = None
 
     def __post_init__(self) -> None:
-        if not self.batches or min(self.batches) < 1:
-            raise InvalidInputError(f"batch sizes must be >= 1. Received: {self.batches}")
-        if self.duration_s <= 0 or self.warmup_s < 0 or self.min_runs < 1:
-            raise InvalidInputError(f"need duration > 0, warm-up >= 0 and min_runs >= 1. Received: duration="
-                                    f"{self.duration_s}, warmup={self.warmup_s}, min_runs={self.min_runs}")
+        if not self.batches:
+            raise InvalidInputError(f"at least one batch size is needed. Received: {self.batches}")
+        for batch in self.batches:
+            limits.check("batch", batch, "batch size")
+        limits.check("duration", self.duration_s, "duration")
+        limits.check("warmup", self.warmup_s, "warm-up")
+        if self.threads is not None:
+            limits.check("threads", self.threads, "threads")
+        if isinstance(self.min_runs, bool) or not isinstance(self.min_runs, int) or not 1 <= self.min_runs <= 10_000:
+            raise InvalidInputError(f"min_runs must be an integer in 1..10000. Received: {self.min_runs!r}")
 
 
 def _rss_mb() -> float:
@@ -70,7 +76,13 @@ def _rss_mb() -> float:
 
 
 def contestants(bundle: Bundle, config: BenchConfig) -> list[tuple[str, str, str | None]]:
-    """(row name, artifact, precision hint) for every artifact to benchmark."""
+    """(row name, artifact, precision hint) for every artifact to benchmark.
+
+    Raises:
+        InvalidInputError: an artifact the bundle lacks, or a batch size that would not fit in memory.
+    """
+    for batch in config.batches:
+        limits.check_batch_memory(batch, bundle.image_size, "batch size")
     artifacts = bundle.meta.get("artifacts", {})
     if config.artifacts is not None:
         unknown = [a for a in config.artifacts if a not in artifacts]

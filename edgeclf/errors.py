@@ -80,3 +80,7 @@ class ServerError(EdgeclfError, RuntimeError):
 
 class CheckpointError(EdgeclfError, ValueError):
     """A training checkpoint is unreadable, or belongs to another configuration or data."""
+
+
+class TrainingDivergedError(EdgeclfError, ArithmeticError):
+    """Training produced a loss that is not finite (NaN or inf): it stops rather than go on."""

@@ -23,6 +23,7 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -36,6 +37,7 @@ from edgeclf.fsio import atomic_path, atomic_write_json, storage_errors
 
 CHECKPOINT_FORMAT = 1
 STATE_FILE = "state.json"
+PHASES = ("frozen", "finetune")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -88,10 +90,10 @@ class RunCheckpoint:
         """
         try:
             state = json.loads((self.dir / STATE_FILE).read_text())
-            if state.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-            with np.load(self.dir / state["arrays"]) as npz:
-                arrays = {name: npz[name] for name in npz.files}
+            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"format {state.get('format') if isinstance(state, dict) else state!r}, "
+                                 f"expected {CHECKPOINT_FORMAT}")
+            arrays = _read_arrays(self.dir, state.get("arrays"))
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise CheckpointError(
                 f"the checkpoint in {self.dir} is damaged or unreadable ({type(exc).__name__}: {exc}); "
@@ -104,6 +106,10 @@ class RunCheckpoint:
                 + "; ".join(differences) + "). Resume with the same settings and data, or start over "
                 "with --overwrite"
             )
+        problem = _state_problem(state, self.fingerprint) or _arrays_problem(arrays)
+        if problem:
+            raise CheckpointError(f"the checkpoint in {self.dir} is damaged: {problem}; start over with "
+                                  f"--overwrite instead of --resume")
         state["arrays"], state["dir"] = arrays, self.dir
         return state
 
@@ -129,6 +135,61 @@ class RunCheckpoint:
         for old in self.dir.glob("epoch-*.npz"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+
+
+_ARRAYS_NAME = re.compile(r"^epoch-\d+-[a-z0-9-]+\.npz$")
+
+
+def _read_arrays(folder: Path, name: Any) -> dict[str, np.ndarray]:
+    """The arrays file ``name`` of the checkpoint in ``folder``, checked before it is read.
+
+    The name must be one this module writes (no folder, no ``..``), the file a regular file
+    inside ``folder``, and every member stored uncompressed, as ``np.savez`` writes them: so
+    nothing reads outside the checkpoint, and reading allocates no more than the file's size.
+    """
+    if not isinstance(name, str) or not _ARRAYS_NAME.match(name):
+        raise ValueError(f"state.json names its arrays file {name!r}; expected a file name such as "
+                         f"epoch-1-frozen-3.npz inside the checkpoint")
+    path = folder / name
+    if path.is_symlink() or not path.is_file():
+        raise ValueError(f"{name} is not a regular file inside the checkpoint")
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if member.compress_type != zipfile.ZIP_STORED or member.file_size > path.stat().st_size:
+                raise ValueError(f"{name} member {member.filename!r} is compressed or larger than the file; "
+                                 f"edgeclf writes them stored")
+    with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def _state_problem(state: dict[str, Any], fingerprint: dict[str, Any]) -> str | None:
+    """What in state.json is out of range for this run, or None."""
+    finished, current = state.get("finished_phases"), state.get("current")
+    if not isinstance(finished, list) or not all(isinstance(p, dict) and p.get("name") in PHASES for p in finished) \
+            or len({p["name"] for p in finished}) != len(finished):
+        return f"its finished phases are {finished!r}; expected records of distinct phases among {PHASES}"
+    if current is None:
+        return None
+    if not isinstance(current, dict) or current.get("phase") not in PHASES:
+        return f"its current phase is {current!r}; expected one of {PHASES}"
+    epochs = fingerprint.get(f"epochs_{current['phase']}")
+    done = current.get("epochs_done")
+    if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= (epochs if isinstance(epochs, int)
+                                                                                else done):
+        return f"epochs_done is {done!r}; expected an integer in 0..{epochs} (the phase's epochs)"
+    history = current.get("history")
+    if not isinstance(history, dict) or not all(isinstance(v, list) and len(v) == done for v in history.values()):
+        return "its history does not match the epochs it says are done"
+    return None
+
+
+def _arrays_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    for key, value in arrays.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"{key} holds NaN or infinite values (the run had diverged)"
+        if value.dtype.kind not in "fiub":
+            return f"{key} is of dtype {value.dtype}; expected numbers"
+    return None
 
 
 def restore_variables(variables, arrays: dict[str, np.ndarray], prefix: str, where: Path) -> None:

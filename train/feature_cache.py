@@ -91,21 +91,49 @@ class FeatureCache:
             "backbone": spec.name,
             "weights_sha256": weights_sha256(backbone),
             "image_size": list(image_size),
+            "feature_width": int(backbone.output.shape[-1]),  # pooling keeps the channels
             "preprocessing": spec.preprocessing,
             "decode": DECODE_SPEC,
             "train_images": [len(train_set), images_sha256(train_set)],
             "val_images": [len(val_set), images_sha256(val_set)],
         })
 
-    def load(self) -> dict[str, np.ndarray] | None:
-        """The cached features as read-only memory maps, or None when this key has none."""
+    def load(self, quiet: bool = False) -> dict[str, np.ndarray] | None:
+        """The cached features as read-only memory maps, or None when this key has none.
+
+        An entry is used only if each file holds float32 rows of the described width, as
+        many as the images it caches, all finite: anything else (a truncated or edited file,
+        NaN) is a miss, said once unless ``quiet``, and computed again.
+        """
         try:
             meta = json.loads((self.path / "meta.json").read_text())
-            if meta.get("description") != self.description:
-                return None  # a 128-bit prefix collision, or an entry from another format
-            return {split: np.load(self.path / f"{split}.npy", mmap_mode="r") for split in SPLITS}
         except (OSError, ValueError):
             return None  # missing, or damaged: computed again and replaced
+        if not isinstance(meta, dict) or meta.get("description") != self.description:
+            return None  # a 128-bit prefix collision, or an entry from another format
+        features = {}
+        for split in SPLITS:
+            try:
+                features[split] = np.load(self.path / f"{split}.npy", mmap_mode="r", allow_pickle=False)
+                problem = self._problem(split, features[split])
+            except (OSError, ValueError) as exc:
+                problem = f"unreadable ({exc})"
+            if problem:
+                if not quiet:
+                    log(f"feature cache entry {self.path} is damaged ({split}.npy {problem}): computing it again")
+                return None
+        return features
+
+    def _problem(self, split: str, array: np.ndarray) -> str | None:
+        """What is wrong with ``array`` as the features of ``split``, or None."""
+        rows = self.description[f"{split}_images"][0]
+        width = self.description["feature_width"]
+        if array.dtype != np.float32 or array.shape != (rows, width):
+            return f"holds {array.dtype} {array.shape}, expected float32 ({rows}, {width})"
+        for start in range(0, rows, 4096):  # in slices: a memory map is not read whole
+            if not np.isfinite(array[start:start + 4096]).all():
+                return "holds NaN or infinite values"
+        return None
 
     def compute(self, extractor, sets: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]:
         """Run ``extractor`` over ``sets`` (``train``, ``val``) into a new entry; return it memory-mapped."""
@@ -152,11 +180,11 @@ class FeatureCache:
     def _publish(self, stage: Path) -> None:
         """Rename ``stage`` into place; a damaged entry is replaced, a complete one (another
         process's) kept."""
-        if self.path.exists() and self.load() is None:
+        if self.path.exists() and self.load(quiet=True) is None:
             shutil.rmtree(self.path, ignore_errors=True)
         try:
             os.rename(stage, self.path)
         except OSError:
-            if self.load() is None:
+            if self.load(quiet=True) is None:
                 raise
             log(f"feature cache {self.path} was written meanwhile by another process; using it")

@@ -18,10 +18,12 @@ Example::
 from __future__ import annotations
 
 import argparse
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeclf import limits
 from edgeclf.errors import InvalidInputError
 
 
@@ -31,16 +33,24 @@ def _text(value: Any) -> str:
     return value
 
 
-def _integer(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError("an integer")
-    return value
+def _integer(kind: str) -> Callable[[Any], int]:
+    """An integer within limits.RANGES[kind]."""
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("an integer")
+        limits.check(kind, value, "the value")
+        return value
+    return convert
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError("a number")
-    return float(value)
+def _number(kind: str) -> Callable[[Any], float]:
+    """A finite number within limits.RANGES[kind] (TOML's nan and inf are refused)."""
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError("a number")
+        limits.check(kind, float(value), "the value")
+        return float(value)
+    return convert
 
 
 def _flag(value: Any) -> bool:
@@ -53,6 +63,7 @@ def _labels(value: Any) -> list[int]:
     from edgeclf.cli import parse_labels
 
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        limits.check_label_count(len(value), "a list of that many")
         return value
     if isinstance(value, str):
         return parse_labels(value)
@@ -63,9 +74,10 @@ def _image_size(value: Any) -> tuple[int, int]:
     from edgeclf.cli import parse_image_size
 
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (value[0], value[1])
+        value = [value, value]
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
+        return (limits.check("image_side", value[0], "the height"), limits.check("image_side", value[1], "the width"))
     if isinstance(value, str):
         return parse_image_size(value)
     raise TypeError('an integer, [height, width] or a string such as "224x320"')
@@ -76,17 +88,29 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "data": ("data", _text), "out": ("out", _text), "labels": ("labels", _labels),
     "image_size": ("image_size", _image_size), "backbone": ("backbone", _text),
     "weights": ("weights", _text), "init_from": ("init_from", _text),
-    "epochs_frozen": ("epochs_frozen", _integer), "epochs_finetune": ("epochs_finetune", _integer),
-    "batch_size": ("batch_size", _integer), "lr_frozen": ("lr_frozen", _number),
-    "lr_finetune": ("lr_finetune", _number), "unfreeze_at": ("unfreeze_at", _integer),
-    "val_split": ("val_split", _number), "val_dir": ("val_data", _text), "seed": ("seed", _integer),
+    "epochs_frozen": ("epochs_frozen", _integer("epochs")), "epochs_finetune": ("epochs_finetune", _integer("epochs")),
+    "batch_size": ("batch_size", _integer("train_batch")), "lr_frozen": ("lr_frozen", _number("learning_rate")),
+    "lr_finetune": ("lr_finetune", _number("learning_rate")), "unfreeze_at": ("unfreeze_at", _integer("layer_index")),
+    "val_split": ("val_split", _number("val_split")), "val_dir": ("val_data", _text), "seed": ("seed", _integer("seed")),
     "strategy": ("strategy", _text), "class_weights": ("class_weights", _text),
     "augment": ("augment", _flag), "augment_flip": ("augment_flip", _flag),
     "train_batchnorm": ("train_batchnorm", _flag), "feature_cache": ("cache_features", _flag),
     "feature_cache_dir": ("feature_cache_dir", _text),
-    "input": ("input", _text), "patience": ("patience", _integer), "strict": ("strict", _flag),
+    "input": ("input", _text), "patience": ("patience", _integer("patience")), "strict": ("strict", _flag),
     "overwrite": ("overwrite", _flag), "tensorboard": ("tensorboard", _text),
+    "peer_timeout": ("peer_timeout", _number("peer_timeout")),
 }
+
+#: A train config is a few lines; anything larger is not one.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -98,11 +122,29 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
+        info = path.stat()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the config file ({exc.strerror}). Received: {path}") from None
+    # A FIFO or a device would block or never end; only a regular file of sane size is read.
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidInputError(f"the config file must be a regular file (TOML). Received: {path}, "
+                                f"which is {_file_kind(info.st_mode)}")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise InvalidInputError(f"the config file must be at most {MAX_CONFIG_BYTES} bytes. Received: {path} "
+                                f"of {info.st_size} bytes")
+    try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"cannot read the config file ({exc}). Received: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInputError(f"the config file {path} is not valid TOML: {exc}") from None
+    spelled: dict[str, str] = {}
+    for key in table:
+        name = key.replace("-", "_")
+        if name in spelled:  # epochs-frozen and epochs_frozen: which one is meant is a guess
+            raise InvalidInputError(f"the config file {path} sets one option twice, as {spelled[name]!r} and "
+                                    f"{key!r}; keep one")
+        spelled[name] = key
     fields: dict[str, Any] = {}
     for key, value in table.items():
         name = key.replace("-", "_")
@@ -115,6 +157,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
             fields[field] = convert(value)
         except TypeError as exc:
             raise InvalidInputError(f"{key!r} in the config file {path} must be {exc}. Received: {value!r}") from None
-        except (ValueError, argparse.ArgumentTypeError) as exc:
+        except (ValueError, argparse.ArgumentTypeError) as exc:  # InvalidInputError is a ValueError
             raise InvalidInputError(f"{key!r} in the config file {path}: {exc}") from None
     return fields

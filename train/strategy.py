@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 STRATEGIES = ("default", "mirrored", "multiworker")
 
 
-def make_strategy(name: str) -> "tf.distribute.Strategy":
+def make_strategy(name: str, peer_timeout: float = 300.0) -> "tf.distribute.Strategy":
     """Create a distribution strategy by name.
 
     - ``default``: one device (TensorFlow's default strategy).
@@ -24,7 +24,9 @@ def make_strategy(name: str) -> "tf.distribute.Strategy":
     - ``multiworker``: synchronous data parallelism across hosts; each host runs the
       same command with ``TF_CONFIG`` describing the cluster and its own task.
 
-    The batch size given to training is the global batch, split across replicas.
+    The batch size given to training is the global batch, split across replicas. A
+    multi-worker run first waits up to ``peer_timeout`` seconds for every peer to listen
+    (:func:`wait_for_peers`): TensorFlow itself would wait forever.
     """
     import tensorflow as tf
     if name == "default":
@@ -36,7 +38,9 @@ def make_strategy(name: str) -> "tf.distribute.Strategy":
     if name == "multiworker":
         if not os.environ.get("TF_CONFIG"):
             warnings.warn("TF_CONFIG is not set: MultiWorkerMirroredStrategy runs as a single worker.")
-        check_tf_config()
+        config = check_tf_config()
+        if config is not None:
+            wait_for_peers(config, peer_timeout)
         return _reduces_nested_batches(tf.distribute.MultiWorkerMirroredStrategy())
     raise InvalidInputError(f"unknown strategy {name!r}; expected one of {list(STRATEGIES)}.")
 
@@ -109,9 +113,90 @@ def check_tf_config(text: str | None = None) -> dict | None:
     if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int) \
             or not 0 <= task["index"] < len(cluster[task["type"]]):
         raise InvalidInputError(f"TF_CONFIG's task must name a role and an index in its cluster; {expected}")
+    for host in (h for hosts in cluster.values() for h in hosts):
+        _host_port(host, text)
     addresses = [host for hosts in cluster.values() for host in hosts]
     twice = sorted({host for host in addresses if addresses.count(host) > 1})
     if twice:
         raise InvalidInputError(f"TF_CONFIG lists {', '.join(twice)} more than once: each worker needs its own "
                                 f"host:port. Received: {text[:200]!r}")
     return config
+
+
+def _host_port(address: str, text: str) -> tuple[str, int]:
+    """"host:port" (or "[v6]:port") split, the port a number in 1..65535."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+        raise InvalidInputError(f"TF_CONFIG address {address!r} needs host:port with a port in 1..65535. "
+                                f"Received: {text[:200]!r}")
+    return host.strip("[]"), int(port)
+
+
+def _own_address(config: dict) -> str:
+    return config["cluster"][config["task"]["type"]][config["task"]["index"]]
+
+
+def wait_for_peers(config: dict, timeout: float, poll: float = 0.5) -> None:
+    """Wait until every other task in ``config`` accepts a TCP connection, or fail after ``timeout`` s.
+
+    While it waits, this task listens on its own address, so peers that start at the same
+    time see each other; it closes before TensorFlow binds there. The wait is plain Python:
+    SIGINT and SIGTERM end it at once.
+
+    Raises:
+        InvalidInputError: a peer still unreachable after ``timeout`` seconds (named).
+    """
+    import socket
+    import time
+
+    own = _own_address(config)
+    peers = [h for hosts in config["cluster"].values() for h in hosts if h != own]
+    if not peers:
+        return
+    listener = None
+    try:
+        listener = socket.create_server(_host_port(own, own), reuse_port=False)
+        listener.setblocking(False)
+    except OSError:
+        listener = None  # not an address of this host, or taken: the peers then wait for TensorFlow's server
+    deadline = time.monotonic() + timeout
+    waiting = list(peers)
+    try:
+        while waiting:
+            _answer(listener)
+            waiting = [peer for peer in waiting if not _reachable(peer, min(poll, 2.0))]
+            if waiting and time.monotonic() >= deadline:
+                raise InvalidInputError(
+                    f"multi-worker training could not reach {', '.join(waiting)} within {timeout:g} s (--peer-timeout): "
+                    f"start every worker of TF_CONFIG, and check the addresses and firewalls. Received: "
+                    f"{len(peers)} peer(s) of {own}")
+            if waiting:
+                time.sleep(poll)
+        # Peers that are still waiting need this listener a little longer.
+        linger = time.monotonic() + min(2 * poll + 1.0, timeout)
+        while time.monotonic() < linger:
+            _answer(listener)
+            time.sleep(0.05)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _answer(listener) -> None:
+    """Accept and close the connections waiting on ``listener`` (peers checking that it is up)."""
+    while listener is not None:
+        try:
+            connection, _ = listener.accept()
+        except (BlockingIOError, OSError):
+            return
+        connection.close()
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(_host_port(address, address), timeout=timeout):
+            return True
+    except OSError:
+        return False

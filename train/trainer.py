@@ -36,8 +36,9 @@ from edgeclf.train.pipeline import (augmenter, feature_batches, steps_per_epoch,
 from edgeclf.train.strategy import STRATEGIES, check_tf_config, is_chief, make_strategy
 
 import edgeclf
+from edgeclf import limits
 from edgeclf.bundle import BUNDLE_FORMAT, CONFUSION_PNG, MODEL_FILE, Bundle
-from edgeclf.errors import DataError, InvalidInputError, OutputExistsError
+from edgeclf.errors import DataError, InvalidInputError, OutputExistsError, TrainingDivergedError
 from edgeclf.fsio import check_output_dir, sha256_file, staged_directory
 from edgeclf.images import DECODE_SPEC
 from edgeclf.progress import log
@@ -85,6 +86,8 @@ class TrainConfig:
     input: str = "auto"
     patience: int = 3
     tensorboard: str | Path | None = None  # a folder for TensorBoard logs of both phases
+    #: Multi-worker: seconds to wait for every peer in TF_CONFIG to accept a connection.
+    peer_timeout: float = 300.0
     #: Continue the interrupted run writing ``out`` from its last finished epoch (see checkpoint.py).
     resume: bool = False
     overwrite: bool = False
@@ -102,26 +105,24 @@ class TrainConfig:
         spec = get_backbone(self.backbone)
         model_lib.check_image_size(self.size, spec)
         model_lib.resolve_weights(self.weights)
-        for name in ("epochs_frozen", "epochs_finetune", "patience"):
-            if getattr(self, name) < 0:
-                raise InvalidInputError(f"{name} must be >= 0. Received: {getattr(self, name)}")
+        for name, kind in (("epochs_frozen", "epochs"), ("epochs_finetune", "epochs"), ("patience", "patience"),
+                           ("batch_size", "train_batch"), ("lr_frozen", "learning_rate"), ("seed", "seed"),
+                           ("lr_finetune", "learning_rate"), ("unfreeze_at", "layer_index"),
+                           ("peer_timeout", "peer_timeout")):
+            if getattr(self, name) is not None:
+                limits.check(kind, getattr(self, name), name)
         if self.epochs_frozen + self.epochs_finetune == 0:
             raise InvalidInputError("at least one epoch is needed (epochs_frozen + epochs_finetune > 0).")
-        if self.batch_size < 1:
-            raise InvalidInputError(f"batch size must be >= 1. Received: {self.batch_size}")
-        for name in ("lr_frozen", "lr_finetune"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise InvalidInputError(f"{name} must be > 0. Received: {getattr(self, name)}")
+        if self.labels is not None:
+            limits.check_label_count(len(self.labels), f"{len(self.labels)} labels")
         if self.class_weights not in (None, "balanced"):
             raise InvalidInputError(f"class_weights must be None or 'balanced'. Received: {self.class_weights!r}")
-        if self.val_data is None and not 0.0 < self.val_split < 1.0:
-            raise InvalidInputError(f"val_split must be between 0 and 1 (exclusive). Received: {self.val_split}")
+        if self.val_data is None:
+            limits.check("val_split", self.val_split, "val_split")
         if self.input not in INPUT_MODES:
             raise InvalidInputError(f"input must be one of {list(INPUT_MODES)}. Received: {self.input!r}")
         if self.strategy not in STRATEGIES:
             raise InvalidInputError(f"strategy must be one of {list(STRATEGIES)}. Received: {self.strategy!r}")
-        if self.unfreeze_at is not None and self.unfreeze_at < 0:
-            raise InvalidInputError(f"unfreeze_at must be a layer index >= 0. Received: {self.unfreeze_at}")
         if self.augment_flip and not self.augment:
             raise InvalidInputError("augment_flip (--augment-flip) needs augment (--augment). Received: augment=False")
         if self.init_from is not None:
@@ -209,7 +210,8 @@ class _Run:
             stopping.restore(current["early_stopping"], best_weights(resumed["arrays"]))
         epochs = EpochCheckpoints(self.checkpoint if self.saving else None, phase, self.finished, model,
                                   stopping, resumed)
-        callbacks = [*before, stopping]
+        # First: a non-finite loss stops the phase before any callback (a checkpoint) sees it.
+        callbacks = [_StopOnNonFinite(phase, cfg), *before, stopping]
         if cfg.tensorboard is not None:
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(cfg.tensorboard) / phase)))
         return [*callbacks, epochs], epochs
@@ -239,6 +241,34 @@ def _fit_phase(run: _Run, cfg: TrainConfig, phase: str, model: keras.Model, fit_
         log(f"{phase}: resuming after epoch {first} of {epochs}")
     fit_model.fit(batches(first), initial_epoch=first, epochs=epochs, callbacks=callbacks, shuffle=False, **fit_args)
     return saver.history
+
+
+class _StopOnNonFinite(keras.callbacks.Callback):
+    """Raise TrainingDivergedError at the first batch or epoch whose loss is NaN or infinite.
+
+    Keras trains on through NaN (37 epochs of ``loss: nan`` from NaN weights, seen here);
+    its TerminateOnNaN only stops, and the run would then write a bundle of NaN weights.
+    """
+
+    def __init__(self, phase: str, cfg: TrainConfig):
+        super().__init__()
+        self.phase, self.cfg = phase, cfg
+
+    def _check(self, logs: dict | None, where: str) -> None:
+        for key in ("loss", "val_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not np.isfinite(float(value)):
+                lr = self.cfg.lr_frozen if self.phase == "frozen" else self.cfg.lr_finetune
+                raise TrainingDivergedError(
+                    f"{key} became {float(value)} in phase {self.phase} at {where}: training diverged; try a lower "
+                    f"learning rate (it was {lr}), check the data, or start again without --resume if the "
+                    f"checkpoint's weights are damaged")
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._check(logs, f"batch {batch + 1}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._check(logs, f"epoch {epoch + 1}")
 
 
 class _CalibrateThenValidate(keras.callbacks.Callback):
@@ -382,7 +412,8 @@ def _train_finetune(run, cfg, model, unfreeze_index, calib, train_set, y_train, 
 def _fingerprint(cfg: TrainConfig, train_set, val_set) -> dict[str, Any]:
     """What a resumed run must share with the one it continues: every setting that changes
     the weights, the weights it started from, and the images (path, size, mtime) in order."""
-    same_either_way = {"resume", "overwrite", "strict", "input", "feature_cache_dir", "tensorboard", "verbose"}
+    same_either_way = {"resume", "overwrite", "strict", "input", "feature_cache_dir", "tensorboard", "verbose",
+                       "peer_timeout"}
     fingerprint = {k: v for k, v in _settings(cfg).items() if k not in same_either_way}
     fingerprint.update(image_size=list(cfg.size), weights=_weights_record(cfg),
                        train_images=[len(train_set), images_sha256(train_set)],
@@ -413,7 +444,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
     y_train, y_val = label_map.encode(train_set.values), label_map.encode(val_set.values)
 
     keras.utils.set_random_seed(cfg.seed)
-    strategy = make_strategy(cfg.strategy)
+    strategy = make_strategy(cfg.strategy, cfg.peer_timeout)
     class_weight = None
     if cfg.class_weights == "balanced":
         from sklearn.utils.class_weight import compute_class_weight
