@@ -19,18 +19,19 @@ ones. For every request it:
   memory registration, no log or trace settings from the network);
 - turns Triton's error answers into one line: a Python model's traceback (with server
   paths) becomes its last line, ``ImageDecodeError: not a readable image ...``.
+
+Connections and threads are bounded too (:class:`ConnectionLimits`): see
+:mod:`edgeclf.serve.http_guard` and :mod:`edgeclf.serve.grpc_guard`, the two public endpoints.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
-import socket
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
+
+from edgeclf import limits
 
 #: Bytes per element of each KServe v2 datatype (BYTES: variable, at least a 4-byte length).
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
@@ -186,217 +187,33 @@ def one_line_error(text: str) -> tuple[str, bool]:
     return " ".join(lines), False
 
 
-class HttpGuard(ThreadingHTTPServer):
-    """The public HTTP endpoint: checks each request, forwards it to Triton's private port."""
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many clients the guards hold at once, with how many threads, and how long a client may take.
 
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 128  # many clients connect at once (socketserver's default is 5)
-
-    def __init__(self, address: tuple[str, int], upstream: tuple[str, int], limits: Limits) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _HttpHandler)
-        self.upstream = upstream
-        self.limits = limits
-
-
-class _HttpHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as Triton's own endpoint
-    timeout = 120  # seconds a connection may sit idle or half-sent before it is closed
-    server: HttpGuard
-    _FORWARDED = ("Content-Type", "Inference-Header-Content-Length", "Accept", "Accept-Encoding")
-    _RETURNED = ("Content-Type", "Inference-Header-Content-Length", "Content-Encoding")
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet, as Triton's endpoint is
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._handle()
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._handle()
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._handle()
-
-    def do_PUT(self) -> None:  # noqa: N802
-        self._refuse(RequestRefused("method not allowed through edgeclf serve", 405))
-
-    do_DELETE = do_PATCH = do_PUT
-
-    def _handle(self) -> None:
-        try:
-            body = self._read_body()
-            if self.command == "POST":
-                if not _INFER_PATH.match(self.path.split("?")[0]):
-                    raise RequestRefused(f"POST {self.path[:80]} is not allowed through edgeclf serve; "
-                                         f"only inference requests are", 403)
-                check_http_infer(body, self.headers.get("Inference-Header-Content-Length"), self.server.limits)
-            elif not self.path.startswith("/v2"):
-                raise RequestRefused(f"no such endpoint: {self.path[:80]}", 404)
-        except RequestRefused as refused:
-            self._refuse(refused)
-            return
-        self._forward(body)
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise RequestRefused("chunked request bodies are not accepted; send Content-Length", 411)
-        if self.headers.get("Content-Encoding", "identity").lower() != "identity":
-            self.close_connection = True
-            raise RequestRefused("compressed request bodies are not accepted; send them uncompressed", 415)
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            raise RequestRefused("Content-Length must be a non-negative integer")
-        if length > self.server.limits.max_request_bytes:
-            self.close_connection = True  # the body is never read: drop the connection after answering
-            raise RequestRefused(f"request body of {length} bytes exceeds the server's limit of "
-                                 f"{self.server.limits.max_request_bytes} bytes (--max-request-mb)", 413)
-        return self.rfile.read(length) if length else b""
-
-    def _upstream(self) -> http.client.HTTPConnection:
-        connection = getattr(_connections, "connection", None)
-        if connection is None:
-            connection = _connections.connection = http.client.HTTPConnection(*self.server.upstream, timeout=300)
-        return connection
-
-    def _forward(self, body: bytes) -> None:
-        headers = {k: self.headers[k] for k in self._FORWARDED if self.headers.get(k) is not None}
-        for attempt in (1, 2):  # a kept-alive upstream connection may have been closed meanwhile
-            connection = self._upstream()
-            try:
-                connection.request(self.command, self.path, body=body if self.command == "POST" else None,
-                                   headers=headers)
-                response = connection.getresponse()
-                data = response.read()
-                break
-            except (OSError, http.client.HTTPException):
-                connection.close()
-                _connections.connection = None
-                if attempt == 2:
-                    self._refuse(RequestRefused("the inference server did not answer", 502))
-                    return
-        status = response.status
-        out_headers = {k: response.getheader(k) for k in self._RETURNED if response.getheader(k) is not None}
-        if status >= 400:  # Triton sends its errors as JSON or, from a model, as text/plain JSON
-            try:
-                message = json.loads(data).get("error", "")
-            except (ValueError, AttributeError):
-                message = data.decode("utf-8", "replace")
-            line, client_fault = one_line_error(message)
-            if client_fault and status >= 500:
-                status = 400
-            data = json.dumps({"error": line}).encode()
-            out_headers = {"Content-Type": "application/json"}
-        self.send_response(status)
-        for key, value in out_headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _refuse(self, refused: RequestRefused) -> None:
-        data = json.dumps({"error": str(refused)}).encode()
-        self.send_response(refused.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-
-_connections = threading.local()  # one upstream connection per handler thread
-
-
-def grpc_guard(address: str, upstream: str, limits: Limits, workers: int = 32):
-    """The public gRPC endpoint: a grpcio server passing the allowed methods to Triton's private port.
-
-    Returns the started ``grpc.Server``.
+    Raises:
+        InvalidInputError: a value outside its range (named by its ``edgeclf serve`` option).
     """
-    from concurrent.futures import ThreadPoolExecutor
 
-    import grpc
-    from tritonclient.grpc import service_pb2
+    max_connections: int = 1024  # open HTTP connections (and gRPC connections); more are refused at once
+    threads: int = 64  # HTTP worker threads (and gRPC handler threads)
+    idle_timeout_s: float = 10.0  # a kept-alive connection with no new request is closed after this
+    header_timeout_s: float = 10.0  # a request's line and headers (and a small body) must arrive within this
 
-    status_of = {400: grpc.StatusCode.INVALID_ARGUMENT, 403: grpc.StatusCode.PERMISSION_DENIED,
-                 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
-    channel = grpc.insecure_channel(upstream, options=[("grpc.max_send_message_length", limits.max_request_bytes),
-                                                       ("grpc.max_receive_message_length", -1)])
+    def __post_init__(self) -> None:
+        limits.check("connections", self.max_connections, "--max-connections")
+        limits.check("threads", self.threads, "--guard-threads")
+        limits.check("serve_timeout", self.idle_timeout_s, "--idle-timeout")
+        limits.check("serve_timeout", self.header_timeout_s, "--header-timeout")
 
-    def relay_error(error: grpc.RpcError, context) -> None:
-        line, client_fault = one_line_error(error.details() or "")
-        code = error.code()
-        if client_fault and code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-            code = grpc.StatusCode.INVALID_ARGUMENT
-        context.abort(code, line)
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """gRPC calls running or queued at once; grpcio fails more with RESOURCE_EXHAUSTED at once."""
+        return 4 * self.threads
 
-    def unary(method: str, check: bool):
-        call = channel.unary_unary(method)
+    @property
+    def max_streams(self) -> int:
+        """ModelStreamInfer calls at once: each holds a handler thread while its client is quiet."""
+        return max(1, self.threads // 2)
 
-        def handler(raw: bytes, context):
-            if check:
-                try:
-                    check_grpc_infer(service_pb2.ModelInferRequest.FromString(raw), limits)
-                except RequestRefused as refused:
-                    context.abort(status_of.get(refused.status, grpc.StatusCode.INVALID_ARGUMENT), str(refused))
-                except Exception:  # noqa: BLE001 - a message that does not parse
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a ModelInferRequest")
-            try:
-                # Without a client deadline grpcio reports ~9.2e18 s remaining, which as a
-                # timeout overflows to an immediate DEADLINE_EXCEEDED: pass no deadline on.
-                remaining = context.time_remaining()
-                return call(raw, timeout=remaining if remaining < 1e9 else None)
-            except grpc.RpcError as error:
-                relay_error(error, context)
-        return grpc.unary_unary_rpc_method_handler(handler)
 
-    def stream(method: str):
-        call = channel.stream_stream(method)
-
-        def handler(requests: Iterable[bytes], context):
-            def checked():
-                for raw in requests:
-                    try:
-                        check_grpc_infer(service_pb2.ModelInferRequest.FromString(raw), limits)
-                    except RequestRefused as refused:
-                        context.abort(status_of.get(refused.status, grpc.StatusCode.INVALID_ARGUMENT), str(refused))
-                    yield raw
-            try:
-                yield from call(checked())
-            except grpc.RpcError as error:
-                relay_error(error, context)
-        return grpc.stream_stream_rpc_method_handler(handler)
-
-    handlers = {name: (stream(f"/{GRPC_SERVICE}/{name}") if name == "ModelStreamInfer"
-                       else unary(f"/{GRPC_SERVICE}/{name}", check=name == "ModelInfer"))
-                for name in GRPC_ALLOWED}
-
-    class Generic(grpc.GenericRpcHandler):
-        def service(self, details):
-            service, _, name = details.method.lstrip("/").partition("/")
-            if service == GRPC_SERVICE and name in handlers:
-                return handlers[name]
-
-            def refuse(request, context):
-                context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                              f"{details.method} is not allowed through edgeclf serve")
-            return grpc.unary_unary_rpc_method_handler(refuse)
-
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers), handlers=[Generic()],
-                         options=[("grpc.max_receive_message_length", limits.max_request_bytes),
-                                  ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
-    if server.add_insecure_port(address) == 0:  # older grpcio reports a failed bind this way
-        channel.close()
-        raise RuntimeError(f"Failed to bind to address {address}")
-    server.start()
-    server.edgeclf_channel = channel  # closed with the server
-    return server

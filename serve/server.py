@@ -15,7 +15,8 @@ only the decoded pixels meet other clients' requests in ``NAME``'s batcher.
 
 Triton itself listens on private loopback ports; the public HTTP and gRPC ports belong
 to :mod:`edgeclf.serve.guard`, which refuses what Triton 2.51 cannot hold (a declared
-shape of 10**12 images aborts it) and turns Triton's error answers into one line.
+shape of 10**12 images aborts it), turns Triton's error answers into one line and bounds
+connections and threads (--max-connections, --guard-threads, --idle-timeout, --header-timeout).
 
 Bound to 127.0.0.1 unless told otherwise; SIGTERM or SIGINT stops the server after the
 requests in flight are answered.
@@ -37,7 +38,10 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeclf.errors import BackendUnavailableError, InvalidInputError, PortInUseError, ServerError
-from edgeclf.serve.guard import HttpGuard, Limits, grpc_guard
+from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
+from edgeclf.serve.grpc_guard import grpc_guard
+from edgeclf.serve.guard import ConnectionLimits, Limits
+from edgeclf.serve.http_guard import HttpGuard
 from edgeclf.serve.triton_config import Batching, check_model_name
 
 # On shutdown Triton waits this long for the requests in flight, then as long again for
@@ -51,6 +55,8 @@ EXIT_TIMEOUT_S = 10
 #: Triton is then started again, at most this many times in all.
 TRITON_STARTS = 3
 HANDSHAKE_RACE = "get_config_from_handshake_server"
+#: Open files this process needs besides the public connections (Triton clients, the model, logs).
+FILES_RESERVED = 256
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,18 @@ class ServeOptions:
     image_instances: int = 4  # requests of NAME_image decoded at the same time
     max_request_mb: float = 64.0  # larger requests are refused before they are read
     log_file: Path | None = None  # Triton's own log (default: a new file in the temp directory)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # NAME_image refuses larger images before decoding them
+    max_connections: int = 1024  # open connections per public endpoint; more are refused at once
+    guard_threads: int = 64  # threads answering requests per public endpoint
+    idle_timeout: float = 10.0  # seconds a kept-alive connection may wait for its next request
+    header_timeout: float = 10.0  # seconds a request's line and headers may take to arrive
+
+    def __post_init__(self) -> None:
+        self.connection_limits()  # InvalidInputError for a value out of range, when the options are made
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(max_connections=self.max_connections, threads=self.guard_threads,
+                                idle_timeout_s=self.idle_timeout, header_timeout_s=self.header_timeout)
 
     def ports(self) -> dict[str, int]:
         return {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
@@ -153,7 +171,7 @@ class _Models:
     def image(self, image: np.ndarray) -> dict[str, np.ndarray]:
         from edgeclf.images import load_image
 
-        frames = np.stack([load_image(bytes(item), self.predictor.image_size)
+        frames = np.stack([load_image(bytes(item), self.predictor.image_size, self.predictor.max_image_pixels)
                            for item in image.reshape(len(image), -1)[:, 0]])
         return self.outputs(self._forward(frames))
 
@@ -221,9 +239,11 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
     if not options.max_request_mb > 0:
         raise InvalidInputError(f"--max-request-mb must be > 0. Received: {options.max_request_mb}")
     check_ports(options.host, options.ports())
+    raise_file_limit(2 * options.max_connections + FILES_RESERVED, "--max-connections")
     mc, pytriton_triton = _pytriton()
     predictor = Predictor.load(bundle, options.backend, precision=options.precision,
-                               batch_size=options.batching.max_batch, threads=options.threads)
+                               batch_size=options.batching.max_batch, threads=options.threads,
+                               max_image_pixels=options.max_image_pixels)
     stop = stop or threading.Event()
     previous = None
     guards: list[Any] = []
@@ -267,6 +287,25 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
         predictor.close()
 
 
+def raise_file_limit(needed: int, option: str) -> None:
+    """Let this process open ``needed`` files (sockets), as far as its hard limit allows; warn where it does not."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        target = soft
+    if target < needed:
+        warnings.warn(f"{option} needs about {needed} open files, but this process may open {target} (ulimit -n); "
+                      f"connections beyond that wait until others close", stacklevel=2)
+
+
 def free_loopback_ports(count: int) -> list[int]:
     """``count`` ports free on 127.0.0.1 now (for Triton's private endpoints)."""
     sockets = [socket.socket() for _ in range(count)]
@@ -283,8 +322,9 @@ def _start_guards(options: ServeOptions, private_http: int, private_grpc: int, g
     """Start the public HTTP and gRPC endpoints, each checking requests before Triton sees them,
     appending each to ``guards`` as it starts (so a failure still stops the ones started)."""
     limits = Limits(max_batch=options.batching.max_batch, max_request_bytes=int(options.max_request_mb * 2**20))
+    connections = options.connection_limits()
     try:
-        http_guard = HttpGuard((options.host, options.http_port), ("127.0.0.1", private_http), limits)
+        http_guard = HttpGuard((options.host, options.http_port), ("127.0.0.1", private_http), limits, connections)
     except OSError as exc:  # taken since check_ports looked
         raise PortInUseError(f"HTTP port {options.http_port} on {options.host} is not available "
                              f"({exc.strerror}); choose another with --http-port") from None
@@ -292,7 +332,7 @@ def _start_guards(options: ServeOptions, private_http: int, private_grpc: int, g
     threading.Thread(target=http_guard.serve_forever, name="edgeclf-http-guard", daemon=True).start()
     host = f"[{options.host}]" if ":" in options.host else options.host
     try:
-        guards.append(grpc_guard(f"{host}:{options.grpc_port}", f"127.0.0.1:{private_grpc}", limits))
+        guards.append(grpc_guard(f"{host}:{options.grpc_port}", f"127.0.0.1:{private_grpc}", limits, connections))
     except RuntimeError as exc:  # grpcio: "Failed to bind to address"
         raise PortInUseError(f"gRPC port {options.grpc_port} on {options.host} is not available ({exc}); "
                              f"choose another with --grpc-port") from None
@@ -302,7 +342,7 @@ def _stop_guards(guards: list[Any]) -> None:
     while guards:
         guard = guards.pop()
         if isinstance(guard, HttpGuard):
-            guard.shutdown()
+            guard.shutdown(timeout=EXIT_TIMEOUT_S)
             guard.server_close()
         else:
             guard.stop(grace=EXIT_TIMEOUT_S).wait()

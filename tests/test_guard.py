@@ -1,12 +1,24 @@
-"""The request guard's rules on their own (the served end to end is in test_serve.py)."""
+"""The request guard on its own: its rules, and its bounds on connections and threads in front of a
+small local HTTP server (the served end to end, with Triton, is in test_serve.py)."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 
-from edgeclf.serve.guard import Limits, RequestRefused, check_http_infer, one_line_error
+from edgeclf.errors import InvalidInputError
+from edgeclf.serve.guard import ConnectionLimits, Limits, RequestRefused, check_http_infer, one_line_error
+from edgeclf.serve.http_guard import HttpGuard
 
 LIMITS = Limits(max_batch=16, max_request_bytes=1 << 20)
 
@@ -56,3 +68,333 @@ def test_a_model_traceback_becomes_its_last_line():
         "unexpected datatype FP32 for input 'pixels'", False)
     line, client = one_line_error("Traceback (most recent call last):\n  File \"/x.py\"\nsegfault")
     assert "/x.py" not in line and not client
+
+
+# -- connections and threads (no Triton: the guard in front of a small local HTTP server) ------
+
+INFER = "/v2/models/edgeclf/infer"
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    """Stands in for Triton: 200 and a line of JSON. HTTP/1.0, one connection a request, so one thread serves all."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer(b"")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._answer(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def _answer(self, body: bytes) -> None:
+        data = json.dumps({"path": self.path, "received": len(body)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream():
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Upstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@contextmanager
+def _guard(upstream, **connections):
+    guard = HttpGuard(("127.0.0.1", 0), upstream, LIMITS, ConnectionLimits(**connections))
+    thread = threading.Thread(target=guard.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield guard
+    finally:
+        guard.shutdown(timeout=5)
+        guard.server_close()
+        thread.join(5)
+
+
+def _infer(port: int, timeout: float = 5.0) -> tuple[int, dict]:
+    """A valid inference request on a new connection, closed after the answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", INFER, body=_body(shape=[1, 2], data=[[1, 2]]),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def _wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the guard did not get there in time"
+        time.sleep(0.01)
+
+
+def _closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closes ``sock`` within ``timeout`` seconds (it sends nothing before)."""
+    if not select.select([sock], [], [], timeout)[0]:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_slow_clients_hold_no_thread_and_cannot_lock_others_out(upstream, caplog, capfd):
+    """300 clients that send nothing or half a request line are held with no thread each; valid requests are
+    answered meanwhile, at the connection cap too (the longest-waiting slow client makes room); closing them
+    all at once logs no traceback."""
+    caplog.set_level(logging.DEBUG, logger="edgeclf.serve.guard")
+    before = threading.active_count()
+    workers = 4
+    slow: list[socket.socket] = []
+    # The slow clients are held for 30 s: a valid request answered within its 5 s did not wait for them.
+    with _guard(upstream, max_connections=320, threads=workers, idle_timeout_s=30, header_timeout_s=30) as guard:
+        port = guard.server_address[1]
+        try:
+            for i in range(300):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                if i % 2:
+                    sock.sendall(f"POST {INFER[:i % len(INFER)]}".encode())
+                slow.append(sock)
+            _wait_for(lambda: guard.open_connections == 300)
+            for _ in range(3):
+                status, answer = _infer(port)
+                assert status == 200 and answer == {"path": INFER, "received": len(_body(shape=[1, 2], data=[[1, 2]]))}
+            assert threading.active_count() <= before + 1 + workers  # the selector thread and the workers
+
+            _wait_for(lambda: guard.open_connections == 300)  # the valid requests' connections are closed
+            slow += [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+            _wait_for(lambda: guard.open_connections == 320)
+            # At the cap: the slow client waiting longest is closed to make room (one that sent part of its
+            # request is told why first).
+            assert _infer(port)[0] == 200
+            assert _read_all(slow[0]) == b""
+            _wait_for(lambda: guard.open_connections == 319)
+            slow.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            _wait_for(lambda: guard.open_connections == 320)
+            assert _infer(port)[0] == 200
+            assert _read_all(slow[1]).startswith(b"HTTP/1.1 503")
+            assert threading.active_count() <= before + 1 + workers
+        finally:
+            for i, sock in enumerate(slow):  # all at once, half of them reset rather than closed
+                if i % 2:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+        _wait_for(lambda: guard.open_connections == 0)
+        assert _infer(port)[0] == 200
+        time.sleep(0.2)  # the selector thread's next sweep logs what it counted
+    assert threading.active_count() <= before
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.exc_info]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1  # one line, whatever was counted before the next 10 s
+    assert warnings[0].startswith("HTTP guard: closed waiting connections to make room (--max-connections 320): ")
+
+
+class _Blocked(_Upstream):
+    """An upstream that answers only once ``release`` is set."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.release.wait(10)
+        super().do_GET()
+
+
+def test_connections_over_the_cap_are_refused_when_all_carry_requests(caplog):
+    """Every connection carries a request a worker answers or has queued: a new one is answered 503, with one
+    line of JSON, at once and without a thread."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Blocked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Blocked.release.clear()
+    busy: list[socket.socket] = []
+    try:
+        with _guard(server.server_address, max_connections=3, threads=1) as guard:
+            port = guard.server_address[1]
+            for _ in range(3):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                busy.append(sock)
+            _wait_for(lambda: guard.open_connections == 3 and guard.waiting_connections == 0)
+            before = threading.active_count()
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+                    head, _, body = _read_all(extra).partition(b"\r\n\r\n")  # answered and closed at once
+                assert head.startswith(b"HTTP/1.1 503") and "--max-connections" in json.loads(body)["error"]
+            assert threading.active_count() == before and guard.open_connections == 3
+            _Blocked.release.set()
+            for sock in busy:
+                assert _read_all(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(0.2)  # the selector thread's next sweep logs what it counted
+    finally:
+        _Blocked.release.set()
+        for sock in busy:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("HTTP guard: refused, over --max-connections 3 requests "
+                                                         "in flight: ")
+
+
+def test_a_slow_request_or_an_idle_connection_holds_no_worker(upstream):
+    """With one worker: a slowloris head, a body sent a few bytes at a time and a kept-alive idle
+    connection all wait in the selector; other clients are answered, pipelined requests too."""
+    with _guard(upstream, threads=1, idle_timeout_s=30, header_timeout_s=30) as guard:
+        port = guard.server_address[1]
+        loris = socket.create_connection(("127.0.0.1", port), timeout=5)
+        loris.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        trickle.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        kept.request("GET", "/v2/health/ready")
+        assert kept.getresponse().read() and not kept.sock._closed  # kept alive, now idle
+        try:
+            for _ in range(3):
+                loris.sendall(b"a")
+                trickle.sendall(b" ")
+                assert _infer(port)[0] == 200
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as piped:
+                piped.sendall(b"GET /v2/a HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/b HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: close\r\n\r\n")
+                answer = _read_all(piped)
+            assert answer.count(b"HTTP/1.1 200") == 2 and b'"/v2/a"' in answer and b'"/v2/b"' in answer
+            kept.request("GET", "/v2/health/live")  # the idle connection is still served
+            assert json.loads(kept.getresponse().read())["path"] == "/v2/health/live"
+        finally:
+            for sock in (loris, trickle):
+                sock.close()
+            kept.close()
+
+
+def test_slow_and_idle_clients_are_cut_off(upstream):
+    with _guard(upstream, threads=1, idle_timeout_s=0.5, header_timeout_s=1.0) as guard:
+        port = guard.server_address[1]
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        loris = socket.create_connection(("127.0.0.1", port), timeout=5)
+        loris.sendall(b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        trickle.sendall(f"POST {INFER} HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        kept.request("GET", "/v2/health/ready")
+        kept.getresponse().read()
+        try:
+            for _ in range(3):  # a byte every 0.3 s keeps no one's request alive past its 1 s
+                time.sleep(0.3)
+                for sock in (loris, trickle):
+                    try:
+                        sock.sendall(b"a")
+                    except OSError:
+                        pass
+            for sock in (silent, loris, trickle, kept.sock):
+                assert _closed_by_server(sock, 3.0)
+            assert guard.open_connections == 0
+            assert _infer(port)[0] == 200
+        finally:
+            for sock in (silent, loris, trickle):
+                sock.close()
+            kept.close()
+
+
+@pytest.mark.parametrize("field, value, option", [
+    ("max_connections", 0, "--max-connections"), ("max_connections", 10**6, "--max-connections"),
+    ("max_connections", 2.5, "--max-connections"), ("threads", 0, "--guard-threads"),
+    ("threads", True, "--guard-threads"), ("idle_timeout_s", float("nan"), "--idle-timeout"),
+    ("idle_timeout_s", 0, "--idle-timeout"), ("header_timeout_s", float("inf"), "--header-timeout"),
+    ("header_timeout_s", -1.0, "--header-timeout"),
+])
+def test_connection_options_out_of_range_are_refused(field, value, option):
+    with pytest.raises(InvalidInputError) as info:
+        ConnectionLimits(**{field: value})
+    message = str(info.value)
+    assert message.startswith(option) and message.endswith(f"Received: {value!r}")
+
+
+def test_serve_refuses_a_bad_connection_option_before_loading(capsys, tmp_path):
+    from edgeclf.cli import main
+
+    for option, value in (("--idle-timeout", "nan"), ("--max-connections", "0"), ("--guard-threads", "2000")):
+        with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, before the bundle is looked at
+            main(["serve", str(tmp_path / "no-bundle"), option, value])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and option in line and line.endswith(f"Received: {value}")
+    with pytest.raises(Exception, match="--idle-timeout must be a finite number > 0 and <= 3600 seconds"):
+        ConnectionLimits(idle_timeout_s=float("nan"))  # the Python API checks the same ranges
+
+
+def test_grpc_calls_over_the_bound_are_refused_at_once():
+    """At most 4 x threads gRPC calls running or waiting, and threads / 2 streams: more fail with
+    RESOURCE_EXHAUSTED at once."""
+    grpc = pytest.importorskip("grpc")
+    pytest.importorskip("tritonclient.grpc")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeclf.serve.grpc_guard import grpc_guard
+    from edgeclf.serve.guard import GRPC_SERVICE
+    from edgeclf.serve.server import free_loopback_ports
+
+    release, streaming = threading.Event(), threading.Event()
+
+    def stream(requests, context):
+        streaming.set()
+        release.wait(10)
+        yield from ()
+
+    class Slow(grpc.GenericRpcHandler):  # stands in for Triton: answers once released
+        def service(self, details):
+            if details.method.endswith("/ModelStreamInfer"):
+                return grpc.stream_stream_rpc_method_handler(stream)
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: release.wait(10) and b"")
+
+    upstream_port, port = free_loopback_ports(2)
+    upstream = grpc.server(ThreadPoolExecutor(max_workers=8), handlers=[Slow()])
+    upstream.add_insecure_port(f"127.0.0.1:{upstream_port}")
+    upstream.start()
+    connections = ConnectionLimits(threads=2)
+    guard = grpc_guard(f"127.0.0.1:{port}", f"127.0.0.1:{upstream_port}", LIMITS, connections)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        open_stream = channel.stream_stream(f"/{GRPC_SERVICE}/ModelStreamInfer")
+        first = open_stream(iter(()), timeout=20)  # a quiet stream: holds one of the two threads
+        assert streaming.wait(10) and connections.max_streams == 1
+        with pytest.raises(grpc.RpcError) as info:
+            list(open_stream(iter(()), timeout=20))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in info.value.details()
+
+        call = channel.unary_unary(f"/{GRPC_SERVICE}/ServerLive")
+        calls = [call.future(b"", timeout=20) for _ in range(connections.max_concurrent_rpcs + 1)]
+        _wait_for(lambda: sum(c.done() for c in calls) >= 2)  # with the stream, two over the bound: refused
+        release.set()
+        codes = [c.exception().code() if c.exception() else None for c in calls]
+        # 2 over the bound; 3 where grpcio has not yet counted the refused stream as ended
+        refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert refused in (2, 3) and codes.count(None) == len(calls) - refused, codes
+        assert list(first) == []
+    finally:
+        release.set()
+        channel.close()
+        guard.stop(0)
+        guard.edgeclf_channel.close()
+        upstream.stop(0)
