@@ -32,8 +32,8 @@ class Range:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
-        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
-        return f"{kind} {low} and <= {self.high:g}{' ' + self.unit if self.unit else ''}"
+        low = f"> {_number(self.low)}" if self.low_open else f">= {_number(self.low)}"
+        return f"{kind} {low} and <= {_number(self.high)}{' ' + self.unit if self.unit else ''}"
 
     def check(self, value: object, name: str) -> int | float:
         """``value`` if it is in range, else an InvalidInputError naming ``name`` and the range."""
@@ -54,6 +54,11 @@ class Range:
         except (TypeError, ValueError):
             raise InvalidInputError(f"{name} must be {self.describe()}. Received: {text!r}") from None
         return self.check(value, name)
+
+
+def _number(value: float) -> str:
+    """89478485, not 8.94785e+07; 0.95 and 1e-05 as they are."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 #: Sane bounds: far beyond any real use, small enough that nothing runs for days or
@@ -82,6 +87,10 @@ RANGES: dict[str, Range] = {
     "requests": Range(1, 10_000_000, integer=True),
     "every": Range(0, 10_000_000, integer=True),
     "images": Range(1, 1_000_000, integer=True),
+    # Pillow's own limit (Image.MAX_IMAGE_PIXELS = 1024**3 // 4 // 3): the budget may be raised up to it
+    "image_pixels": Range(1, 1024**3 // 4 // 3, integer=True, unit="pixels"),
+    "connections": Range(1, 65_536, integer=True),
+    "serve_timeout": Range(0, 3600, low_open=True, unit="seconds"),
     # export
     "opset": Range(13, 23, integer=True),
     "workspace_mib": Range(1, 1 << 20, integer=True, unit="MiB"),

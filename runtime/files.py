@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgeclf.errors import EdgeclfError
-from edgeclf.images import IMAGE_EXTENSIONS
+from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
 from edgeclf.runtime.inputs import image_frames
 
 
@@ -65,10 +65,11 @@ def predict_paths(predictor, inputs: Iterable[str | os.PathLike], top_k: int = 1
         pending.clear()
 
     decoded = 0
+    max_pixels = getattr(predictor, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)  # each file's pixel budget
     for path, problem in image_paths(inputs):
         if problem is None:
             try:
-                pending.append((path, image_frames(path, predictor.image_size, str(path))))
+                pending.append((path, image_frames(path, predictor.image_size, str(path), max_pixels)))
                 decoded += 1
             except EdgeclfError as exc:
                 pending.append((path, str(exc)))

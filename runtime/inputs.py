@@ -2,10 +2,11 @@
 
 Accepted: file paths, encoded bytes, PIL images, and numpy arrays HWC or NHWC of RGB
 pixels 0..255, alone or in a list. Files, bytes and PIL images go through the same
-decoder as training (:func:`edgeclf.images.load_image`). Arrays must be uint8, or an
-integer type holding values 0..255 (cast without loss); float arrays are refused
-rather than guessed at: 0..1 and 0..255 conventions both exist, and a wrong guess gives
-confident wrong answers, the train/serve skew edgeclf exists to prevent.
+decoder as training (:func:`edgeclf.images.load_image`), within its pixel budget (checked
+on the header, before decoding: ``max_pixels``, the Predictor's ``max_image_pixels``).
+Arrays must be uint8, or an integer type holding values 0..255 (cast without loss); float
+arrays are refused rather than guessed at: 0..1 and 0..255 conventions both exist, and a
+wrong guess gives confident wrong answers, the train/serve skew edgeclf exists to prevent.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from edgeclf.errors import ImageDecodeError, InvalidInputError
-from edgeclf.images import load_image
+from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
 
 def is_batch(x: Any) -> bool:
@@ -75,11 +76,16 @@ def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                                                                           Image.Resampling.BILINEAR))
 
 
-def image_frames(x: Any, size: tuple[int, int], name: str) -> np.ndarray:
+def image_frames(x: Any, size: tuple[int, int], name: str,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """One input as an NHWC uint8 array at ``size`` (N is 1 except for a 4-D array).
 
+    ``max_pixels``: the pixel budget of a file, bytes or PIL image, checked on its header
+    before it is decoded (arrays are already in memory).
+
     Raises:
-        ImageDecodeError: a file or buffer that is missing, empty, truncated or not an image.
+        ImageDecodeError: a file or buffer that is missing, empty, truncated, not an image or
+            over the pixel budget.
         InvalidInputError: an array of the wrong dtype, channels or size; another type.
     """
     if isinstance(x, np.ndarray):
@@ -97,7 +103,7 @@ def image_frames(x: Any, size: tuple[int, int], name: str) -> np.ndarray:
         return np.stack([_resize(f, size) for f in frames])
     if isinstance(x, (str, os.PathLike, bytes, bytearray, Image.Image)):
         try:
-            return load_image(x, size)[np.newaxis]
+            return load_image(x, size, max_pixels)[np.newaxis]
         except ImageDecodeError:
             raise
         except Exception as exc:  # a PIL image in an odd mode, an unreadable path...
@@ -106,11 +112,11 @@ def image_frames(x: Any, size: tuple[int, int], name: str) -> np.ndarray:
                             f"Received: {describe(x)}")
 
 
-def to_batch(x: Any, size: tuple[int, int]) -> np.ndarray:
+def to_batch(x: Any, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """One input or many as one uint8 NHWC batch at ``size``; an empty batch is an error."""
     items = list(x) if isinstance(x, (list, tuple)) else [x]
     if not items or (isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[0] == 0):
         raise InvalidInputError(f"empty batch: nothing to predict. Received: {describe(x)}")
-    frames = [image_frames(item, size, f"input {i}" if len(items) > 1 else "input")
+    frames = [image_frames(item, size, f"input {i}" if len(items) > 1 else "input", max_pixels)
               for i, item in enumerate(items)]
     return frames[0] if len(frames) == 1 else np.concatenate(frames)

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from edgeclf.errors import BundleError, IncompatibleArtifactError, InvalidInputError
+from edgeclf import limits
 from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend
 from edgeclf.runtime.hardware import detect
+from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from edgeclf.runtime.inputs import is_batch, to_batch
 from edgeclf.runtime.metadata import check_artifact_metadata, check_model_path
 from edgeclf.runtime.selection import Choice, choose, needs_int8_dot_product
@@ -55,7 +57,7 @@ class Predictor:
     """
 
     def __init__(self, backend, choice: Choice, labels: list[int], image_size: tuple[int, int],
-                 batch_size: int, reason: str) -> None:
+                 batch_size: int, reason: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.backend = backend
         self.choice = choice
         self.labels = list(labels)
@@ -63,11 +65,13 @@ class Predictor:
         self.batch_size = min(batch_size, backend.max_batch or batch_size)
         self._table = np.asarray(self.labels, dtype=np.int64)
         self._reason = reason
+        #: The pixel budget of each image file, bytes or PIL image, checked before it is decoded.
+        self.max_image_pixels = max_image_pixels
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, precision: str | None = None,
              batch_size: int = 32, threads: int | None = None, verify: bool = True,
-             allow_unvalidated: bool = False) -> Predictor:
+             allow_unvalidated: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Predictor:
         """Load a bundle directory or one artifact file.
 
         Args:
@@ -79,6 +83,8 @@ class Predictor:
             threads: CPU threads per inference (None: the library's default).
             verify: check the artifact's sha256 against bundle.json.
             allow_unvalidated: also run artifacts that export did not validate.
+            max_image_pixels: refuse an image file (or bytes, or PIL image) declaring more pixels
+                than this, before decoding it (default 25 M; at most Pillow's 89,478,485).
 
         Raises:
             BundleError: the path, the bundle or the artifact is missing, corrupt or altered.
@@ -87,10 +93,12 @@ class Predictor:
             InvalidInputError: an unknown backend, precision or a bad option value.
         """
         path = Path(path)
-        if batch_size < 1:
-            raise InvalidInputError(f"batch_size must be >= 1. Received: {batch_size}")
+        limits.check("batch", batch_size, "batch_size")
+        if threads is not None:
+            limits.check("threads", threads, "threads")
         if precision not in (None, "fp32", "fp16", "bf16", "int8"):
             raise InvalidInputError(f"precision must be fp32, fp16, bf16 or int8. Received: {precision!r}")
+        check_max_image_pixels(max_image_pixels)
         check_model_path(path)
         hardware = detect()
         choice = choose(path, backend, precision, hardware, allow_unvalidated)
@@ -112,16 +120,17 @@ class Predictor:
             if bundle is not None and labels != bundle.labels:
                 raise IncompatibleArtifactError(f"{choice.path.name} decodes to labels {labels}, but the bundle's "
                                                 f"labels are {bundle.labels}: the artifact belongs to another model")
+            limits.check_batch_memory(batch_size, size, "batch_size")
         except BaseException:
             runner.close()
             raise
-        return cls(runner, choice, labels, size, batch_size, choice.reason)
+        return cls(runner, choice, labels, size, batch_size, choice.reason, max_image_pixels)
 
     # -- inference -------------------------------------------------------------------------
 
     def logits(self, images: Any) -> np.ndarray:
         """Logits [N, K] for one input or many (see :func:`edgeclf.runtime.inputs.to_batch`)."""
-        return self.infer(to_batch(images, self.image_size))
+        return self.infer(to_batch(images, self.image_size, self.max_image_pixels))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a uint8 NHWC batch already at the model's size, in chunks of ``batch_size``."""
