@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeclf.runtime.fidelity import clopper_pearson_lower, decided_agreement, margin_shift, paired_accuracy_test
+from edgeclf.runtime.fidelity import (clopper_pearson_lower, decided_agreement, images_to_show, margin_shift,
+                                      margins, paired_accuracy_test)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,31 @@ def compare(
     }
 
 
+def measurable_check(tolerance: Tolerance, reference: np.ndarray, waive: bool = False) -> dict[str, Any]:
+    """Whether the reference logits [N, K] are enough images to show the agreement target at all.
+
+    The agreement check is judged on every image, or on the decided ones (Keras margin at least
+    ``decided_margin``); if even all of those agreeing leaves the one-sided 95% Clopper-Pearson
+    lower bound of agreement below ``min_agreement``, a pass would show nothing: 0.99 takes 299
+    images (:func:`~edgeclf.runtime.fidelity.images_to_show`). ``waive`` keeps the check in the
+    report without failing it (``verify --allow-small-set``).
+    """
+    if tolerance.decided_margin is None:
+        judged, what = int(len(reference)), "img"
+    else:
+        judged, what = int((margins(reference) >= tolerance.decided_margin).sum()) if len(reference) else 0, \
+            "decided img"
+    needed = images_to_show(tolerance.min_agreement)
+    shown = clopper_pearson_lower(judged, judged)
+    enough = needed is not None and judged >= needed
+    check = {"check": f"95% bound if all {judged} {what} agree (needs {needed if needed else 'infinitely many'})",
+             "value": shown, "limit": tolerance.min_agreement, "passed": enough or waive,
+             "images": judged, "images_needed": needed}
+    if waive and not enough:
+        check["waived"] = True
+    return check
+
+
 def format_check(artifact: str, check: dict[str, Any]) -> str:
     """One line per check, e.g. ``onnx-int8  top-1 agreement  0.9931 >= 0.95  ok``."""
     value, limit = check["value"], check["limit"]
@@ -159,4 +185,5 @@ def format_check(artifact: str, check: dict[str, Any]) -> str:
         shown = f"{value:.4g} <= {limit:.4g}"
     else:
         shown = f"{value:.4f} >= {limit:.4g}"
-    return f"  {artifact:<13} {check['check']:<44} {shown:<24} {'ok' if check['passed'] else 'FAILED'}"
+    verdict = "waived" if check.get("waived") else "ok" if check["passed"] else "FAILED"
+    return f"  {artifact:<13} {check['check']:<44} {shown:<24} {verdict}"

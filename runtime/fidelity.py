@@ -85,6 +85,23 @@ def clopper_pearson_lower(successes: int, n: int, confidence: float = 0.95) -> f
     return low
 
 
+def images_to_show(target: float, confidence: float = 0.95) -> int | None:
+    """The fewest images that can show agreement ``target`` at ``confidence``: with n images all
+    agreeing the one-sided lower bound is (1 - confidence) ** (1 / n), so n >= ln(1 - confidence)
+    / ln(target); 0.99 takes 299, 0.98 149, 0.95 59. None for a target of 1 (no finite set shows it).
+    """
+    if target <= 0.0:
+        return 1
+    if target >= 1.0:
+        return None
+    n = max(1, math.ceil(math.log(1.0 - confidence) / math.log(target)))
+    while clopper_pearson_lower(n, n, confidence) < target:  # the closed form, checked by the bound itself
+        n += 1
+    while n > 1 and clopper_pearson_lower(n - 1, n - 1, confidence) >= target:
+        n -= 1
+    return n
+
+
 def paired_accuracy_test(keras_right: np.ndarray, artifact_right: np.ndarray, max_drop: float,
                          alpha: float = 0.05) -> dict[str, Any]:
     """Whether the artifact's accuracy is significantly more than ``max_drop`` below Keras's.

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeclf.bundle import BUNDLE_FILE, Bundle, update_bundle
 from edgeclf.errors import BackendUnavailableError, BundleError, EdgeclfError, InvalidInputError
 from edgeclf.formats import FORMATS, entries, entry_name
 from edgeclf.progress import log
 from edgeclf.runtime.backends import BACKENDS, runs_here
-from edgeclf.runtime.checks import TOLERANCES, Tolerance, artifact_outputs, compare, tolerance_for
+from edgeclf.runtime.checks import TOLERANCES, Tolerance, artifact_outputs, compare, measurable_check, tolerance_for
+from edgeclf.runtime.fidelity import clopper_pearson_lower
 from edgeclf.runtime.fingerprint import fingerprint, machine_key
 from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.verification import VerificationSet, load_verification_set
@@ -154,8 +158,60 @@ def select_entries(bundle: Bundle, backend: str, precision: str | None, hardware
     return chosen
 
 
+def keras_accuracy(reference: VerificationSet, labels: list[int]) -> float:
+    """The Keras model's accuracy on the verification set: its stored logits against its stored
+    labels, computed as :func:`~edgeclf.runtime.checks.compare` computes ``accuracy_keras``."""
+    table = np.asarray(labels, dtype=np.int64)
+    return float(np.mean(table[reference.logits.argmax(axis=1)] == reference.values))
+
+
+def check_labels_against_export(bundle: Bundle, reference: VerificationSet) -> None:
+    """Refuse a verification set whose labels no longer give the Keras accuracy export measured on it.
+
+    Every artifact export validated records ``accuracy_keras``, the stored logits' accuracy against
+    the stored labels on the images it was validated on. Recomputed here on a set of that size it
+    is the same number exactly, unless the labels (or logits) were changed after export: shifted
+    labels make Keras and the artifact equally wrong, so the accuracy checks would pass with
+    "drop 0" while meaning nothing. Records of another size (a set since re-drawn) are not compared;
+    with none left, the set's Keras accuracy is compared with training's held-out accuracy and an
+    implausible gap (outside the 99.9% Clopper-Pearson interval) is warned about: the set is a
+    sample, so that comparison can only be statistical.
+
+    Raises:
+        BundleError: export recorded a different Keras accuracy on a set of this size.
+    """
+    n, here = len(reference), keras_accuracy(reference, bundle.labels)
+    recorded = {}
+    for fmt, artifact in (bundle.meta.get("artifacts") or {}).items():
+        validation = artifact.get("validation") if isinstance(artifact, dict) else None
+        value = validation.get("accuracy_keras") if isinstance(validation, dict) else None
+        if validation and validation.get("images") == n and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            recorded[fmt] = float(value)
+    file = (bundle.meta.get("verification_set") or {}).get("file", "the verification set")
+    if recorded:
+        if any(abs(value - here) <= 1e-9 for value in recorded.values()):
+            return
+        fmt, value = next(iter(recorded.items()))
+        raise BundleError(f"{file}'s labels disagree with export: the Keras logits stored with them are right on "
+                          f"{here:.4f} of its {n} images, but export measured {value:.4f} on a set of this size "
+                          f"(artifacts.{fmt}.validation.accuracy_keras): the labels or logits were changed after "
+                          f"export, and accuracy checks against them would mean nothing; re-export the bundle. "
+                          f"Received: Keras accuracy {here:.4f} on {n} images, recorded {value:.4f}")
+    heldout = ((bundle.meta.get("metrics") or {}).get("validation") or {}).get("accuracy")
+    drawn = (bundle.meta.get("verification_set") or {}).get("drawn") or {}
+    if isinstance(heldout, (int, float)) and str(drawn.get("from", "")).startswith("the held-out split"):
+        right = int(round(here * n))
+        low, high = clopper_pearson_lower(right, n, 0.9995), 1.0 - clopper_pearson_lower(n - right, n, 0.9995)
+        if not low <= heldout <= high:
+            warnings.warn(f"{file}'s labels give the Keras model {here:.4f} accuracy on its {n} images, but training "
+                          f"measured {heldout:.4f} on the held-out split they were drawn from (99.9% interval of "
+                          f"this set: {low:.4f}..{high:.4f}): its labels may have been changed; re-export the "
+                          f"bundle if so", stacklevel=3)
+
+
 def verify(path: str | Path, backend: str = "all", precision: str | None = None, *,
-           record: bool = True, hardware: Hardware | None = None) -> VerifyReport:
+           record: bool = True, hardware: Hardware | None = None, allow_small_set: bool = False) -> VerifyReport:
     """Check the bundle's artifacts here against its verification set; store the results.
 
     Args:
@@ -163,10 +219,17 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
             would pick), a backend name or an artifact format.
         precision: only entries of this precision ("fp32", "fp16", "int8", "bf16").
         record: store the results in bundle.json under this machine's fingerprint.
+        allow_small_set: judge entries whose agreement target the set is too small to show
+            (see below) instead of failing them; the check is kept, marked waived, with a warning.
+
+    An entry fails when the verification set cannot show its agreement target at all: if even
+    every image (every decided image, for the INT8 and BF16 gate) agreeing leaves the one-sided
+    95% lower bound of agreement below the target (0.99 needs 299 images), a pass would mean
+    nothing; a 1-image set passed every check before.
 
     Raises:
         BundleError: not a bundle, no verification set (exported by an older edgeclf), or
-            the set was altered.
+            the set was altered (its labels no longer give the Keras accuracy export recorded).
         BackendUnavailableError: no backend installed here runs any chosen artifact.
     """
     started = time.perf_counter()
@@ -176,9 +239,11 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
     hw = hardware or detect()
     bundle = Bundle.load(path)
     reference = load_verification_set(bundle)
+    check_labels_against_export(bundle, reference)
     chosen = select_entries(bundle, backend, precision, hw)
     log(f"verifying {', '.join(e.name for e in chosen)} on {len(reference)} images ({hw.summary()})")
     report = VerifyReport(bundle.path, fingerprint(hw))
+    waived: list[str] = []
     for entry in chosen:
         artifact = bundle.meta["artifacts"][entry.format]
         # The limits export checked this artifact against; a run-time precision has its own.
@@ -189,8 +254,20 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
             result.update(check_entry(bundle.path, entry.format, entry.hint, reference, bundle.labels, tolerance))
         except EdgeclfError as exc:  # one artifact that cannot run must not hide the others' results
             result.update(passed=False, error=f"{type(exc).__name__}: {exc}")
+        if "checks" in result:  # whether these images can show the agreement target at all
+            shown = measurable_check(tolerance, reference.logits, waive=allow_small_set)
+            result["checks"].append(shown)
+            result["passed"] = all(c["passed"] for c in result["checks"])
+            if shown.get("waived"):
+                waived.append(f"{entry.name} ({shown['limit']:g} on {shown['images']}, needs "
+                              f"{shown['images_needed'] or 'infinitely many'})")
         report.results[entry.name] = result
         log(f"  {entry.name:<14} {'passed' if result['passed'] else 'FAILED'}")
+    if waived:
+        count = f"{len(reference)} image{'s' if len(reference) != 1 else ''}"
+        warnings.warn(f"the verification set ({count}) is too small to show the agreement target of "
+                      f"{', '.join(waived)} even if all agree (one-sided 95% bound); judged anyway "
+                      f"(allow_small_set, --allow-small-set): a pass shows less than its target", stacklevel=2)
     report.seconds = time.perf_counter() - started
     if record:
         store_results(bundle.path, report.results, hw)

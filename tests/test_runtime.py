@@ -476,7 +476,7 @@ def test_bf16_on_a_bf16_cpu_gives_the_keras_integers(tiny_exported):
     bundle, _ = tiny_exported
     with Predictor.load(bundle.path, "openvino", precision="bf16") as predictor:
         assert predictor.describe()["precision_hint"] == "bf16"
-    report = verify(bundle.path, "openvino", precision="bf16", record=False)
+    report = verify(bundle.path, "openvino", precision="bf16", record=False, allow_small_set=True)
     result = report.results["openvino-bf16"]
     assert report.passed, report.failures()
     recorded = Bundle.load(bundle.path).meta["artifacts"]["openvino"]["run_time_tolerances"]["bf16"]

@@ -7,6 +7,8 @@ code on the device, without TensorFlow, and ``auto`` obeys what passed on this m
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,6 +28,8 @@ from edgeclf.runtime.fingerprint import fingerprint, machine_key
 from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.runtime.selection import choose
 from edgeclf.runtime.verifier import store_results, verify
+from edgeclf.runtime.checks import measurable_check
+from edgeclf.runtime.fidelity import clopper_pearson_lower, images_to_show
 from edgeclf.verification import load_verification_set
 from tests.conftest import CPU_ARTIFACTS, engine_left_out, has_gpu, run_cli
 
@@ -71,7 +75,7 @@ def test_the_verification_set_is_the_held_out_reference_export_validated_on(tiny
 
 def test_verify_gives_the_figures_export_recorded_for_every_cpu_artifact(bundle_copy, tiny_exported):
     _, records = tiny_exported
-    report = verify(bundle_copy, "all")
+    report = verify(bundle_copy, "all", allow_small_set=True)  # the fast layer's set is too small for 0.99
     assert report.passed, report.failures()
     by_format = {r["format"]: r for r in records}
     for artifact in CPU_ARTIFACTS:
@@ -93,13 +97,13 @@ def test_verify_gives_the_figures_export_recorded_for_every_cpu_artifact(bundle_
 def test_verify_cli_fails_naming_the_artifact_and_the_check(bundle_copy):
     # The tolerance export recorded is the one verify applies: tighten it beyond reach.
     _edit(bundle_copy, lambda m: m["artifacts"]["onnx-int8"]["validation"]["tolerance"].update(min_agreement=1.01))
-    out = run_cli("verify", str(bundle_copy), "--backend", "onnxruntime")
+    out = run_cli("verify", str(bundle_copy), "--backend", "onnxruntime", "--allow-small-set")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "error: verification failed: onnx-int8: top-1 agreement" in out.stderr
     table = {line.split()[0]: line.split() for line in out.stdout.splitlines() if "onnxruntime" in line}
     assert table["onnx"][-1] == "passed" and table["onnx-int8"][-1] == "FAILED"
     assert "Traceback" not in out.stderr
-    ok = run_cli("verify", str(bundle_copy), "--backend", "onnx", "--json")
+    ok = run_cli("verify", str(bundle_copy), "--backend", "onnx", "--json", "--allow-small-set")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["results"]["onnx"]["checks"][0]["check"] == "max |logit diff|"
 
@@ -132,7 +136,8 @@ def test_verify_where_no_backend_runs_any_artifact_names_the_extras(bundle_copy)
 
 def test_concurrent_verify_runs_lose_no_record(bundle_copy):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    procs = [subprocess.Popen([sys.executable, "-m", "edgeclf", "verify", str(bundle_copy), "--backend", b],
+    procs = [subprocess.Popen([sys.executable, "-m", "edgeclf", "verify", str(bundle_copy), "--backend", b,
+                               "--allow-small-set"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for b in ("onnxruntime", "tflite", "openvino")]
     for proc in procs:
@@ -213,7 +218,8 @@ def test_a_device_install_verifies_and_benches_without_tensorflow(bundle_copy, t
     edgeclf = str(venv / "bin" / "edgeclf")
     check = subprocess.run([str(venv / "bin" / "python"), "-c", "import tensorflow"], capture_output=True)
     assert check.returncode != 0  # truly without TensorFlow
-    out = subprocess.run([edgeclf, "verify", str(bundle_copy), "--json"], capture_output=True, text=True,
+    out = subprocess.run([edgeclf, "verify", str(bundle_copy), "--json", "--allow-small-set"], capture_output=True,
+                         text=True,
                          cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -253,7 +259,87 @@ def test_verify_is_part_of_the_runtime_api(bundle_copy):
 
     with edgeclf.runtime.Predictor.load(bundle_copy) as predictor:
         auto = entry_name(predictor.choice.format, predictor.choice.precision_hint)
-    report = edgeclf.runtime.verify(bundle_copy, "auto", record=False)
+    report = edgeclf.runtime.verify(bundle_copy, "auto", record=False, allow_small_set=True)
     assert list(report.results) == [auto] and report.passed and report.seconds > 0
     # Not recorded: what this machine holds is still export's own result.
     assert Bundle.load(bundle_copy).meta["verified"]["machines"][machine_key()]["results"][auto]["by"] == "export"
+
+
+def _replace_set(path: Path, images: np.ndarray, values: np.ndarray, logits: np.ndarray) -> None:
+    """Rewrite verification.npz as a hostile user with write access would: bundle.json's record
+    (sha256, size, image count) updated to match, so only the contents can give it away."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, pixels=images, labels=values, logits=logits)
+    (path / "verification.npz").write_bytes(buffer.getvalue())
+    _edit(path, lambda m: m["verification_set"].update(sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
+                                                       size_bytes=len(buffer.getvalue()), images=len(values)))
+
+
+def test_the_images_a_target_needs_follow_the_gates_confidence_bound():
+    # All n agreeing shows agreement (1 - 0.95) ** (1 / n) at best: 0.99 takes 299 images.
+    for target, needed in ((0.99, 299), (0.98, 149), (0.95, 59), (0.9, 29), (0.999, 2995), (0.05, 1)):
+        assert images_to_show(target) == needed
+        assert clopper_pearson_lower(needed, needed) >= target > clopper_pearson_lower(needed - 1, needed - 1)
+    assert images_to_show(1.0) is None  # no finite set shows perfect agreement
+    from edgeclf.runtime.checks import TOLERANCES, Tolerance
+
+    logits = np.eye(3, dtype=np.float32)[np.arange(300) % 3] * 5  # margins of 5
+    assert measurable_check(TOLERANCES["fp32"], logits[:298])["passed"] is False
+    assert measurable_check(TOLERANCES["fp32"], logits[:299])["passed"] is True
+    gate = Tolerance(rtol=None, atol=0.0, min_agreement=0.95, max_accuracy_drop=0.02, decided_margin=6.0,
+                     paired_alpha=0.05)  # judged on the decided images only: here none
+    check = measurable_check(gate, logits)
+    assert (check["images"], check["passed"], check["check"]) == (0, False, "95% bound if all 0 decided img agree "
+                                                                             "(needs 59)")
+
+
+def test_verify_fails_a_set_too_small_to_show_its_targets(bundle_copy, tiny_exported):
+    reference = load_verification_set(Bundle.load(bundle_copy))
+    assert len(reference) < 299  # the fast layer's own set cannot show FP32's 0.99 either
+    report = verify(bundle_copy, "onnx", record=False)
+    assert not report.passed and report.failures() == [
+        f"onnx: 95% bound if all {len(reference)} img agree (needs 299) "
+        f"{clopper_pearson_lower(len(reference), len(reference)):.4g} (limit 0.99)"]
+    # The hostile case: one image, which passed every check before.
+    _replace_set(bundle_copy, reference.images[:1], reference.values[:1], reference.logits[:1])
+    out = run_cli("verify", str(bundle_copy), "--backend", "onnxruntime")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "onnx: 95% bound if all 1 img agree (needs 299) 0.05 (limit 0.99)" in errors[0], \
+        out.stderr
+    assert "onnx-int8: 95% bound if all" in errors[0]  # INT8's gate too, on its decided images
+    # Asked for, it is judged anyway: the check is kept as waived, with one warning line.
+    out = run_cli("verify", str(bundle_copy), "--backend", "onnx", "--allow-small-set", "--json")
+    assert out.returncode == 0, out.stderr
+    check = json.loads(out.stdout)["results"]["onnx"]["checks"][-1]
+    assert check["waived"] is True and check["images_needed"] == 299 and check["value"] == pytest.approx(0.05)
+    warned = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "verification set (1 image) is too small to show the agreement target of onnx " \
+                                "(0.99 on 1, needs 299)" in warned[0]
+
+
+def test_verify_refuses_labels_changed_after_export(bundle_copy):
+    bundle = Bundle.load(bundle_copy)
+    reference = load_verification_set(bundle)
+    # Every label moved to the next class: Keras and the artifact are equally wrong, "drop 0".
+    shifted = np.array([bundle.labels[(bundle.labels.index(v) + 1) % len(bundle.labels)] for v in reference.values])
+    _replace_set(bundle_copy, reference.images, shifted, reference.logits)
+    out = run_cli("verify", str(bundle_copy), "--backend", "onnx", "--allow-small-set")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    recorded = bundle.meta["artifacts"]["onnx"]["validation"]["accuracy_keras"]
+    assert len(errors) == 1 and "verification.npz's labels disagree with export" in errors[0], out.stderr
+    assert f"recorded {recorded:.4f}" in errors[0] and "re-export the bundle" in errors[0]
+    assert out.stdout == ""  # refused before anything ran or was recorded
+    # A set of another size has no export record to compare with: training's held-out accuracy is
+    # the yardstick then, statistically (the set is a sample of it), and a gap is warned about.
+    _replace_set(bundle_copy, reference.images[:-1], shifted[:-1], reference.logits[:-1])
+    with pytest.warns(UserWarning, match=r"labels give the Keras model 0\.\d+ accuracy on its \d+ images, but "
+                                         r"training measured [01]\.\d+ on the held-out split"):
+        verify(bundle_copy, "onnx", record=False, allow_small_set=True)
+    # Untouched, the set agrees with its records: no error, no warning about its labels.
+    _replace_set(bundle_copy, reference.images, reference.values, reference.logits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert verify(bundle_copy, "onnx", record=False, allow_small_set=True).passed
+    assert not [w for w in caught if "labels" in str(w.message)]
