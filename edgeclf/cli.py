@@ -12,41 +12,48 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from edgeclf import __version__
+from edgeclf import __version__, limits
 from edgeclf.errors import EdgeclfError, InvalidInputError, ValidationError
 
 _RANGE = re.compile(r"^\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*$")
 
 
 def parse_labels(text: str) -> list[int]:
-    """"3,4,5", "3..7" or "-2,3,10" -> a list of integers."""
-    labels: list[int] = []
+    """"3,4,5", "3..7" or "-2,3,10" -> a list of integers (at most limits.MAX_CLASSES of them).
+
+    A range's size is checked before it is expanded: "0..99999999" is refused, not built.
+    """
+    parts: list[tuple[int, int]] = []
     for part in text.split(","):
         match = _RANGE.match(part)
         try:
-            if match:
-                lo, hi = int(match.group(1)), int(match.group(2))
-                labels.extend(range(lo, hi + 1))
-            else:
-                labels.append(int(part))
+            lo, hi = (int(match.group(1)), int(match.group(2))) if match else (int(part), int(part))
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"labels must be integers separated by commas, or a range like 3..7. Received: {text!r}"
             ) from None
-    return labels
+        if max(abs(lo), abs(hi)) > limits.MAX_LABEL:
+            raise argparse.ArgumentTypeError(f"labels must lie within +-2**53. Received: {text!r}")
+        parts.append((lo, hi))
+    try:
+        limits.check_label_count(sum(max(0, hi - lo + 1) for lo, hi in parts), text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return [label for lo, hi in parts for label in range(lo, hi + 1)]
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """"299" or "224x320" (height x width)."""
+    """"299" or "224x320" (height x width), each side within limits.RANGES["image_side"]."""
     try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"image size must be N or HxW. Received: {text!r}") from None
+        parts = [limits.RANGES["image_side"].parse(p, "each side") for p in text.lower().split("x")]
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW, {exc}") from None
     if len(parts) == 1:
         return parts[0], parts[0]
     if len(parts) == 2:
@@ -150,17 +157,22 @@ def _int_triple(text: str, option: str) -> tuple[int, int, int]:
         values = ()
     if len(values) != 3:
         raise InvalidInputError(f"{option} expects three integers MIN,OPT,MAX such as 1,8,32. Received: {text!r}")
+    for value in values:
+        limits.check("batch", value, option)
     return values  # type: ignore[return-value]
 
 
 def _int_list(text: str | None, option: str) -> tuple[int, ...]:
-    """"8,32" -> (8, 32); None -> ()."""
+    """"8,32" -> (8, 32), each a batch size within limits.RANGES["batch"]; None -> ()."""
     if text is None:
         return ()
     try:
-        return tuple(int(v) for v in text.split(","))
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise InvalidInputError(f"{option} expects comma-separated integers such as 8,32. Received: {text!r}") from None
+    for value in values:
+        limits.check("batch", value, option)
+    return values
 
 
 def _split_triton(formats: str) -> tuple[list[str], bool]:
@@ -287,7 +299,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from edgeclf.runtime.files import predict_paths
 
     with Predictor.load(args.model, args.backend, precision=args.precision, batch_size=args.batch_size,
-                        threads=args.threads, allow_unvalidated=args.allow_unvalidated) as predictor:
+                        threads=args.threads, allow_unvalidated=args.allow_unvalidated,
+                        max_image_pixels=args.max_image_pixels) as predictor:
         described = predictor.describe()
         print(f"[edgeclf] {described['backend']} running {described['artifact']}: {described['reason']}",
               file=sys.stderr)
@@ -342,7 +355,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, name=args.model_name, backend=args.backend,
                            precision=args.precision, threads=args.threads, batching=_batching(args),
-                           image_instances=args.image_instances, max_request_mb=args.max_request_mb)
+                           image_instances=args.image_instances, max_request_mb=args.max_request_mb,
+                           max_image_pixels=args.max_image_pixels,
+                           max_connections=args.max_connections, guard_threads=args.guard_threads,
+                           idle_timeout=args.idle_timeout, header_timeout=args.header_timeout)
     serve(args.bundle, options, on_ready=print_ready)
     print("[edgeclf] server stopped", file=sys.stderr)
     return 0
@@ -380,7 +396,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from edgeclf.runtime.checks import format_check
     from edgeclf.runtime.verifier import verify
 
-    report = verify(args.model, args.backend, args.precision, record=not args.no_record)
+    report = verify(args.model, args.backend, args.precision, record=not args.no_record,
+                    allow_small_set=args.allow_small_set)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -434,17 +451,17 @@ def _add_model_arguments(p) -> None:
                    help="auto (default), onnxruntime, openvino, tflite, tensorrt, or an artifact name such as onnx-int8")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default=None,
                    help="pick the artifact of this precision (bf16: the FP32 OpenVINO IR run in BF16)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per inference (default: all)")
+    p.add_argument("--threads", type=limits.option("threads"), default=None, help="CPU threads per inference (default: all)")
 
 
 def _add_batching_arguments(group) -> None:
     group.add_argument("--model-name", default="edgeclf", help="Triton model name (prefix) (default edgeclf)")
-    group.add_argument("--max-batch", type=int, default=32, help="Triton max_batch_size (default 32)")
+    group.add_argument("--max-batch", type=limits.option("batch"), default=32, help="Triton max_batch_size (default 32)")
     group.add_argument("--preferred-batch", default=None, metavar="N[,N...]",
                        help="dynamic batching preferred sizes (default 8 and the max batch)")
-    group.add_argument("--queue-delay-us", type=int, default=2000,
+    group.add_argument("--queue-delay-us", type=limits.option("queue_delay_us"), default=2000,
                        help="longest wait to fill a batch, microseconds (default 2000)")
-    group.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    group.add_argument("--instances", type=limits.option("instances"), default=1, help="model instances (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -483,20 +500,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="BUNDLE",
                    help="start from this bundle's weights (same backbone and labels, any image size): "
                         "train small and cheap first, then finish at full size")
-    p.add_argument("--epochs-frozen", type=int, help="phase 1 epochs, backbone frozen (default 10)")
-    p.add_argument("--epochs-finetune", type=int, help="phase 2 epochs, top unfrozen (default 5)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 32)")
-    p.add_argument("--lr-frozen", type=float, help="phase 1 learning rate (default 1e-3)")
-    p.add_argument("--lr-finetune", type=float, help="phase 2 learning rate (default 1e-5; 1e-3 with --weights none)")
-    p.add_argument("--unfreeze-at", type=int, default=None,
+    p.add_argument("--epochs-frozen", type=limits.option("epochs"), help="phase 1 epochs, backbone frozen (default 10)")
+    p.add_argument("--epochs-finetune", type=limits.option("epochs"), help="phase 2 epochs, top unfrozen (default 5)")
+    p.add_argument("--batch-size", type=limits.option("train_batch"), help="global batch size (default 32)")
+    p.add_argument("--lr-frozen", type=limits.option("learning_rate"), help="phase 1 learning rate (default 1e-3)")
+    p.add_argument("--lr-finetune", type=limits.option("learning_rate"), help="phase 2 learning rate (default 1e-5; 1e-3 with --weights none)")
+    p.add_argument("--unfreeze-at", type=limits.option("layer_index"), default=None,
                    help="first backbone layer index trained in phase 2 (default: the backbone's, 249 for "
                         "InceptionV3; 0 with --weights none)")
-    p.add_argument("--val-split", type=float, help="stratified validation fraction (default 0.2)")
+    p.add_argument("--val-split", type=limits.option("val_split"), help="stratified validation fraction (default 0.2)")
     p.add_argument("--val-dir", default=None, help="explicit validation data instead of a split")
-    p.add_argument("--seed", type=int, help="(default 0)")
+    p.add_argument("--seed", type=limits.option("seed"), help="(default 0)")
     p.add_argument("--strategy", choices=STRATEGIES,
                    help="tf.distribute strategy: mirrored = all GPUs of this host; multiworker = hosts in "
                         "TF_CONFIG (default: one device)")
+    p.add_argument("--peer-timeout", type=limits.option("peer_timeout"), metavar="SECONDS",
+                   help="multiworker: seconds to wait for every TF_CONFIG peer to listen before failing with "
+                        "the unreachable addresses (default 300)")
     p.add_argument("--class-weights", choices=["balanced"], help="weight classes inversely to their size")
     p.add_argument("--augment", action="store_true", help="random rotation, zoom and shift (no flips)")
     p.add_argument("--augment-flip", action="store_true", help="with --augment, also flip horizontally")
@@ -512,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory: decode every image before training; stream: decode batch by batch from the "
                         "files, so memory does not grow with their number; auto (default): stream when the "
                         "decoded images would take over 1 GiB")
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 3)")
+    p.add_argument("--patience", type=limits.option("patience"), help="early-stopping patience in epochs (default 3)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty output directory (and an interrupted run's checkpoint)")
@@ -541,10 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="all",
                    help=f"comma-separated list of {', '.join(FORMATS)}, or 'all' (default); 'triton' writes a "
                         f"Triton model repository to --out")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--calibration-images", type=int, default=300,
+    p.add_argument("--opset", type=limits.option("opset"), default=17, help="ONNX opset (default 17)")
+    p.add_argument("--calibration-images", type=limits.option("images"), default=300,
                    help="training images used to calibrate INT8 (default 300)")
-    p.add_argument("--tuning-images", type=int, default=500,
+    p.add_argument("--tuning-images", type=limits.option("images"), default=500,
                    help="other training images the INT8 searches judge candidates on and the INT8 gate's decided "
                         "margin is derived on; the verification set never reaches them (default 500)")
     p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=None,
@@ -559,37 +579,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled images for calibration and validation instead of the bundle's training data")
     p.add_argument("--no-validate", action="store_true", help="skip validation against Keras (not recommended)")
     int8 = p.add_argument_group("INT8 gate (onnx-int8, openvino-int8, tflite-int8)")
-    int8.add_argument("--int8-min-agreement", type=float, default=0.99,
+    int8.add_argument("--int8-min-agreement", type=limits.option("agreement"), default=0.99,
                       help="top-1 agreement with Keras INT8 must reach on the images Keras has decided (logit margin "
                            "at least the decided margin); layers are kept in FP32 until it does (default 0.99)")
-    int8.add_argument("--int8-max-accuracy-drop", type=float, default=0.005,
+    int8.add_argument("--int8-max-accuracy-drop", type=limits.option("fraction"), default=0.005,
                       help="accuracy drop against Keras allowed; fails only when a paired exact test on the images "
                            "one gets right and the other wrong finds the drop significantly larger (default 0.005)")
-    int8.add_argument("--int8-decided-margin", type=float, default=None, metavar="LOGITS",
+    int8.add_argument("--int8-decided-margin", type=limits.option("logits"), default=None, metavar="LOGITS",
                       help="the decided margin in logits (default: derived, see --int8-margin-scale)")
-    int8.add_argument("--int8-margin-scale", type=float, default=2.0,
+    int8.add_argument("--int8-margin-scale", type=limits.option("scale"), default=2.0,
                       help="the derived decided margin is this times the 99th percentile of how far BF16 arithmetic "
                            "moves the top-1 logit towards another class on the tuning images (default 2)")
-    int8.add_argument("--int8-margin-floor", type=float, default=1.0, metavar="LOGITS",
+    int8.add_argument("--int8-margin-floor", type=limits.option("logits"), default=1.0, metavar="LOGITS",
                       help="the derived decided margin is at least this many logits (default 1: below it the "
                            "runner-up has more than a third of the answer's probability)")
-    int8.add_argument("--int8-max-fp32-share", type=float, default=0.1,
+    int8.add_argument("--int8-max-fp32-share", type=limits.option("fraction"), default=0.1,
                       help="most quantizable layers a validated INT8 artifact may keep in FP32 (default 0.1)")
-    int8.add_argument("--int8-search-trials", type=int, default=12,
+    int8.add_argument("--int8-search-trials", type=limits.option("trials"), default=12,
                       help="most quantizations the FP32-fallback search tries after plain INT8 (default 12)")
-    int8.add_argument("--int8-search-seconds", type=float, default=900,
+    int8.add_argument("--int8-search-seconds", type=limits.option("search_seconds"), default=900,
                       help="time bound of each format's search (default 900)")
     p.add_argument("--report", action="store_true",
                    help="also print the INT8 per-layer error report (the layers ranked, those kept in FP32) and plot "
                         "it to BUNDLE/int8_layers.png")
-    p.add_argument("--verification-images", type=int, default=2000,
+    p.add_argument("--verification-images", type=limits.option("images"), default=2000,
                    help="held-out images kept in the bundle as its verification set, with the Keras logits; "
                         "validation here and 'edgeclf verify' on the device run on them (default: all held-out "
                         "images up to 2000)")
     trt = p.add_argument_group("TensorRT engine")
     trt.add_argument("--batch-profile", default="1,8,32", metavar="MIN,OPT,MAX",
                      help="batch sizes of the optimisation profile (default 1,8,32)")
-    trt.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit (default 1024)")
+    trt.add_argument("--workspace-mib", type=limits.option("workspace_mib"), default=1024, help="builder workspace limit (default 1024)")
     trt.add_argument("--trt-compute-capability", default=None, metavar="CC[,CC...]",
                      help="GPUs to build for, e.g. 8.6,8.9 (TensorRT-RTX; default: this GPU, or without one "
                           "every capability TensorRT-RTX supports)")
@@ -608,10 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="bundle directory, or one artifact (.onnx, .xml, .tflite, .engine)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories (read recursively)")
     _add_model_arguments(p)
-    p.add_argument("--top-k", type=int, default=1, help="also list the k most probable labels")
-    p.add_argument("--batch-size", type=int, default=32, help="images per backend call (default 32)")
+    p.add_argument("--top-k", type=limits.option("top_k"), default=1, help="also list the k most probable labels")
+    p.add_argument("--batch-size", type=limits.option("batch"), default=32, help="images per backend call (default 32)")
     p.add_argument("--allow-unvalidated", action="store_true", help="also run artifacts export did not validate")
     p.add_argument("--json", action="store_true", help="JSON lines: file, label, index, confidence")
+    from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, PILLOW_LIMIT
+
+    pixels_help = (f"refuse an image declaring more pixels (width x height) before decoding it (default "
+                   f"{DEFAULT_MAX_IMAGE_PIXELS:,}; at most {PILLOW_LIMIT:,}, Pillow's own limit)")
+    p.add_argument("--max-image-pixels", type=limits.option("image_pixels"), default=DEFAULT_MAX_IMAGE_PIXELS,
+                   metavar="PIXELS", help=pixels_help)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", parents=[tf_logs], help="latency, throughput and accuracy of every artifact side by side",
@@ -622,9 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None, metavar="ARTIFACTS",
                    help="comma-separated artifact names, e.g. onnx,openvino-int8 (default: every validated one)")
     p.add_argument("--batch", default="1,8,32", help="batch sizes (default 1,8,32)")
-    p.add_argument("--duration", type=float, default=10.0, help="timed seconds per batch size (default 10)")
-    p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per batch size (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per inference (default: all)")
+    p.add_argument("--duration", type=limits.option("duration"), default=10.0, help="timed seconds per batch size (default 10)")
+    p.add_argument("--warmup", type=limits.option("warmup"), default=2.0, help="warm-up seconds per batch size (default 2)")
+    p.add_argument("--threads", type=limits.option("threads"), default=None, help="CPU threads per inference (default: all)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the Keras baselines (left out anyway where TensorFlow is not installed)")
     p.add_argument("--out", default=None, help="directory for bench.json/.md/.png (default BUNDLE/benchmarks)")
@@ -640,11 +666,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default 8002)")
     _add_model_arguments(p)
-    p.add_argument("--image-instances", type=int, default=4,
+    p.add_argument("--image-instances", type=limits.option("instances"), default=4,
                    help="encoded-image requests decoded at once (default 4)")
-    p.add_argument("--max-request-mb", type=float, default=64.0,
+    p.add_argument("--max-image-pixels", type=limits.option("image_pixels"), default=DEFAULT_MAX_IMAGE_PIXELS,
+                   metavar="PIXELS", help=pixels_help.replace("an image", "an encoded image (NAME_image)"))
+    p.add_argument("--max-request-mb", type=limits.option("request_mb"), default=64.0,
                    help="larger requests (body, or declared tensor size) are refused before they are read "
                         "(default 64)")
+    p.add_argument("--max-connections", type=limits.option("connections"), default=1024,
+                   help="open connections per endpoint (default 1024, at most 65536). At the limit HTTP closes "
+                        "the connection waiting longest for its request, or answers 503 when every one carries a "
+                        "request; gRPC closes new connections")
+    p.add_argument("--guard-threads", type=limits.option("threads"), default=64,
+                   help="threads answering requests per endpoint; idle and slow clients take none "
+                        "(default 64, at most 1024)")
+    p.add_argument("--idle-timeout", type=limits.option("serve_timeout"), default=10.0,
+                   help="seconds a kept-alive connection may wait for its next request (default 10)")
+    p.add_argument("--header-timeout", type=limits.option("serve_timeout"), default=10.0,
+                   help="seconds a request's line and headers may take to arrive; a large body gets this "
+                        "plus 1 s per 256 KiB (default 10)")
     _add_batching_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -658,12 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-url", default="127.0.0.1:8001")
     p.add_argument("--model-name", default="edgeclf")
     p.add_argument("--backend", default="auto", help="backend of the local Predictor giving expected answers")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests", type=int, default=50, help="requests per client (default 50)")
-    p.add_argument("--malformed-every", type=int, default=5,
+    p.add_argument("--clients", type=limits.option("clients"), default=16)
+    p.add_argument("--requests", type=limits.option("requests"), default=50, help="requests per client (default 50)")
+    p.add_argument("--malformed-every", type=limits.option("every"), default=5,
                    help="every n-th request of a client is malformed (default 5; 0: none)")
-    p.add_argument("--max-images", type=int, default=200, help="images used (default 200)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed")
+    p.add_argument("--max-images", type=limits.option("images"), default=200, help="images used (default 200)")
+    p.add_argument("--timeout", type=limits.option("timeout"), default=60.0, help="seconds before a request counts as failed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loadtest)
 
@@ -683,6 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only entries of this precision (bf16: the FP32 OpenVINO IR run in BF16)")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.add_argument("--no-record", action="store_true", help="do not store the results in bundle.json")
+    p.add_argument("--allow-small-set", action="store_true",
+                   help="judge an artifact even where the verification set is too small to show its agreement "
+                        "target (all images agreeing leave the 95%% lower bound below it: 0.99 needs 299 images); "
+                        "by default that fails the artifact")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("doctor", help="which backends and accelerators are usable here, and why not")
@@ -694,15 +738,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/train/<label>/ and OUT/test/<label>/.")
     p.add_argument("name", choices=["digits"])
     p.add_argument("out", help="directory to write")
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction written to test/ (default 0.2)")
-    p.add_argument("--size", type=int, default=32, help="side of the written PNGs in pixels (default 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=limits.option("val_split"), default=0.2, help="fraction written to test/ (default 0.2)")
+    p.add_argument("--size", type=limits.option("image_side"), default=32, help="side of the written PNGs in pixels (default 32)")
+    p.add_argument("--seed", type=limits.option("seed"), default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_dataset)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``edgeclf`` command. Run as a program (``argv`` None), ``train`` runs in a child process
+    under a supervisor that SIGTERM and Ctrl+C always reach (see edgeclf.interrupts)."""
+    from edgeclf.interrupts import is_supervised, run_supervised
+
+    if argv is None:
+        argv = sys.argv[1:]
+        if argv[:1] == ["train"]:
+            if not is_supervised():
+                return run_supervised(argv)
+            # The supervisor's SIGINT must raise KeyboardInterrupt here, even where a shell started
+            # the command with SIGINT ignored (a background job).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    return _run(list(argv))
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"

@@ -1,81 +1,94 @@
-"""SIGTERM and SIGINT that stop a long TensorFlow job at any point.
+"""SIGTERM and Ctrl+C that stop ``edgeclf train`` at any point.
 
-Python runs its signal handlers only between bytecodes of the main thread, so a process
-blocked in TensorFlow's C++ (a collective waiting for a multi-worker peer, say) never
-runs them; and TensorFlow's coordination service installs its own SIGTERM handler, which
-only takes note. Both made ``train --strategy multiworker`` ignore SIGTERM and Ctrl+C.
+A training process cannot be relied on to act on a signal itself: TensorFlow's
+coordination service installs a SIGTERM handler that only takes note, and while a
+multi-worker run waits for its peers, TensorFlow holds Python's GIL inside one C++ call
+(``Context.ensure_initialized``), so no Python code of that process runs again, in any
+thread. Both made ``train --strategy multiworker`` ignore SIGTERM and SIGINT for good.
 
-:func:`stop_on_signals` blocks both signals in every thread and takes them in one of its
-own with ``sigwait``, so no handler of anyone else's sees them. The first signal raises
-KeyboardInterrupt in the main thread (a clean stop: the finished epochs' checkpoint stays,
-nothing is left half-written); if the main thread has not stopped ``grace_s`` seconds
-later, or a second signal comes, the process exits with status 130 and one line saying so.
-Checkpoint and bundle writes are atomic (staged, then renamed), so that loses nothing
-either.
+So the command line runs training in a child process and stays a small supervisor
+without TensorFlow (:func:`run_supervised`). On SIGTERM or SIGINT it sends the child
+SIGINT, which Python turns into KeyboardInterrupt there as soon as it runs Python again
+(a clean stop: finished epochs stay checkpointed, nothing is left half-written). If the
+child has not ended ``grace_s`` seconds later, or a second signal comes, it is killed,
+and the supervisor says so in one line and exits with status 130. Checkpoint and bundle
+writes are atomic (staged, then renamed), so even that loses no finished work.
 """
 
 from __future__ import annotations
 
-import _thread
 import os
 import signal
+import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
+from typing import Sequence
 
-SIGNALS = {signal.SIGINT, signal.SIGTERM}
-#: Exit status of a process stopped by a signal it could not act on in time (128 + SIGINT).
+#: Set in the child's environment, so that it runs the command instead of supervising again.
+SUPERVISED_ENV = "EDGECLF_SUPERVISED"
+#: Exit status of a run stopped by SIGINT or SIGTERM (128 + SIGINT, as a shell reports Ctrl+C).
 EXIT_INTERRUPTED = 130
 
 
-@contextmanager
-def stop_on_signals(grace_s: float = 10.0) -> Iterator[None]:
-    """Within the block, SIGINT/SIGTERM raise KeyboardInterrupt, and end the process if that cannot act.
+def is_supervised() -> bool:
+    return os.environ.get(SUPERVISED_ENV) == "1"
 
-    Only the main thread may enter it (signal masks are set per thread, and new threads
-    inherit the main thread's). Enter it before importing TensorFlow, so TensorFlow's
-    threads are created with the signals blocked.
-    """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    # The watcher interrupts the main thread through SIGTERM's Python handler: SIGINT's may be
-    # SIG_IGN (a background job of a shell), and the signal itself never reaches a handler here.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
-    done = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(grace_s, done), name="edgeclf-signals", daemon=True)
-    watcher.start()
+
+def run_supervised(argv: Sequence[str], grace_s: float = 30.0, program: Sequence[str] | None = None) -> int:
+    """Run ``python -m edgeclf ARGV`` (or ``program ARGV``) as a child; return its exit status (130 if
+    stopped by a signal)."""
+    command = [*(program or (sys.executable, "-m", "edgeclf")), *argv]
+    child = subprocess.Popen(command, env={**os.environ, SUPERVISED_ENV: "1"}, preexec_fn=_die_with_parent)
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            print(f"[edgeclf] {signal.Signals(signum).name}: stopping training (send it again to stop at once)",
+                  file=sys.stderr, flush=True)
+            _send(child, signal.SIGINT)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        deadline = None
+        while True:
+            try:
+                code = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + grace_s
+            if deadline is not None and (len(received) > 1 or time.monotonic() > deadline):
+                child.kill()
+                child.wait()
+                reason = "a second signal" if len(received) > 1 else f"training did not stop within {grace_s:g} s"
+                print(f"error: interrupted ({reason}: blocked in a library call, such as TensorFlow waiting for "
+                      f"a multi-worker peer); killed", file=sys.stderr, flush=True)
+                return EXIT_INTERRUPTED
     finally:
-        done.set()
-        # Wake the watcher: a signal to this thread only, which the watcher takes and drops.
-        signal.pthread_kill(watcher.ident, signal.SIGINT)
-        watcher.join(timeout=5)
-        signal.signal(signal.SIGTERM, previous_handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:  # the supervisor itself failed: leave no training behind
+            child.kill()
+            child.wait()
+    if received and code != 0:
+        return EXIT_INTERRUPTED
+    return code if code >= 0 else 128 - code
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _die_with_parent() -> None:
+    """In the child: be killed if the supervisor dies without passing a signal on (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
-def _watch(grace_s: float, done: threading.Event) -> None:
-    received = signal.sigwait(SIGNALS)
-    if done.is_set():
-        return
-    print(f"[edgeclf] {signal.Signals(received).name}: stopping (again to exit at once)", file=sys.stderr, flush=True)
-    _thread.interrupt_main(signal.SIGTERM)  # KeyboardInterrupt once the main thread runs Python again
-    again = threading.Event()
-    threading.Thread(target=lambda: (signal.sigwait(SIGNALS), again.set()), daemon=True).start()
-    deadline = time.monotonic() + grace_s
-    while not done.is_set() and not again.is_set() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if done.is_set():
-        return  # the block ended (the interrupt was taken)
-    reason = "a second signal" if again.is_set() else f"still blocked in a library call after {grace_s:g} s"
-    print(f"error: interrupted ({reason}); exiting", file=sys.stderr, flush=True)
-    os._exit(EXIT_INTERRUPTED)
+def _send(child: subprocess.Popen, signum: int) -> None:
+    try:
+        child.send_signal(signum)
+    except ProcessLookupError:
+        pass

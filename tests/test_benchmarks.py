@@ -241,7 +241,7 @@ def test_bench_command_prints_the_table_and_writes_the_files(bench_bundle, tmp_p
     assert {(r["name"], r["batch"]) for r in saved["rows"]} == {(n, b) for n in names for b in (1, 2)}
     assert (tmp_path / "out" / "bench.md").is_file() and (tmp_path / "out" / "bench.png").is_file()
 
-    for bad, expected in ((("--batch", "0"), "batch sizes"), (("--backends", "onnx,coreml"), "coreml")):
+    for bad, expected in ((("--batch", "0"), "--batch must be an integer >= 1"), (("--backends", "onnx,coreml"), "coreml")):
         out = run_cli("bench", str(bench_bundle), *bad, "--duration", "0.5")
         assert out.returncode != 0
         last = out.stderr.strip().splitlines()[-1]

@@ -85,8 +85,11 @@ def test_output_directory_not_empty(capsys, tmp_path, digits_dir):
 
 
 def test_dataset_bad_holdout(capsys, tmp_path):
-    line = _error_line(capsys, ["dataset", "digits", str(tmp_path / "d"), "--holdout", "0"])
-    assert "holdout" in line and "Received: 0.0" in line
+    # A number out of its range is a usage error: argparse's exit status 2 and one line naming the option.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dataset", "digits", str(tmp_path / "d"), "--holdout", "0"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "--holdout" in line and "Received: 0.0" in line
     assert not (tmp_path / "d").exists()
 
 

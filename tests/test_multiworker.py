@@ -69,3 +69,16 @@ def test_two_worker_processes_train_together_and_only_the_chief_writes(noncontig
     meta = json.loads((tmp_path / "out0" / "bundle.json").read_text())
     assert meta["training"]["replicas"] == 2
     assert digests[0][0].endswith(meta["model"]["weights_sha256"])
+
+
+def test_an_unreachable_peer_is_one_line_from_the_cli_after_the_peer_timeout(tmp_path):
+    from tests.conftest import run_cli
+
+    own, peer = (f"127.0.0.1:{port}" for port in free_loopback_ports(2))
+    config = json.dumps({"cluster": {"worker": [own, peer]}, "task": {"type": "worker", "index": 0}})
+    run = run_cli("train", "digits", "--out", str(tmp_path / "o"), "--strategy", "multiworker", "--image-size", "32",
+                  "--backbone", "mobilenet_v3_small", "--weights", "none", "--peer-timeout", "2",
+                  env={"TF_CONFIG": config}, timeout=120)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and last.startswith(f"error: multi-worker training could not reach {peer} within 2 s")
+    assert "Traceback" not in run.stderr and not (tmp_path / "o").exists()
