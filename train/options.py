@@ -63,7 +63,7 @@ def _labels(value: Any) -> list[int]:
     from edgeclf.cli import parse_labels
 
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        limits.check_label_count(len(value), "a list of that many")
+        limits.check_label_count(len(value), f"a list of {len(value)} labels")
         return value
     if isinstance(value, str):
         return parse_labels(value)
