@@ -21,6 +21,9 @@ from edgeclf.fsio import atomic_write_json, remove_stale_temporaries, sha256_fil
 
 BUNDLE_FORMAT = "edgeclf-bundle/1"
 BUNDLE_FILE = "bundle.json"
+#: bundle.json holds records of kilobytes each (artifacts, per-machine checks, benchmarks); far more is not one
+#: edgeclf wrote, and is refused before it is read.
+MAX_BUNDLE_JSON_BYTES = 64 << 20
 MODEL_FILE = "model.keras"
 CONFUSION_PNG = "confusion_matrix.png"
 
@@ -71,6 +74,10 @@ class Bundle:
                 f"not an edgeclf bundle: the directory has no {BUNDLE_FILE} "
                 f"(create one with `edgeclf train DATA --out DIR`). Received: {path}"
             )
+        size = meta_path.stat().st_size
+        if size > MAX_BUNDLE_JSON_BYTES:
+            raise BundleError(f"bundle.json is {size:,} bytes, over the {MAX_BUNDLE_JSON_BYTES:,} a bundle's record "
+                              f"may take: it is not one edgeclf wrote. Received: {meta_path}")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

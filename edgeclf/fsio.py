@@ -250,3 +250,21 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, max_bytes: int) -> Any:
+    """The JSON in ``path``, refusing a file over ``max_bytes`` before reading it.
+
+    Raises:
+        ValueError: too large, not UTF-8, not JSON, or nested too deeply for the parser (a
+            RecursionError otherwise); the message says which.
+        OSError: the file cannot be read.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path.name} is {size:,} bytes, over the {max_bytes:,} it may take")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path.name} holds JSON nested too deeply") from None

@@ -246,6 +246,23 @@ def test_a_checkpoint_is_checked_before_resume_uses_it(tmp_path, change, arrays,
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("text, fragment", [("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                            (" " * (17 << 20), "over the")])
+def test_a_state_json_too_deep_or_too_large_is_refused_before_it_is_parsed(tmp_path, text, fragment):
+    from edgeclf.errors import CheckpointError
+
+    checkpoint = _checkpoint(tmp_path)
+    (checkpoint.dir / "state.json").write_text(text)
+    with pytest.raises(CheckpointError, match=fragment):
+        checkpoint.load()
+
+
+def test_a_feature_cache_meta_too_deep_is_a_miss(tmp_path):
+    cache = _cache(tmp_path)
+    (cache.path / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert cache.load() is None
+
+
 def test_a_sound_checkpoint_loads(tmp_path):
     state = _checkpoint(tmp_path).load()
     assert state["current"]["epochs_done"] == 1 and state["arrays"]["model/0"].tolist() == [1, 1, 1]

@@ -22,7 +22,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import zipfile
@@ -33,11 +32,13 @@ import keras
 import numpy as np
 
 from edgeclf.errors import CheckpointError
-from edgeclf.fsio import atomic_path, atomic_write_json, storage_errors
+from edgeclf.fsio import atomic_path, atomic_write_json, read_json, storage_errors
 
 CHECKPOINT_FORMAT = 1
 STATE_FILE = "state.json"
 PHASES = ("frozen", "finetune")
+#: state.json holds settings and per-epoch histories: kilobytes. More is not one this module wrote.
+MAX_STATE_BYTES = 16 << 20
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -89,7 +90,7 @@ class RunCheckpoint:
                 (the message lists what differs).
         """
         try:
-            state = json.loads((self.dir / STATE_FILE).read_text())
+            state = read_json(self.dir / STATE_FILE, MAX_STATE_BYTES)
             if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"format {state.get('format') if isinstance(state, dict) else state!r}, "
                                  f"expected {CHECKPOINT_FORMAT}")

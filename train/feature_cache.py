@@ -32,12 +32,15 @@ from typing import Any
 import numpy as np
 
 from edgeclf.errors import DataError, InvalidInputError
+from edgeclf.fsio import read_json
 from edgeclf.images import DECODE_SPEC
 from edgeclf.progress import log, progress
 
 #: Bumped when the layout or the meaning of a cache entry changes.
 CACHE_FORMAT = 1
 SPLITS = ("train", "val")
+#: meta.json holds the entry's description: about a kilobyte.
+MAX_META_BYTES = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -106,7 +109,7 @@ class FeatureCache:
         NaN) is a miss, said once unless ``quiet``, and computed again.
         """
         try:
-            meta = json.loads((self.path / "meta.json").read_text())
+            meta = read_json(self.path / "meta.json", MAX_META_BYTES)
         except (OSError, ValueError):
             return None  # missing, or damaged: computed again and replaced
         if not isinstance(meta, dict) or meta.get("description") != self.description:

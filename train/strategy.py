@@ -101,8 +101,9 @@ def check_tf_config(text: str | None = None) -> dict | None:
         return None
     try:
         config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"TF_CONFIG is not valid JSON ({exc}). Received: {text[:200]!r}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidInputError(f"TF_CONFIG is not valid JSON ({reason}). Received: {text[:200]!r}") from None
     expected = ('expected {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}. '
                 f"Received: {text[:200]!r}")
     cluster, task = (config.get("cluster"), config.get("task")) if isinstance(config, dict) else (None, None)
