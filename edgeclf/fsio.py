@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -256,14 +257,16 @@ def read_json(path: str | os.PathLike, max_bytes: int) -> Any:
     """The JSON in ``path``, refusing a file over ``max_bytes`` before reading it.
 
     Raises:
-        ValueError: too large, not UTF-8, not JSON, or nested too deeply for the parser (a
+        ValueError: not a regular file, too large, not UTF-8, not JSON, or nested too deeply for the parser (a
             RecursionError otherwise); the message says which.
         OSError: the file cannot be read.
     """
     path = Path(path)
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ValueError(f"{path.name} is {size:,} bytes, over the {max_bytes:,} it may take")
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever
+        raise ValueError(f"{path.name} is not a regular file")
+    if info.st_size > max_bytes:
+        raise ValueError(f"{path.name} is {info.st_size:,} bytes, over the {max_bytes:,} it may take")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:

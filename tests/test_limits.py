@@ -203,6 +203,7 @@ def _cache(tmp_path: Path, rows: tuple[int, int] = (28, 7), width: int = 16):
     (lambda p: np.save(p, np.ones((28, 16), np.float64)), "expected float32 (28, 16)"),
     (lambda p: np.save(p, np.full((28, 16), np.nan, np.float32)), "NaN or infinite"),
     (lambda p: p.write_bytes(p.read_bytes()[:100]), "unreadable"),
+    (lambda p: (p.unlink(), os.mkfifo(p)), "not a regular file"),  # np.load would block on it
 ])
 def test_a_damaged_feature_cache_is_a_miss_said_once(tmp_path, capsys, damage, fragment):
     cache = _cache(tmp_path)

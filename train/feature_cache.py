@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,10 @@ class FeatureCache:
         features = {}
         for split in SPLITS:
             try:
-                features[split] = np.load(self.path / f"{split}.npy", mmap_mode="r", allow_pickle=False)
+                path = self.path / f"{split}.npy"
+                if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block np.load forever
+                    raise ValueError("not a regular file")
+                features[split] = np.load(path, mmap_mode="r", allow_pickle=False)
                 problem = self._problem(split, features[split])
             except (OSError, ValueError) as exc:
                 problem = f"unreadable ({exc})"
