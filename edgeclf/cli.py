@@ -299,7 +299,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from edgeclf.runtime.files import predict_paths
 
     with Predictor.load(args.model, args.backend, precision=args.precision, batch_size=args.batch_size,
-                        threads=args.threads, allow_unvalidated=args.allow_unvalidated,
+                        threads=args.threads, allow_unvalidated=args.allow_unvalidated, decoding=args.decode,
                         max_image_pixels=args.max_image_pixels) as predictor:
         described = predictor.describe()
         print(f"[edgeclf] {described['backend']} running {described['artifact']}: {described['reason']}",
@@ -469,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     from edgeclf.train.strategy import STRATEGIES  # imports TensorFlow only when called
     from edgeclf.train.data import INPUT_MODES  # numpy and Pillow only
     from edgeclf.formats import FORMATS  # plain data
+    from edgeclf.runtime.decoding import DECODINGS  # numpy only
+    from edgeclf.train.ordinal import DISTANCES, LOSSES  # numpy only at import
     from edgeclf.export.onnx_int8 import CALIBRATION_METHODS  # numpy only at import
 
     parser = argparse.ArgumentParser(
@@ -508,6 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfreeze-at", type=limits.option("layer_index"), default=None,
                    help="first backbone layer index trained in phase 2 (default: the backbone's, 249 for "
                         "InceptionV3; 0 with --weights none)")
+    p.add_argument("--loss", choices=LOSSES,
+                   help="crossentropy (default): one-hot targets; ordinal: soft ordinal labels (SORD), so a "
+                        "prediction far from the true integer costs more than a near one")
+    p.add_argument("--ordinal-alpha", type=limits.option("ordinal_alpha"), metavar="ALPHA",
+                   help="ordinal: the target of true value t gives value v the weight exp(-ALPHA * phi(t, v)), "
+                        "normalised (default 1)")
+    p.add_argument("--ordinal-distance", choices=sorted(DISTANCES),
+                   help="ordinal: phi, the distance between the integers: abs |t - v| (default) or squared")
     p.add_argument("--val-split", type=limits.option("val_split"), help="stratified validation fraction (default 0.2)")
     p.add_argument("--val-dir", default=None, help="explicit validation data instead of a split")
     p.add_argument("--seed", type=limits.option("seed"), help="(default 0)")
@@ -629,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories (read recursively)")
     _add_model_arguments(p)
     p.add_argument("--top-k", type=limits.option("top_k"), default=1, help="also list the k most probable labels")
+    p.add_argument("--decode", choices=DECODINGS, default="argmax",
+                   help="argmax (default): the most probable label, as the exported graphs' label output; median: "
+                        "the median of the predicted distribution over the ordered labels, which minimises the "
+                        "expected absolute error")
     p.add_argument("--batch-size", type=limits.option("batch"), default=32, help="images per backend call (default 32)")
     p.add_argument("--allow-unvalidated", action="store_true", help="also run artifacts export did not validate")
     p.add_argument("--json", action="store_true", help="JSON lines: file, label, index, confidence")

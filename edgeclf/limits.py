@@ -68,6 +68,7 @@ RANGES: dict[str, Range] = {
     "epochs": Range(0, 10_000, integer=True),
     "train_batch": Range(1, 4096, integer=True),
     "learning_rate": Range(0, 10, low_open=True),
+    "ordinal_alpha": Range(0, 100, low_open=True),
     "patience": Range(0, 10_000, integer=True),
     "val_split": Range(0, 0.95, low_open=True),
     "seed": Range(0, 2**32 - 1, integer=True),

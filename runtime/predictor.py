@@ -19,6 +19,7 @@ from edgeclf.errors import BundleError, IncompatibleArtifactError, InvalidInputE
 from edgeclf import limits
 from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend
+from edgeclf.runtime.decoding import check_decoding, decode_indices
 from edgeclf.runtime.hardware import detect
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from edgeclf.runtime.inputs import is_batch, to_batch
@@ -57,7 +58,8 @@ class Predictor:
     """
 
     def __init__(self, backend, choice: Choice, labels: list[int], image_size: tuple[int, int],
-                 batch_size: int, reason: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+                 batch_size: int, reason: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 decoding: str = "argmax") -> None:
         self.backend = backend
         self.choice = choice
         self.labels = list(labels)
@@ -67,11 +69,14 @@ class Predictor:
         self._reason = reason
         #: The pixel budget of each image file, bytes or PIL image, checked before it is decoded.
         self.max_image_pixels = max_image_pixels
+        #: "argmax" (the graphs' own ``label`` output) or "median" (see edgeclf.runtime.decoding).
+        self.decoding = check_decoding(decoding)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, precision: str | None = None,
              batch_size: int = 32, threads: int | None = None, verify: bool = True,
-             allow_unvalidated: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Predictor:
+             allow_unvalidated: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+             decoding: str = "argmax") -> Predictor:
         """Load a bundle directory or one artifact file.
 
         Args:
@@ -85,6 +90,9 @@ class Predictor:
             allow_unvalidated: also run artifacts that export did not validate.
             max_image_pixels: refuse an image file (or bytes, or PIL image) declaring more pixels
                 than this, before decoding it (default 25 M; at most Pillow's 89,478,485).
+            decoding: "argmax" (default: the most probable label, as the graphs' ``label`` output)
+                or "median" (the median of the predicted distribution over the ordered labels,
+                which minimises the expected absolute error).
 
         Raises:
             BundleError: the path, the bundle or the artifact is missing, corrupt or altered.
@@ -93,6 +101,7 @@ class Predictor:
             InvalidInputError: an unknown backend, precision or a bad option value.
         """
         path = Path(path)
+        check_decoding(decoding)
         limits.check("batch", batch_size, "batch_size")
         if threads is not None:
             limits.check("threads", threads, "threads")
@@ -124,7 +133,7 @@ class Predictor:
         except BaseException:
             runner.close()
             raise
-        return cls(runner, choice, labels, size, batch_size, choice.reason, max_image_pixels)
+        return cls(runner, choice, labels, size, batch_size, choice.reason, max_image_pixels, decoding)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -146,14 +155,15 @@ class Predictor:
         return softmax(self.logits(images).astype(np.float64))
 
     def decode(self, logits: np.ndarray, top_k: int = 1) -> list[Prediction]:
-        """Predictions from logits: index = argmax, label = labels[index]."""
+        """Predictions from logits: index by the Predictor's decoding (argmax or median), label =
+        labels[index], confidence = the probability of that label; ``top_k`` ranks by probability."""
         if top_k < 1:
             raise InvalidInputError(f"top_k must be >= 1. Received: {top_k}")
         probs = softmax(logits.astype(np.float64))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, len(self.labels))]
+        chosen = decode_indices(probs, self.decoding)
         out = []
-        for row, ranked in zip(probs, order):
-            index = int(ranked[0])
+        for row, ranked, index in zip(probs, order, chosen.tolist()):
             top = tuple((int(self._table[i]), float(row[i])) for i in ranked) if top_k > 1 else ()
             out.append(Prediction(int(self._table[index]), index, float(row[index]), top))
         return out
@@ -176,7 +186,7 @@ class Predictor:
             "precision": (self.backend.metadata or {}).get("precision"),
             "precision_hint": self.choice.precision_hint, "labels": self.labels,
             "input": {"height": self.image_size[0], "width": self.image_size[1], "dtype": "uint8"},
-            "batch_size": self.batch_size, "reason": self._reason,
+            "batch_size": self.batch_size, "decoding": self.decoding, "reason": self._reason,
             "hardware": detect().summary(), **(self.backend.describe() if self.backend else {}),
         }
 

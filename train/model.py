@@ -243,10 +243,11 @@ def inference_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
-    """Compile with Adam and the from-logits loss the linear head needs."""
+def compile_model(model: keras.Model, learning_rate: float, loss: keras.losses.Loss | None = None) -> None:
+    """Compile with Adam and a from-logits loss on sparse class indices (default: cross-entropy;
+    :func:`edgeclf.train.ordinal.ordinal_loss` for soft ordinal labels)."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )

@@ -99,6 +99,8 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "input": ("input", _text), "patience": ("patience", _integer("patience")), "strict": ("strict", _flag),
     "overwrite": ("overwrite", _flag), "tensorboard": ("tensorboard", _text),
     "peer_timeout": ("peer_timeout", _number("peer_timeout")),
+    "loss": ("loss", _text), "ordinal_alpha": ("ordinal_alpha", _number("ordinal_alpha")),
+    "ordinal_distance": ("ordinal_distance", _text),
 }
 
 #: A train config is a few lines; anything larger is not one.

@@ -29,6 +29,7 @@ from edgeclf.train.data import INPUT_MODES, ImageSet, LabelMap, load_dataset, sp
 from edgeclf.train.checkpoint import (STATE_FILE, EpochCheckpoints, ResumableEarlyStopping, RunCheckpoint,
                                       best_weights, checkpoint_dir, restore_variables)
 from edgeclf.train.evaluate import load_keras_model, predict_logits
+from edgeclf.train.ordinal import check_loss, ordinal_loss
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
 from edgeclf.train.feature_cache import FeatureCache, default_cache_dir, images_sha256, weights_sha256
 from edgeclf.train.pipeline import (augmenter, feature_batches, steps_per_epoch, training_batches,
@@ -86,6 +87,11 @@ class TrainConfig:
     input: str = "auto"
     patience: int = 3
     tensorboard: str | Path | None = None  # a folder for TensorBoard logs of both phases
+    #: "crossentropy" (one-hot targets) or "ordinal": soft ordinal labels (SORD, see ordinal.py),
+    #: softmax over classes of -ordinal_alpha * phi(true value, class value), phi = ordinal_distance.
+    loss: str = "crossentropy"
+    ordinal_alpha: float = 1.0
+    ordinal_distance: str = "abs"
     #: Multi-worker: seconds to wait for every peer in TF_CONFIG to accept a connection.
     peer_timeout: float = 300.0
     #: Continue the interrupted run writing ``out`` from its last finished epoch (see checkpoint.py).
@@ -111,6 +117,7 @@ class TrainConfig:
                            ("peer_timeout", "peer_timeout")):
             if getattr(self, name) is not None:
                 limits.check(kind, getattr(self, name), name)
+        check_loss(self.loss, self.ordinal_alpha, self.ordinal_distance)
         if self.epochs_frozen + self.epochs_finetune == 0:
             raise InvalidInputError("at least one epoch is needed (epochs_frozen + epochs_finetune > 0).")
         if self.labels is not None:
@@ -343,7 +350,7 @@ def _prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, LabelMap, list]
     return train_set, val_set, label_map, data.skipped + (val_set.skipped if cfg.val_data is not None else [])
 
 
-def _train_frozen(run, cfg, model, train_set, val_set, y_train, y_val, val_ds, class_weight, augment, verbose):
+def _train_frozen(run, cfg, model, loss, train_set, val_set, y_train, y_val, val_ds, class_weight, augment, verbose):
     """Phase 1: the head learns on a frozen backbone; on cached features where possible."""
     model_lib.freeze_backbone(model)
     t0 = time.perf_counter()
@@ -363,7 +370,7 @@ def _train_frozen(run, cfg, model, train_set, val_set, y_train, y_val, val_ds, c
                                      cfg.batch_size)
         t_features = time.perf_counter() - t0
         head = model_lib.head_model(model)
-        model_lib.compile_model(head, cfg.lr_frozen)
+        model_lib.compile_model(head, cfg.lr_frozen, loss)
         log(f"phase 1: training the head on cached features (lr={cfg.lr_frozen})")
         history = _fit_phase(  # rows are read from the memory-mapped files batch by batch
             run, cfg, "frozen", model, head, cfg.epochs_frozen,
@@ -373,7 +380,7 @@ def _train_frozen(run, cfg, model, train_set, val_set, y_train, y_val, val_ds, c
         extra = {"feature_cache": True, "feature_seconds": round(t_features, 2),
                  "feature_cache_hit": hit, "feature_cache_key": cache.key}
     else:
-        model_lib.compile_model(model, cfg.lr_frozen)
+        model_lib.compile_model(model, cfg.lr_frozen, loss)
         log(f"phase 1: training the head, backbone frozen, running it every epoch (lr={cfg.lr_frozen})")
         history = _fit_phase(
             run, cfg, "frozen", model, model, cfg.epochs_frozen,
@@ -384,11 +391,11 @@ def _train_frozen(run, cfg, model, train_set, val_set, y_train, y_val, val_ds, c
     return _phase_record(history, time.perf_counter() - t0, name="frozen", learning_rate=cfg.lr_frozen, **extra)
 
 
-def _train_finetune(run, cfg, model, unfreeze_index, calib, train_set, y_train, val_ds, class_weight, augment,
+def _train_finetune(run, cfg, model, loss, unfreeze_index, calib, train_set, y_train, val_ds, class_weight, augment,
                     verbose):
     """Phase 2: the top of the backbone learns at a low learning rate."""
     model_lib.unfreeze_top(model, unfreeze_index, cfg.train_batchnorm)
-    model_lib.compile_model(model, cfg.lr_finetune)
+    model_lib.compile_model(model, cfg.lr_finetune, loss)
     bn_mode = "on batch statistics" if cfg.train_batchnorm else "in inference mode"
     last = len(model_lib.backbone_of(model).layers) - 1
     log(f"phase 2: fine-tuning backbone layers {unfreeze_index}..{last} "
@@ -464,6 +471,8 @@ def train(cfg: TrainConfig) -> Bundle | None:
     run = _Run(checkpoint, saving=chief, state=state)
     with strategy.scope():
         model = model_lib.build_model(len(label_map.labels), cfg.size, cfg.backbone, cfg.weights)
+        loss = None if cfg.loss == "crossentropy" else ordinal_loss(label_map.labels, cfg.ordinal_alpha,
+                                                                      cfg.ordinal_distance)
         unfreeze_index = model_lib.resolve_unfreeze_index(model_lib.backbone_of(model), spec, cfg.unfreeze_at)
         if cfg.init_from is not None:
             _init_from_bundle(model, cfg, label_map, calib)
@@ -476,10 +485,10 @@ def train(cfg: TrainConfig) -> Bundle | None:
                 + (f", {state['current']['phase']} after epoch {state['current']['epochs_done']}"
                    if state["current"] else ""))
         if cfg.epochs_frozen > 0 and not run.finished_phase("frozen"):
-            run.end_phase(_train_frozen(run, cfg, model, train_set, val_set, y_train, y_val, val_ds,
+            run.end_phase(_train_frozen(run, cfg, model, loss, train_set, val_set, y_train, y_val, val_ds,
                                         class_weight, augment, verbose), model)
         if cfg.epochs_finetune > 0 and not run.finished_phase("finetune"):
-            run.end_phase(_train_finetune(run, cfg, model, unfreeze_index, calib, train_set, y_train, val_ds,
+            run.end_phase(_train_finetune(run, cfg, model, loss, unfreeze_index, calib, train_set, y_train, val_ds,
                                           class_weight, augment, verbose), model)
         phases = run.finished
         model_lib.freeze_backbone(model)

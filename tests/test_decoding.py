@@ -1,0 +1,58 @@
+"""Decoding the ordered integers: argmax, and the median that minimises the expected absolute error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgeclf.errors import InvalidInputError
+from edgeclf.runtime.decoding import decode_indices, median_indices
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("probabilities, median", [
+    ([0.0, 0.0, 1.0, 0.0], 2),  # one-hot: the class itself
+    ([0.5, 0.5], 0),  # a tie: cumulative exactly one half at class 0, the lower median
+    ([0.25, 0.25, 0.25, 0.25], 1),  # uniform over four: half reached at class 1
+    ([0.45, 0.10, 0.45], 1),  # bimodal: the middle class, which argmax never picks
+    ([0.4, 0.0, 0.0, 0.0, 0.6], 4),  # half not reached until the last class
+    ([0.3, 0.19999999999, 0.5], 1),  # rounding just below one half still counts as a tie
+])
+def test_the_median_is_the_first_class_whose_cumulative_probability_reaches_one_half(probabilities, median):
+    assert median_indices(np.array([probabilities])).tolist() == [median]
+
+
+def test_the_median_minimises_the_expected_absolute_error():
+    rng = np.random.default_rng(0)
+    values = np.array([-2, 3, 10, 11, 30])  # not contiguous: the distance is between the integers
+    probabilities = rng.dirichlet(np.ones(len(values)) * 0.7, size=500)
+    expected_error = np.abs(values[None, :, None] - values[None, None, :])  # [1, guess, truth]
+    cost = (expected_error * probabilities[:, None, :]).sum(axis=2)  # [N, guess]
+    chosen = cost[np.arange(500), median_indices(probabilities)]
+    assert np.allclose(chosen, cost.min(axis=1))
+    assert (cost[np.arange(500), decode_indices(probabilities, "argmax")] >= chosen - 1e-12).all()
+
+
+def test_an_unknown_decoding_is_refused():
+    with pytest.raises(InvalidInputError, match="decoding must be one of argmax, median. Received: 'mean'"):
+        decode_indices(np.ones((1, 3)) / 3, "mean")
+
+
+def test_predict_decode_median_agrees_with_the_predictor(tiny_exported, digits_dir):
+    from edgeclf.runtime import Predictor
+
+    bundle = tiny_exported[0].path
+    images = sorted((digits_dir / "test").rglob("*.png"))[:40]
+    with Predictor.load(bundle, "onnx", decoding="median") as predictor:
+        expected = [p.label for p in predictor.predict_batch([str(i) for i in images])]
+        logits = predictor.logits([str(i) for i in images])
+        table = np.asarray(predictor.labels)
+    out = run_cli("predict", str(bundle), *map(str, images), "--backend", "onnx", "--decode", "median", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["label"] for line in out.stdout.splitlines()] == expected
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    assert expected == table[median_indices(probabilities / probabilities.sum(axis=1, keepdims=True))].tolist()
+    bad = run_cli("predict", str(bundle), str(images[0]), "--decode", "mean")
+    assert bad.returncode == 2 and "invalid choice: 'mean'" in bad.stderr.strip().splitlines()[-1]
