@@ -137,11 +137,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from edgeclf.train import evaluate_bundle
     from edgeclf.train.metrics import format_metrics
 
-    metrics = evaluate_bundle(args.bundle, args.data, report_dir=args.report, strict=args.strict)
+    metrics = evaluate_bundle(args.bundle, args.data, report_dir=args.report, strict=args.strict, decoding=args.decode)
     if args.json:
         print(json.dumps(metrics))
     else:
         print(format_metrics(metrics))
+        shares = metrics["abs_error"]["shares"]
+        print("  |error|: " + "  ".join(f"{b}: {share:.1%}" for b, share in zip(metrics["abs_error"]["bins"], shares))
+              + f"  (decoding: {metrics['decoding']})")
         labels = metrics["confusion_matrix"]["labels"]
         for label in labels:
             row = metrics["per_class"][str(label)]
@@ -469,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edgeclf.train.strategy import STRATEGIES  # imports TensorFlow only when called
     from edgeclf.train.data import INPUT_MODES  # numpy and Pillow only
     from edgeclf.formats import FORMATS  # plain data
-    from edgeclf.runtime.decoding import DECODINGS  # numpy only
+    from edgeclf.decoding import DECODINGS  # numpy only
     from edgeclf.train.ordinal import DISTANCES, LOSSES  # numpy only at import
     from edgeclf.export.onnx_int8 import CALIBRATION_METHODS  # numpy only at import
 
@@ -562,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="directory to write metrics.json and confusion_matrix.png")
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.add_argument("--decode", choices=DECODINGS, default="argmax",
+                   help="argmax (default) or median (of the predicted distribution over the ordered labels)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", parents=[tf_logs], help="export a bundle to ONNX, TensorRT, OpenVINO and TFLite, each validated against Keras",

@@ -19,7 +19,7 @@ from edgeclf.errors import BundleError, IncompatibleArtifactError, InvalidInputE
 from edgeclf import limits
 from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend
-from edgeclf.runtime.decoding import check_decoding, decode_indices
+from edgeclf.decoding import check_decoding, decode_indices
 from edgeclf.runtime.hardware import detect
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from edgeclf.runtime.inputs import is_batch, to_batch
@@ -69,7 +69,7 @@ class Predictor:
         self._reason = reason
         #: The pixel budget of each image file, bytes or PIL image, checked before it is decoded.
         self.max_image_pixels = max_image_pixels
-        #: "argmax" (the graphs' own ``label`` output) or "median" (see edgeclf.runtime.decoding).
+        #: "argmax" (the graphs' own ``label`` output) or "median" (see edgeclf.decoding).
         self.decoding = check_decoding(decoding)
 
     @classmethod

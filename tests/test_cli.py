@@ -157,6 +157,10 @@ def test_cli_trains_another_backbone_at_hxw_without_feature_cache_and_evaluates_
     assert sum(map(sum, saved["confusion_matrix"]["matrix"])) == saved["n"]
     assert f"accuracy={saved['accuracy']:.4f}" in out.stdout and "label   -2:" in out.stdout
     assert (tmp_path / "report" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "report" / "abs_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(saved["abs_error"]["counts"]) == saved["n"] and saved["decoding"] == "argmax"
+    out = run_cli("evaluate", str(bundle), str(noncontiguous_dir), "--decode", "median", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["decoding"] == "median"
 
 
 def test_cli_strict_refuses_an_unreadable_image_that_is_otherwise_skipped(tmp_path, noncontiguous_dir, tiny_bundle,

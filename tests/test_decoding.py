@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgeclf.errors import InvalidInputError
-from edgeclf.runtime.decoding import decode_indices, median_indices
+from edgeclf.decoding import decode_indices, median_indices
 from tests.conftest import run_cli
 
 
@@ -56,3 +56,12 @@ def test_predict_decode_median_agrees_with_the_predictor(tiny_exported, digits_d
     assert expected == table[median_indices(probabilities / probabilities.sum(axis=1, keepdims=True))].tolist()
     bad = run_cli("predict", str(bundle), str(images[0]), "--decode", "mean")
     assert bad.returncode == 2 and "invalid choice: 'mean'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_the_error_distribution_counts_integer_distances():
+    from edgeclf.train.metrics import classification_metrics
+
+    metrics = classification_metrics([-2, 3, 10, 10, 3], [-2, 10, 3, 11, 4], [-2, 3, 4, 10, 11])
+    # |error|: 0, 7, 7, 1, 1 -> bins 0: 1, 1: 2, 2: 0, >=3: 2
+    assert metrics["abs_error"]["counts"] == [1, 2, 0, 2] and metrics["off_by_2_or_more"] == pytest.approx(0.4)
+    assert metrics["abs_error"]["bins"] == ["0", "1", "2", ">=3"]

@@ -11,7 +11,8 @@ from edgeclf.bundle import Bundle, verify_model_file
 from edgeclf.errors import BundleError
 from edgeclf.fsio import atomic_write_json
 from edgeclf.train.data import LabelMap, load_dataset
-from edgeclf.train.metrics import classification_metrics, save_confusion_png
+from edgeclf.decoding import check_decoding, decode_indices, probabilities_of
+from edgeclf.train.metrics import classification_metrics, save_confusion_png, save_error_png
 
 
 def predict_logits(model, images, batch_size: int = 64) -> np.ndarray:
@@ -35,30 +36,34 @@ def load_keras_model(bundle: Bundle):
 
 def evaluate_bundle(
     bundle_path: str | Path, data: str | Path, report_dir: str | Path | None = None,
-    strict: bool = False, batch_size: int = 64, input_mode: str = "auto",
+    strict: bool = False, batch_size: int = 64, input_mode: str = "auto", decoding: str = "argmax",
 ) -> dict[str, Any]:
     """Evaluate the bundle's Keras model on ``data`` (directory, .csv or ``digits``).
 
     ``input_mode`` as for :func:`edgeclf.train.data.load_dataset`: large sets are streamed.
+    ``decoding``: "argmax" or "median" (:mod:`edgeclf.decoding`).
 
-    Writes ``metrics.json`` and ``confusion_matrix.png`` to ``report_dir`` if given.
+    Writes ``metrics.json``, ``confusion_matrix.png`` and ``abs_error.png`` (the |error|
+    distribution) to ``report_dir`` if given.
 
     Raises:
         BundleError: the bundle is missing or corrupt.
         DataError: the data cannot be read or holds labels the model does not know.
     """
+    check_decoding(decoding)
     bundle = Bundle.load(bundle_path)
     model = load_keras_model(bundle)
     images = load_dataset(data, bundle.image_size, strict, input_mode)
     label_map = LabelMap(tuple(bundle.labels))
     label_map.encode(images.values)  # unknown labels are an error, not a silent miss
     logits = predict_logits(model, images, batch_size)
-    predicted = label_map.decode(np.argmax(logits, axis=1))
+    predicted = label_map.decode(decode_indices(probabilities_of(logits), decoding))
     metrics = classification_metrics(images.values, predicted, label_map.labels)
-    metrics["data"] = str(data)
+    metrics["data"], metrics["decoding"] = str(data), decoding
     metrics["skipped_images"] = [{"source": s, "reason": r} for s, r in images.skipped]
     if report_dir is not None:
         report_dir = Path(report_dir)
         atomic_write_json(report_dir / "metrics.json", metrics)
         save_confusion_png(metrics["confusion_matrix"], report_dir / "confusion_matrix.png", str(data))
+        save_error_png(metrics, report_dir / "abs_error.png")
     return metrics

@@ -55,6 +55,7 @@ def classification_metrics(
         "f1": float(f1),
         "mae": float(mean_absolute_error(y_true, y_pred)),
         "rmse": float(math.sqrt(mean_squared_error(y_true, y_pred))),
+        **error_distribution(y_true, y_pred),
         "per_class": per_class,
         "confusion_matrix": {
             "labels": labels,
@@ -63,12 +64,55 @@ def classification_metrics(
     }
 
 
+#: The |error| bins of :func:`error_distribution`: exact, off by 1, off by 2, off by 3 or more.
+ERROR_BINS = ("0", "1", "2", ">=3")
+
+
+def error_distribution(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """How far off the predicted integers are: the share of images at |error| 0, 1, 2 and >= 3
+    (the difference of the integers themselves, so labels 3 and 10 are 7 apart), and the
+    share off by two or more, the mistakes an ordinal loss and median decoding aim at."""
+    error = np.abs(np.asarray(y_true, dtype=np.int64) - np.asarray(y_pred, dtype=np.int64))
+    n = max(1, error.size)
+    counts = [int((error == 0).sum()), int((error == 1).sum()), int((error == 2).sum()), int((error >= 3).sum())]
+    return {"abs_error": {"bins": list(ERROR_BINS), "counts": counts, "shares": [c / n for c in counts]},
+            "off_by_2_or_more": counts[2] / n + counts[3] / n}
+
+
+def save_error_png(metrics: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Draw the |error| distribution (share of images per bin) to a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgeclf.fsio import atomic_path
+
+    distribution = metrics["abs_error"]
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    try:
+        bars = ax.bar(distribution["bins"], distribution["shares"], color="#4a7ab5")
+        for bar, count in zip(bars, distribution["counts"]):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(count), ha="center", va="bottom",
+                    fontsize=8)
+        ax.set_xlabel("|predicted integer - true integer|")
+        ax.set_ylabel("share of images")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title or f"off by 2 or more: {metrics['off_by_2_or_more']:.1%}")
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One human-readable line of the headline figures."""
     return (
         f"n={metrics['n']}  accuracy={metrics['accuracy']:.4f}  precision={metrics['precision']:.4f}  "
         f"recall={metrics['recall']:.4f}  f1={metrics['f1']:.4f}  mae={metrics['mae']:.4f}  "
         f"rmse={metrics['rmse']:.4f}"
+        + (f"  off_by_2+={metrics['off_by_2_or_more']:.4f}" if "off_by_2_or_more" in metrics else "")
     )
 
 

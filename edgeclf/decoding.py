@@ -9,7 +9,8 @@ class) every value between that label and the next minimises it equally; the low
 taken, so decoding stays deterministic.
 
 Labels are sorted (``LabelMap``: index ``i`` is ``labels[i]`` and ``labels`` ascends), so
-the class order is the order of the integers. numpy only.
+the class order is the order of the integers. numpy only: training's evaluation and the
+device runtime decode alike.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def median_indices(probabilities: np.ndarray) -> np.ndarray:
     cumulative = np.cumsum(np.asarray(probabilities, dtype=np.float64), axis=1)
     cumulative /= cumulative[:, -1:]  # rows that do not sum to exactly 1 (float32 softmax)
     return np.argmax(cumulative >= _HALF, axis=1)
+
+
+def probabilities_of(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, stable for large logits."""
+    shifted = np.exp(np.asarray(logits, dtype=np.float64) - np.max(logits, axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def decode_indices(probabilities: np.ndarray, decoding: str = "argmax") -> np.ndarray:
