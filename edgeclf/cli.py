@@ -793,6 +793,13 @@ def _run(argv: list[str]) -> int:
         print("error: " + " / ".join(line.strip() for line in str(exc).splitlines() if line.strip()),
               file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user gave: a bug, with its traceback
+        # A path the system refuses (a name too long, no permission, a loop of links): one line.
+        print(f"error: {exc.strerror or exc}. Received: {str(exc.filename)[:200]}"
+              f"{'...' if len(str(exc.filename)) > 200 else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

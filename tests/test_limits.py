@@ -81,13 +81,25 @@ def _config(tmp_path: Path, text: str) -> Path:
     ('lr-frozen = inf\n', "'lr-frozen'"), ('lr-frozen = nan\n', "'lr-frozen'"),
     ('labels = "0..99999999"\n', "at most 10000 labels"), ('batch-size = 1000000\n', "'batch-size'"),
     ('image-size = [0, 75]\n', "height"), ('peer-timeout = -1\n', "'peer-timeout'"),
+    ("labels = " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
 ])
 def test_config_values_are_checked_like_options(tmp_path, text, fragment):
     from edgeclf.train.options import read_config
 
-    with pytest.raises(InvalidInputError, match="Received" if "twice" not in fragment else "keep one") as info:
+    match = "keep one" if "twice" in fragment else "too deeply" if "deeply" in fragment else "Received"
+    with pytest.raises(InvalidInputError, match=match) as info:
         read_config(_config(tmp_path, text))
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("command", [["predict", "{long}/model", "x.png"], ["verify", "{long}"],
+                                     ["predict", "{bundle}", "{long}.png"]])
+def test_a_path_the_system_refuses_is_one_line(capsys, tmp_path, tiny_exported, command):
+    long = str(tmp_path / ("a" * 300))  # ENAMETOOLONG: over the 255 bytes a file name may take
+    argv = [part.format(long=long, bundle=tiny_exported[0].path) for part in command]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err) and len(err[-1]) < 600
 
 
 def test_a_config_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):

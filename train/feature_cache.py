@@ -111,8 +111,12 @@ class FeatureCache:
         """
         try:
             meta = read_json(self.path / "meta.json", MAX_META_BYTES)
-        except (OSError, ValueError):
-            return None  # missing, or damaged: computed again and replaced
+        except FileNotFoundError:
+            return None  # not computed yet
+        except (OSError, ValueError) as exc:
+            if not quiet:
+                log(f"feature cache entry {self.path} is damaged (meta.json: {exc}): computing it again")
+            return None
         if not isinstance(meta, dict) or meta.get("description") != self.description:
             return None  # a 128-bit prefix collision, or an entry from another format
         features = {}

@@ -140,6 +140,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise InvalidInputError(f"cannot read the config file ({exc}). Received: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInputError(f"the config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise InvalidInputError(f"the config file {path} is not a train config: its values are nested too "
+                                f"deeply") from None
     spelled: dict[str, str] = {}
     for key in table:
         name = key.replace("-", "_")

@@ -165,7 +165,11 @@ def wait_for_peers(config: dict, timeout: float, poll: float = 0.5) -> None:
     try:
         while waiting:
             _answer(listener)
-            waiting = [peer for peer in waiting if not _reachable(peer, min(poll, 2.0))]
+            # Each connect waits at most ``poll`` seconds, and none starts after the deadline:
+            # many unanswering peers (connects that time out) cannot stretch the wait.
+            waiting = [peer for peer in waiting
+                       if time.monotonic() >= deadline or not _reachable(peer, max(0.05, min(poll, 2.0,
+                                                                                           deadline - time.monotonic())))]
             if waiting and time.monotonic() >= deadline:
                 raise InvalidInputError(
                     f"multi-worker training could not reach {', '.join(waiting)} within {timeout:g} s (--peer-timeout): "
