@@ -89,3 +89,20 @@ def test_an_ordinal_model_exports_to_artifacts_that_give_the_keras_argmax_labels
         with Predictor.load(bundle.path, record["format"], allow_unvalidated=True) as predictor:
             labels = [p.label for p in predictor.predict_batch(reference.images)]
         assert labels == keras_labels.tolist(), record["format"]
+
+
+def test_the_gauges_dataset_is_deterministic_and_ordered_by_folder(tmp_path):
+    from edgeclf.train.gauges import READINGS, write_gauges_folder
+
+    counts = write_gauges_folder(tmp_path / "a", per_class=5, holdout=0.2, size=48)
+    write_gauges_folder(tmp_path / "b", per_class=5, holdout=0.2, size=48)
+    assert counts == {"train": 44, "test": 11}
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert {p.parts[1] for p in files} == {str(r) for r in READINGS}
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in files)
+    from PIL import Image
+
+    with Image.open(tmp_path / "a" / files[0]) as img:
+        assert img.size == (48, 48) and img.mode == "RGB"
+    with pytest.raises(SystemExit):  # an unknown dataset name is argparse's usage error
+        main(["dataset", "meters", str(tmp_path / "c")])
