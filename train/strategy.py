@@ -162,14 +162,17 @@ def wait_for_peers(config: dict, timeout: float, poll: float = 0.5) -> None:
         listener = None  # not an address of this host, or taken: the peers then wait for TensorFlow's server
     deadline = time.monotonic() + timeout
     waiting = list(peers)
+
+    def connect_timeout() -> float:
+        return max(0.05, min(poll, 2.0, deadline - time.monotonic()))
+
     try:
         while waiting:
             _answer(listener)
             # Each connect waits at most ``poll`` seconds, and none starts after the deadline:
             # many unanswering peers (connects that time out) cannot stretch the wait.
             waiting = [peer for peer in waiting
-                       if time.monotonic() >= deadline or not _reachable(peer, max(0.05, min(poll, 2.0,
-                                                                                           deadline - time.monotonic())))]
+                       if time.monotonic() >= deadline or not _reachable(peer, connect_timeout())]
             if waiting and time.monotonic() >= deadline:
                 raise InvalidInputError(
                     f"multi-worker training could not reach {', '.join(waiting)} within {timeout:g} s (--peer-timeout): "
