@@ -768,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=limits.option("val_split"), default=0.2, help="fraction written to test/ (default 0.2)")
     p.add_argument("--size", type=limits.option("image_side"), default=None,
                    help="side of the written PNGs in pixels (default 32 for digits, 64 for gauges)")
-    p.add_argument("--per-class", type=limits.option("images"), default=200,
+    p.add_argument("--per-class", type=limits.option("per_class"), default=200,
                    help="gauges: images per reading (default 200)")
     p.add_argument("--seed", type=limits.option("seed"), default=0)
     p.add_argument("--overwrite", action="store_true")

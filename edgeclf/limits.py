@@ -103,6 +103,7 @@ RANGES: dict[str, Range] = {
     "scale": Range(0, 1e3, low_open=True),
     # dataset
     "image_side": Range(8, 4096, integer=True, unit="pixels"),
+    "per_class": Range(2, 100_000, integer=True),
 }
 
 #: At most this many classes: a label range's size is checked against it before it is expanded.

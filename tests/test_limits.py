@@ -270,10 +270,11 @@ def test_a_state_json_too_deep_or_too_large_is_refused_before_it_is_parsed(tmp_p
         checkpoint.load()
 
 
-def test_a_feature_cache_meta_too_deep_is_a_miss(tmp_path):
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[1, 2]", '{"description": 3}'])
+def test_a_feature_cache_meta_too_deep_or_not_one_is_a_miss_said_once(tmp_path, capsys, text):
     cache = _cache(tmp_path)
-    (cache.path / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
-    assert cache.load() is None
+    (cache.path / "meta.json").write_text(text)
+    assert cache.load() is None and capsys.readouterr().err.count("is damaged (meta.json") == 1
 
 
 def test_a_sound_checkpoint_loads(tmp_path):

@@ -78,7 +78,7 @@ def test_an_ordinal_model_exports_to_artifacts_that_give_the_keras_argmax_labels
     from tests.conftest import TINY_SIZE
 
     bundle = train(TrainConfig(noncontiguous_dir, tmp_path / "ordinal", image_size=TINY_SIZE,
-                               backbone="mobilenet_v3_small", weights=None, epochs_frozen=0, epochs_finetune=2,
+                               backbone="mobilenet_v3_small", weights=None, epochs_frozen=0, epochs_finetune=1,
                                loss="ordinal", ordinal_alpha=0.5, ordinal_distance="abs", verbose=0))
     settings = bundle.meta["training"]["settings"]
     assert (settings["loss"], settings["ordinal_alpha"], settings["ordinal_distance"]) == ("ordinal", 0.5, "abs")

@@ -117,7 +117,11 @@ class FeatureCache:
             if not quiet:
                 log(f"feature cache entry {self.path} is damaged (meta.json: {exc}): computing it again")
             return None
-        if not isinstance(meta, dict) or meta.get("description") != self.description:
+        if not isinstance(meta, dict) or not isinstance(meta.get("description"), dict):
+            if not quiet:
+                log(f"feature cache entry {self.path} is damaged (meta.json holds no description): computing it again")
+            return None
+        if meta["description"] != self.description:
             return None  # a 128-bit prefix collision, or an entry from another format
         features = {}
         for split in SPLITS:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from edgeclf import limits
 from edgeclf.errors import DataError
 
 #: The readings, one class each.
@@ -82,8 +83,7 @@ def write_gauges_folder(out: str | Path, per_class: int = 200, holdout: float = 
 
     if not 0.0 < holdout < 1.0:
         raise DataError(f"holdout must be between 0 and 1 (exclusive). Received: {holdout}")
-    if not 2 <= per_class <= 100_000:
-        raise DataError(f"per_class must be 2..100000 images. Received: {per_class}")
+    limits.check("per_class", per_class, "per_class")
     test_count = max(1, round(per_class * holdout))
     counts = {"train": 0, "test": 0}
     with staged_directory(out, overwrite=overwrite) as stage:
