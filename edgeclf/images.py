@@ -77,11 +77,6 @@ def _describe(source: ImageSource) -> str:
     return str(source)
 
 
-def check_max_image_pixels(value: object, name: str = "max_image_pixels") -> int:
-    """``value`` if it is a pixel budget in 1..PILLOW_LIMIT, else an InvalidInputError."""
-    return int(limits.check("image_pixels", value, name))
-
-
 def check_pixel_budget(size: tuple[int, int], max_pixels: int, name: str) -> None:
     """Refuse an image whose declared ``size`` (width, height) exceeds ``max_pixels``, before it decodes."""
     width, height = size

@@ -21,7 +21,7 @@ from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend
 from edgeclf.decoding import check_decoding, decode_indices
 from edgeclf.runtime.hardware import detect
-from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
+from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
 from edgeclf.runtime.inputs import is_batch, to_batch
 from edgeclf.runtime.metadata import check_artifact_metadata, check_model_path
 from edgeclf.runtime.selection import Choice, choose, needs_int8_dot_product
@@ -107,7 +107,7 @@ class Predictor:
             limits.check("threads", threads, "threads")
         if precision not in (None, "fp32", "fp16", "bf16", "int8"):
             raise InvalidInputError(f"precision must be fp32, fp16, bf16 or int8. Received: {precision!r}")
-        check_max_image_pixels(max_image_pixels)
+        limits.check("image_pixels", max_image_pixels, "max_image_pixels")
         check_model_path(path)
         hardware = detect()
         choice = choose(path, backend, precision, hardware, allow_unvalidated)

@@ -27,7 +27,8 @@ from PIL import Image
 
 from edgeclf.bundle import Bundle
 from edgeclf.errors import BundleError, ImageDecodeError, InvalidInputError
-from edgeclf.images import (DEFAULT_MAX_IMAGE_PIXELS, PILLOW_LIMIT, check_max_image_pixels, load_image)
+from edgeclf import limits
+from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, PILLOW_LIMIT, load_image
 from edgeclf.verification import (MAX_VERIFICATION_BYTES, VerificationSet, check_verification_size,
                                   load_verification_set, write_verification_set)
 from tests.conftest import run_cli
@@ -135,7 +136,7 @@ def test_the_pixel_budget_is_an_option_with_a_range(tmp_path):
     assert DEFAULT_MAX_IMAGE_PIXELS < PILLOW_LIMIT == 89_478_485
     for bad in (0, -1, PILLOW_LIMIT + 1, 1.5, float("nan"), True):
         with pytest.raises(InvalidInputError, match="max_image_pixels must be an integer >= 1"):
-            check_max_image_pixels(bad)
+            limits.check("image_pixels", bad, "max_image_pixels")
     from edgeclf.runtime import Predictor
 
     with pytest.raises(InvalidInputError, match="max_image_pixels"):  # before anything is loaded

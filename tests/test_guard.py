@@ -259,18 +259,24 @@ def test_connections_over_the_cap_are_refused_when_all_carry_requests(caplog):
                                                          "in flight: ")
 
 
+def _slow_clients(port: int) -> tuple[socket.socket, socket.socket, http.client.HTTPConnection]:
+    """A slowloris head, a body begun and left waiting, and a kept-alive connection gone idle."""
+    loris = socket.create_connection(("127.0.0.1", port), timeout=5)
+    loris.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+    trickle.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    kept.request("GET", "/v2/health/ready")
+    assert kept.getresponse().read() and not kept.sock._closed  # kept alive, now idle
+    return loris, trickle, kept
+
+
 def test_a_slow_request_or_an_idle_connection_holds_no_worker(upstream):
     """With one worker: a slowloris head, a body sent a few bytes at a time and a kept-alive idle
     connection all wait in the selector; other clients are answered, pipelined requests too."""
     with _guard(upstream, threads=1, idle_timeout_s=30, header_timeout_s=30) as guard:
         port = guard.server_address[1]
-        loris = socket.create_connection(("127.0.0.1", port), timeout=5)
-        loris.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
-        trickle.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
-        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        kept.request("GET", "/v2/health/ready")
-        assert kept.getresponse().read() and not kept.sock._closed  # kept alive, now idle
+        loris, trickle, kept = _slow_clients(port)
         try:
             for _ in range(3):
                 loris.sendall(b"a")
@@ -293,13 +299,7 @@ def test_slow_and_idle_clients_are_cut_off(upstream):
     with _guard(upstream, threads=1, idle_timeout_s=0.5, header_timeout_s=1.0) as guard:
         port = guard.server_address[1]
         silent = socket.create_connection(("127.0.0.1", port), timeout=5)
-        loris = socket.create_connection(("127.0.0.1", port), timeout=5)
-        loris.sendall(b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
-        trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
-        trickle.sendall(f"POST {INFER} HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{{".encode())
-        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        kept.request("GET", "/v2/health/ready")
-        kept.getresponse().read()
+        loris, trickle, kept = _slow_clients(port)
         try:
             for _ in range(3):  # a byte every 0.3 s keeps no one's request alive past its 1 s
                 time.sleep(0.3)
