@@ -208,9 +208,11 @@ def test_slow_clients_hold_no_thread_and_cannot_lock_others_out(upstream, caplog
     assert threading.active_count() <= before
     assert "Traceback" not in capfd.readouterr().err
     assert not [r for r in caplog.records if r.exc_info]
+    # One line per 10 s sweep with what it counted (a slow machine may need two sweeps): two were closed in all.
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1  # one line, whatever was counted before the next 10 s
-    assert warnings[0].startswith("HTTP guard: closed waiting connections to make room (--max-connections 320): ")
+    prefix = "HTTP guard: closed waiting connections to make room (--max-connections 320): "
+    assert 1 <= len(warnings) <= 2 and all(w.startswith(prefix) for w in warnings)
+    assert sum(int(w.removeprefix(prefix)) for w in warnings) == 2
 
 
 class _Blocked(_Upstream):
