@@ -359,7 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            metrics_port=args.metrics_port, name=args.model_name, backend=args.backend,
                            precision=args.precision, threads=args.threads, batching=_batching(args),
                            image_instances=args.image_instances, max_request_mb=args.max_request_mb,
-                           max_image_pixels=args.max_image_pixels,
+                           max_image_pixels=args.max_image_pixels, decoding=args.decode,
                            max_connections=args.max_connections, guard_threads=args.guard_threads,
                            idle_timeout=args.idle_timeout, header_timeout=args.header_timeout)
     serve(args.bundle, options, on_ready=print_ready)
@@ -400,7 +400,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from edgeclf.runtime.verifier import verify
 
     report = verify(args.model, args.backend, args.precision, record=not args.no_record,
-                    allow_small_set=args.allow_small_set)
+                    allow_small_set=args.allow_small_set, decoding=args.decode)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -423,6 +423,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 else f"{'-':>60}"
             backend = (r.get("run_by") or {}).get("backend", "-")
             print(f"{name:<15} {backend:<12} {figures}  {'passed' if r['passed'] else 'FAILED'}")
+        medians = {name: r["median"] for name, r in report.results.items() if "median" in r}
+        if medians:  # decoded by median: agreement with Keras's median, accuracy and MAE beside Keras's
+            print(f"{'decoded by median':<22} {'agree':>7} {'(95% lb)':>8} {'acc':>7} {'acc Keras':>9} "
+                  f"{'MAE':>7} {'MAE Keras':>9}")
+            for name, m in medians.items():
+                print(f"{name:<22} {m['agreement']:>7.4f} {m['agreement_lower_95']:>8.4f} {m['accuracy']:>7.4f} "
+                      f"{m['accuracy_keras']:>9.4f} {m['mae']:>7.4f} {m['mae_keras']:>9.4f}")
         print(f"[edgeclf] verified in {report.seconds:.1f} s"
               + ("; results stored in bundle.json under this machine's key" if not args.no_record else ""),
               file=sys.stderr)
@@ -695,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoded-image requests decoded at once (default 4)")
     p.add_argument("--max-image-pixels", type=limits.option("image_pixels"), default=DEFAULT_MAX_IMAGE_PIXELS,
                    metavar="PIXELS", help=pixels_help.replace("an image", "an encoded image (NAME_image)"))
+    p.add_argument("--decode", choices=DECODINGS, default="argmax",
+                   help="how both models' label output is decoded from the logits: argmax (default) or median "
+                        "(of the predicted distribution over the ordered labels: the least expected |error|)")
     p.add_argument("--max-request-mb", type=limits.option("request_mb"), default=64.0,
                    help="larger requests (body, or declared tensor size) are refused before they are read "
                         "(default 64)")
@@ -752,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge an artifact even where the verification set is too small to show its agreement "
                         "target (all images agreeing leave the 95%% lower bound below it: 0.99 needs 299 images); "
                         "by default that fails the artifact")
+    p.add_argument("--decode", choices=DECODINGS, default="argmax",
+                   help="argmax (default) or median: also check the answers decoded by median (agreement with the "
+                        "Keras model's median, accuracy kept); stored as ENTRY+median")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("doctor", help="which backends and accelerators are usable here, and why not")

@@ -39,6 +39,27 @@ def median_indices(probabilities: np.ndarray) -> np.ndarray:
     return np.argmax(cumulative >= _HALF, axis=1)
 
 
+def median_margins(logits: np.ndarray) -> np.ndarray:
+    """For each row of ``logits`` [N, K], how firmly its median is decided, in logit units: the
+    smaller of the log-odds that the value is at most the median, and that it is below it.
+
+    Each is a difference of two log-sum-exps over disjoint classes (log C - log(1 - C)), which
+    moving every logit by at most d changes by at most 2d, as it does the top-1 margin (top-1
+    minus top-2 logit): so the INT8 gate's decided margin carries over to the median unchanged.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    median = median_indices(probabilities_of(z))
+    below = np.logaddexp.accumulate(z, axis=1)  # log of the mass of classes 0..k
+    above = np.logaddexp.accumulate(z[:, ::-1], axis=1)[:, ::-1]  # log of the mass of classes k..K-1
+    rows = np.arange(len(z))
+    inf = np.full(len(z), np.inf)
+    last = z.shape[1] - 1
+    # P(value <= median) against P(value > median); and P(value >= median) against P(value < median).
+    upper = np.where(median < last, below[rows, median] - above[rows, np.minimum(median + 1, last)], inf)
+    lower = np.where(median > 0, above[rows, median] - below[rows, np.maximum(median - 1, 0)], inf)
+    return np.minimum(upper, lower)
+
+
 def probabilities_of(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64, stable for large logits."""
     shifted = np.exp(np.asarray(logits, dtype=np.float64) - np.max(logits, axis=1, keepdims=True))

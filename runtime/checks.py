@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeclf.decoding import median_indices, median_margins, probabilities_of
 from edgeclf.runtime.fidelity import (clopper_pearson_lower, decided_agreement, images_to_show, margin_shift,
                                       margins, paired_accuracy_test)
 
@@ -85,8 +86,12 @@ def tolerance_for(precision: str, record: dict[str, Any] | None = None, hint: st
 def compare(
     precision: str, logits: np.ndarray, label_out: np.ndarray, reference: np.ndarray,
     true_values: np.ndarray, labels: Sequence[int], tolerance: Tolerance | None = None,
+    decoding: str = "argmax",
 ) -> dict[str, Any]:
     """Compare an artifact's outputs with the Keras reference logits.
+
+    ``decoding`` "median" adds the answers decoded by median (:mod:`edgeclf.decoding`) to the
+    checks: they must agree with Keras's median and keep its accuracy, within the same limits.
 
     Returns:
         A JSON-ready dict: the figures, the tolerance used, each check with its
@@ -131,6 +136,10 @@ def compare(
     label_ok = bool(np.array_equal(label_out, predicted))
     checks.append({"check": "label output = labels[argmax(logits)]", "value": label_ok, "limit": True,
                    "passed": label_ok})
+    median: dict[str, Any] = {}
+    if decoding != "argmax":
+        median["median"], more = median_comparison(logits, reference, true_values, table, tol)
+        checks += more
     return {
         "images": int(len(true_values)),
         "max_abs_logit_diff": max_diff,
@@ -145,10 +154,51 @@ def compare(
         "accuracy_keras": accuracy_keras,
         "accuracy_delta": accuracy - accuracy_keras,
         **gate,
+        **median,
         "tolerance": asdict(tol),
         "checks": checks,
         "passed": all(c["passed"] for c in checks),
     }
+
+
+def median_comparison(logits: np.ndarray, reference: np.ndarray, true_values: np.ndarray, table: np.ndarray,
+                      tol: Tolerance) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The artifact's answers decoded by median against Keras's, on every image: (figures, checks).
+
+    Agreement is judged against ``min_agreement`` as top-1 agreement is: on every image, or, under
+    the INT8/BF16 gate, on the images whose Keras median is decided by at least ``decided_margin``
+    (:func:`~edgeclf.decoding.median_margins`: the same logit units, the same guarantee). The
+    accuracy is judged as the argmax accuracy is (a plain drop, or the paired test).
+    """
+    predicted = table[median_indices(probabilities_of(logits))]
+    keras = table[median_indices(probabilities_of(reference))]
+    agreeing = predicted == keras
+    figures = {"agreement": float(np.mean(agreeing)),
+               "agreement_lower_95": clopper_pearson_lower(int(agreeing.sum()), int(len(agreeing))),
+               "accuracy": float(np.mean(predicted == true_values)),
+               "accuracy_keras": float(np.mean(keras == true_values)),
+               "mae": float(np.mean(np.abs(predicted - true_values))),
+               "mae_keras": float(np.mean(np.abs(keras - true_values)))}
+    if tol.decided_margin is None:
+        checks = [{"check": "median agreement", "value": figures["agreement"], "limit": tol.min_agreement,
+                   "passed": figures["agreement"] >= tol.min_agreement}]
+    else:
+        decided = median_margins(reference) >= tol.decided_margin
+        figures["decided_images"] = int(decided.sum())
+        figures["decided_agreement"] = float(np.mean(agreeing[decided])) if decided.any() else 0.0
+        checks = [{"check": f"median agreement, margin >= {tol.decided_margin:.3g} ({figures['decided_images']} img)",
+                   "value": figures["decided_agreement"], "limit": tol.min_agreement,
+                   "passed": bool(decided.any()) and figures["decided_agreement"] >= tol.min_agreement}]
+    drop = figures["accuracy_keras"] - figures["accuracy"]
+    if tol.paired_alpha is None:
+        checks.append({"check": "median accuracy drop", "value": drop, "limit": tol.max_accuracy_drop,
+                       "passed": drop <= tol.max_accuracy_drop})
+    else:
+        paired = paired_accuracy_test(keras == true_values, predicted == true_values, tol.max_accuracy_drop,
+                                      tol.paired_alpha)
+        checks.append({"check": f"median accuracy drop > {tol.max_accuracy_drop:g} (p-value)",
+                       "value": paired["p_value"], "limit": tol.paired_alpha, "passed": not paired["significant"]})
+    return figures, checks
 
 
 def measurable_check(tolerance: Tolerance, reference: np.ndarray, waive: bool = False) -> dict[str, Any]:

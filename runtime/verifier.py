@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgeclf.bundle import BUNDLE_FILE, Bundle, update_bundle
+from edgeclf.decoding import check_decoding
 from edgeclf.errors import BackendUnavailableError, BundleError, EdgeclfError, InvalidInputError
 from edgeclf.formats import FORMATS, entries, entry_name
 from edgeclf.progress import log
@@ -85,9 +86,10 @@ def _figure(value: Any) -> str:
 
 
 def check_entry(path: Path, backend: str, hint: str | None, reference: VerificationSet,
-                labels: list[int], tolerance: Tolerance) -> dict[str, Any]:
+                labels: list[int], tolerance: Tolerance, decoding: str = "argmax") -> dict[str, Any]:
     """Load ``path`` (a bundle entry or a lone artifact file) exactly as the Predictor runs it,
-    run it on the verification set and compare with the Keras logits.
+    run it on the verification set and compare with the Keras logits (``decoding`` "median":
+    the answers decoded by median too).
 
     Raises:
         EdgeclfError: the artifact cannot be loaded (altered, built for another machine,
@@ -98,7 +100,8 @@ def check_entry(path: Path, backend: str, hint: str | None, reference: Verificat
     with Predictor.load(path, backend, precision=hint, allow_unvalidated=True) as predictor:
         logits, label_out = artifact_outputs(predictor, reference.images)
         described = predictor.describe()
-    report = compare(hint or "fp32", logits, label_out, reference.logits, reference.values, labels, tolerance)
+    report = compare(hint or "fp32", logits, label_out, reference.logits, reference.values, labels, tolerance,
+                     decoding)
     report["run_by"] = {k: v for k, v in described.items() if k not in ("labels", "input", "reason", "hardware")}
     return report
 
@@ -211,7 +214,8 @@ def check_labels_against_export(bundle: Bundle, reference: VerificationSet) -> N
 
 
 def verify(path: str | Path, backend: str = "all", precision: str | None = None, *,
-           record: bool = True, hardware: Hardware | None = None, allow_small_set: bool = False) -> VerifyReport:
+           record: bool = True, hardware: Hardware | None = None, allow_small_set: bool = False,
+           decoding: str = "argmax") -> VerifyReport:
     """Check the bundle's artifacts here against its verification set; store the results.
 
     Args:
@@ -221,6 +225,9 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
         record: store the results in bundle.json under this machine's fingerprint.
         allow_small_set: judge entries whose agreement target the set is too small to show
             (see below) instead of failing them; the check is kept, marked waived, with a warning.
+        decoding: "median" checks the answers decoded by median as well (agreement with Keras's
+            median, its accuracy kept); such results are stored as ``<entry>+median``, apart
+            from the argmax results ``auto`` reads.
 
     An entry fails when the verification set cannot show its agreement target at all: if even
     every image (every decided image, for the INT8 and BF16 gate) agreeing leaves the one-sided
@@ -236,6 +243,7 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
     path = Path(path)
     if not (path / BUNDLE_FILE).is_file():
         raise InvalidInputError(f"verify needs a bundle directory (it holds the verification set). Received: {path}")
+    check_decoding(decoding)
     hw = hardware or detect()
     bundle = Bundle.load(path)
     reference = load_verification_set(bundle)
@@ -249,9 +257,10 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
         # The limits export checked this artifact against; a run-time precision has its own.
         tolerance = tolerance_for(entry.precision, artifact, entry.hint)
         result: dict[str, Any] = {"format": entry.format, "precision_hint": entry.hint,
-                                  "artifact_sha256": artifact["sha256"], "by": "verify"}
+                                  "artifact_sha256": artifact["sha256"], "by": "verify", "decoding": decoding}
         try:
-            result.update(check_entry(bundle.path, entry.format, entry.hint, reference, bundle.labels, tolerance))
+            result.update(check_entry(bundle.path, entry.format, entry.hint, reference, bundle.labels, tolerance,
+                                      decoding))
         except EdgeclfError as exc:  # one artifact that cannot run must not hide the others' results
             result.update(passed=False, error=f"{type(exc).__name__}: {exc}")
         if "checks" in result:  # whether these images can show the agreement target at all
@@ -261,8 +270,9 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
             if shown.get("waived"):
                 waived.append(f"{entry.name} ({shown['limit']:g} on {shown['images']}, needs "
                               f"{shown['images_needed'] or 'infinitely many'})")
-        report.results[entry.name] = result
-        log(f"  {entry.name:<14} {'passed' if result['passed'] else 'FAILED'}")
+        name = entry.name if decoding == "argmax" else f"{entry.name}+{decoding}"
+        report.results[name] = result
+        log(f"  {name:<14} {'passed' if result['passed'] else 'FAILED'}")
     if waived:
         count = f"{len(reference)} image{'s' if len(reference) != 1 else ''}"
         warnings.warn(f"the verification set ({count}) is too small to show the agreement target of "

@@ -1,6 +1,7 @@
 """``edgeclf serve``: the Predictor behind a real Triton Inference Server (PyTriton).
 
-Two models, both answering the integer label, its confidence and the logits:
+Two models, both answering the integer label (decoded by argmax, or by median with
+``decoding``), its confidence and the logits:
 
     NAME        pixels  uint8 [N, H, W, 3]  RGB at the model's size. Triton checks dtype and
                                             shape per request, and its dynamic batcher groups
@@ -37,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgeclf.decoding import check_decoding
 from edgeclf.errors import BackendUnavailableError, InvalidInputError, PortInUseError, ServerError
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
 from edgeclf.serve.grpc_guard import grpc_guard
@@ -76,6 +78,7 @@ class ServeOptions:
     max_request_mb: float = 64.0  # larger requests are refused before they are read
     log_file: Path | None = None  # Triton's own log (default: a new file in the temp directory)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # NAME_image refuses larger images before decoding them
+    decoding: str = "argmax"  # of the label output: argmax, or median (edgeclf.decoding)
     max_connections: int = 1024  # open connections per public endpoint; more are refused at once
     guard_threads: int = 64  # threads answering requests per public endpoint
     idle_timeout: float = 10.0  # seconds a kept-alive connection may wait for its next request
@@ -83,6 +86,7 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         self.connection_limits()  # InvalidInputError for a value out of range, when the options are made
+        check_decoding(self.decoding)
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(max_connections=self.max_connections, threads=self.guard_threads,
@@ -243,7 +247,7 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
     mc, pytriton_triton = _pytriton()
     predictor = Predictor.load(bundle, options.backend, precision=options.precision,
                                batch_size=options.batching.max_batch, threads=options.threads,
-                               max_image_pixels=options.max_image_pixels)
+                               max_image_pixels=options.max_image_pixels, decoding=options.decoding)
     stop = stop or threading.Event()
     previous = None
     guards: list[Any] = []

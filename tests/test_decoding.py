@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgeclf.errors import InvalidInputError
-from edgeclf.decoding import decode_indices, median_indices
+from edgeclf.decoding import decode_indices, median_indices, median_margins
 from tests.conftest import run_cli
 
 
@@ -38,6 +38,69 @@ def test_the_median_minimises_the_expected_absolute_error():
 def test_an_unknown_decoding_is_refused():
     with pytest.raises(InvalidInputError, match="decoding must be one of argmax, median. Received: 'mean'"):
         decode_indices(np.ones((1, 3)) / 3, "mean")
+
+
+@pytest.mark.parametrize("probabilities, margin", [
+    ([0.2, 0.2, 0.6], np.log(0.6 / 0.4)),  # median 2, the last class: only "not below it" can fail
+    ([0.1, 0.8, 0.1], np.log(0.9 / 0.1)),  # median 1: P(<= 1) and P(>= 1) are both 0.9
+    ([0.5, 0.5, 0.0], 0.0),  # a tie: P(<= 0) is exactly one half, nothing decides it
+    ([0.3, 0.3, 0.4], min(np.log(0.6 / 0.4), np.log(0.7 / 0.3))),
+])
+def test_the_median_margin_is_the_log_odds_of_the_nearer_side(probabilities, margin):
+    logits = np.log(np.maximum(np.array([probabilities]), 1e-300))
+    assert median_margins(logits)[0] == pytest.approx(margin, abs=1e-9)
+
+
+def test_logits_moved_by_less_than_half_the_median_margin_keep_the_median():
+    """The guarantee the INT8 gate's decided margin rests on holds for the median as for top-1."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3000, 7)) * 3
+    moved = logits + rng.uniform(-0.25, 0.25, logits.shape)  # every logit by at most 0.25
+    median = median_indices(np.exp(logits))
+    flipped = median != median_indices(np.exp(moved))
+    assert flipped.any()  # the test can fail
+    assert not (flipped & (median_margins(logits) >= 0.5)).any()
+
+
+def test_verify_decode_median_checks_the_median_answers_apart_from_argmax(tiny_exported, tmp_path):
+    import shutil
+
+    from edgeclf.bundle import Bundle
+    from edgeclf.runtime import verify
+    from edgeclf.runtime.fingerprint import machine_key
+
+    bundle = shutil.copytree(tiny_exported[0].path, tmp_path / "bundle")
+    report = verify(bundle, "onnx", allow_small_set=True, decoding="median")
+    result = report.results["onnx+median"]
+    assert result["passed"] and result["decoding"] == "median"
+    assert result["median"]["agreement"] == 1.0 and result["median"]["mae"] == result["median"]["mae_keras"]
+    assert [c["check"] for c in result["checks"] if c["check"].startswith("median")] == [
+        "median agreement", "median accuracy drop"]
+    stored = Bundle.load(bundle).meta["verified"]["machines"][machine_key()]["results"]
+    assert stored["onnx+median"]["passed"] and "median" not in stored["onnx"]  # auto reads the argmax results
+    out = run_cli("verify", str(bundle), "--backend", "onnx-int8", "--decode", "median", "--allow-small-set",
+                  "--no-record")
+    assert out.returncode == 0, out.stderr
+    assert "onnx-int8+median median agreement, margin >=" in out.stdout and "decoded by median" in out.stdout
+    bad = run_cli("verify", str(bundle), "--decode", "mean")
+    assert bad.returncode == 2 and "invalid choice: 'mean'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_serve_answers_the_label_decoded_as_told(tiny_exported):
+    """Both served models' label output comes from the Predictor's decoding (the logits are the same)."""
+    from edgeclf.runtime import Predictor
+    from edgeclf.serve.server import ServeOptions, _Models
+
+    logits = np.array([[2.0, 0.0, 1.9], [0.1, 3.0, 0.2], [1.0, 0.9, 0.95]], dtype=np.float32)
+    answers = {}
+    for decoding in ("argmax", "median"):
+        with Predictor.load(tiny_exported[0].path, "onnx", decoding=decoding) as predictor:
+            answers[decoding] = _Models(predictor, "edgeclf", "unused").outputs(logits)["label"][:, 0].tolist()
+    table = np.asarray(tiny_exported[0].labels)
+    assert answers["argmax"] == table[[0, 1, 0]].tolist()
+    assert answers["median"] == table[median_indices(np.exp(logits))].tolist() == table[[1, 1, 1]].tolist()
+    with pytest.raises(InvalidInputError, match="decoding must be one of argmax, median. Received: 'mean'"):
+        ServeOptions(decoding="mean")
 
 
 def test_predict_decode_median_agrees_with_the_predictor(tiny_exported, digits_dir):
