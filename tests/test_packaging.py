@@ -1,0 +1,51 @@
+"""The installed package imports from any folder, the checkout's root included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Imports a device and the workstation make first: the subpackages that live beside edgeclf/.
+IMPORTS = ("import edgeclf.runtime.backends, edgeclf.serve.guard, edgeclf.train.ordinal; "
+           "from edgeclf.runtime import Predictor; print(edgeclf.runtime.__file__)")
+
+
+def _python(cwd: Path, *flags: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    return subprocess.run([sys.executable, *flags, "-c", IMPORTS], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """edgeclf installed as a wheel is (``pip install .``, not editable), into a folder of its own."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+    assert (target / "edgeclf" / "runtime" / "predictor.py").is_file()
+    return target
+
+
+@pytest.mark.parametrize("where", ["the checkout's root", "another folder"])
+def test_a_normal_install_imports_from_any_folder(installed, tmp_path, where):
+    """``python -S`` with the install and the dependencies on PYTHONPATH: no .pth file runs, so no
+    editable-install finder hides what a plain install does. From the checkout's root Python finds
+    the source folder edgeclf/ first, which holds only the core (the case that failed)."""
+    cwd = ROOT if where == "the checkout's root" else tmp_path
+    dependencies = sysconfig.get_paths()["purelib"]
+    out = _python(cwd, "-S", pythonpath=f"{installed}:{dependencies}")
+    assert out.returncode == 0, out.stderr
+    expected = ROOT / "runtime" if cwd == ROOT else installed / "edgeclf" / "runtime"
+    assert Path(out.stdout.strip()).parent == expected
+
+
+@pytest.mark.parametrize("where", ["the checkout's root", "another folder"])
+def test_the_editable_install_imports_from_any_folder(tmp_path, where):
+    out = _python(ROOT if where == "the checkout's root" else tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).parent == ROOT / "runtime"
