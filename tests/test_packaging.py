@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,9 +25,13 @@ def _python(cwd: Path, *flags: str, pythonpath: str | None = None) -> subprocess
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """edgeclf installed as a wheel is (``pip install .``, not editable), into a folder of its own."""
+    # Built from a copy: setuptools writes build/ into the folder it builds.
+    source = tmp_path_factory.mktemp("source") / "edgeclf"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "runs", "build", "*.egg-info", "__pycache__",
+                                                                "tests", "docs"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(target), str(source)], check=True, capture_output=True, timeout=300)
     assert (target / "edgeclf" / "runtime" / "predictor.py").is_file()
     return target
 
