@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeclf.cli import main, parse_labels
+from edgeclf.cli import main
+from edgeclf.commands.common import parse_labels
 from tests.conftest import run_cli
 
 

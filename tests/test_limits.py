@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from edgeclf import limits
-from edgeclf.cli import main, parse_labels
+from edgeclf.cli import main
+from edgeclf.commands.common import parse_labels
 from edgeclf.errors import InvalidInputError
 from tests.conftest import run_cli
 

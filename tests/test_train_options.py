@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from edgeclf.cli import build_parser, main, train_settings  # noqa: E402
+from edgeclf.cli import build_parser, main  # noqa: E402
+from edgeclf.commands.train import train_settings  # noqa: E402
 from edgeclf.errors import InvalidInputError  # noqa: E402
 from edgeclf.train.options import read_config  # noqa: E402
 from edgeclf.train.trainer import RECIPES, TrainConfig, resolve_recipe  # noqa: E402
@@ -92,3 +93,22 @@ def test_cli_trains_from_a_config_with_overrides_and_tensorboard_logs(noncontigu
     assert settings["train_batchnorm"] is True and settings["lr_finetune"] == 1e-3
     for phase in ("frozen", "finetune"):
         assert list((tmp_path / "tb" / phase).rglob("events.out.tfevents.*")), phase
+
+
+def test_the_defaults_train_help_names_are_trainconfigs():
+    """Train options default to None (so a flag not given overrides no config); their help names
+    TrainConfig's defaults, which must not drift from the library's."""
+    import dataclasses
+    import re
+
+    # Left unset (None), an option follows the fine-tuning recipe (the from-scratch one is named beside it).
+    fields = {f.name: RECIPES["fine-tuning"].get(f.name) if f.default is None else f.default
+              for f in dataclasses.fields(TrainConfig)}
+    parser = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    named = 0
+    for action in parser._actions:
+        match = re.search(r"\(default ([-+0-9.e]+)[;)]", action.help or "")
+        if match and fields.get(action.dest) is not None:
+            assert float(match.group(1)) == float(fields[action.dest]), action.option_strings
+            named += 1
+    assert named >= 8

@@ -60,7 +60,7 @@ def _flag(value: Any) -> bool:
 
 
 def _labels(value: Any) -> list[int]:
-    from edgeclf.cli import parse_labels
+    from edgeclf.commands.common import parse_labels
 
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         limits.check_label_count(len(value), f"a list of {len(value)} labels")
@@ -71,7 +71,7 @@ def _labels(value: Any) -> list[int]:
 
 
 def _image_size(value: Any) -> tuple[int, int]:
-    from edgeclf.cli import parse_image_size
+    from edgeclf.commands.common import parse_image_size
 
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value]
