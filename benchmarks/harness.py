@@ -111,7 +111,9 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
     config = config or BenchConfig()
     bundle = Bundle.load(bundle_path)
     entries = contestants(bundle, config)
-    baselines_wanted = _tensorflow_here() if config.baselines is None else config.baselines
+    # By default where TensorFlow is installed and the model is there (a device package has no model.keras).
+    baselines_wanted = _tensorflow_here() and bundle.model_path.is_file() if config.baselines is None \
+        else config.baselines
     if baselines_wanted and not _tensorflow_here():
         raise BackendUnavailableError("the Keras baselines need TensorFlow, which is not installed here: "
                                       "pip install 'edgeclf[train]', or bench without them (--no-baselines)")

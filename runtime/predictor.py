@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeclf.errors import BundleError, IncompatibleArtifactError, InvalidInputError
+from edgeclf.errors import IncompatibleArtifactError, InvalidInputError
 from edgeclf import limits
 from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend

@@ -21,7 +21,7 @@ from typing import Any
 
 from edgeclf.bundle import BUNDLE_FILE, Bundle, artifact_present
 from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputError
-from edgeclf.formats import entry_name
+from edgeclf.formats import FORMATS, entry_name
 from edgeclf.runtime.backends import BACKEND_BY_SUFFIX, BACKENDS, missing_modules, runs_here
 from edgeclf.runtime.fingerprint import describe_machine, machine_key
 from edgeclf.runtime.hardware import Hardware
@@ -136,6 +136,14 @@ def _by_hardware(bundle: Bundle, hardware: Hardware) -> Choice | None:
         if record is not None and runs_here(_backend_of(fmt), hardware):
             held = "".join(f"; {note}" for note in _held_back(bundle, hardware))
             return _choice(bundle, fmt, record, hint, f"{why}; {_no_benchmarks_here(bundle)}{held}")
+    # None of those is in the bundle (a device package of one INT8 artifact): any validated one that runs here.
+    present = bundle.meta.get("artifacts", {})
+    for fmt in (f for f in FORMATS if f in present):
+        record = _usable(bundle, fmt, False, hardware, None, auto=True)
+        if record is not None and runs_here(_backend_of(fmt), hardware):
+            return _choice(bundle, fmt, record, None, f"the first validated artifact in the bundle that runs here "
+                                                      f"(none of the ones preferred for this machine is in it); "
+                                                      f"{_no_benchmarks_here(bundle)}")
     return None
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from edgeclf.bundle import BUNDLE_FILE, Bundle, update_bundle
 from edgeclf.decoding import check_decoding
+from edgeclf.pack import check_package
 from edgeclf.errors import BackendUnavailableError, BundleError, EdgeclfError, InvalidInputError
 from edgeclf.formats import FORMATS, entries, entry_name
 from edgeclf.progress import log
@@ -246,6 +247,7 @@ def verify(path: str | Path, backend: str = "all", precision: str | None = None,
     check_decoding(decoding)
     hw = hardware or detect()
     bundle = Bundle.load(path)
+    check_package(bundle)  # a device package: every file as packed
     reference = load_verification_set(bundle)
     check_labels_against_export(bundle, reference)
     chosen = select_entries(bundle, backend, precision, hw)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from edgeclf import limits
-from edgeclf.commands.common import tf_logs, int_list, quiet_tensorflow
+from edgeclf.commands.common import int_list, quiet_tensorflow, tf_logs
 
 
 def run(args: argparse.Namespace) -> int:

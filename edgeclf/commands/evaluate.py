@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgeclf.commands.common import tf_logs, quiet_tensorflow
+from edgeclf.commands.common import quiet_tensorflow, tf_logs
 from edgeclf.decoding import DECODINGS
 
 

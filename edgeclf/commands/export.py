@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edgeclf import limits
-from edgeclf.commands.common import tf_logs, add_batching_arguments, batching, int_triple, quiet_tensorflow
+from edgeclf.commands.common import add_batching_arguments, batching, int_triple, quiet_tensorflow, tf_logs
 from edgeclf.errors import InvalidInputError, ValidationError
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from edgeclf import limits
-from edgeclf.commands.common import tf_logs, parse_image_size, parse_labels, quiet_tensorflow
+from edgeclf.commands.common import parse_image_size, parse_labels, quiet_tensorflow, tf_logs
 from edgeclf.errors import InvalidInputError
 
 

@@ -1,0 +1,315 @@
+"""``edgeclf pack`` and ``unpack``: a device package, only what a device needs.
+
+A package is a bundle directory that holds the chosen artifacts (an OpenVINO IR with its
+weights file), the verification set and a ``bundle.json`` cut down to them: labels, input,
+preprocessing, the artifacts' records and what was measured of them, and a ``package``
+record of what it was packed from (the source bundle.json's sha256, the model's sha256,
+the formats, the edgeclf version) and the sha256 and size of every file in it. No
+``model.keras``, no other artifact. ``Predictor.load``, ``predict``, ``verify`` and
+``bench`` read it as they read a bundle.
+
+An archive (``.tar.gz``, ``.tgz`` or ``.zip``) is not opened in place: ``edgeclf unpack``
+writes it out as a folder, since ``verify`` and ``bench`` record their results in
+``bundle.json``. Unpacking accepts only what ``pack`` writes: regular files with plain
+names (no folder, no ``..``, no link), each listed in the package record with its size
+and sha256, within a size bound; anything else is refused before a byte lands, and the
+folder appears under its name only once every file has been checked.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from edgeclf import __version__
+from edgeclf.bundle import BUNDLE_FILE, MAX_BUNDLE_JSON_BYTES, Bundle, artifact_files
+from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError
+from edgeclf.formats import FORMATS, entries
+from edgeclf.fsio import atomic_path, sha256_file, staged_directory, storage_errors
+
+PACKAGE_FORMAT = "edgeclf-package/1"
+ARCHIVES = (".tar.gz", ".tgz", ".zip")
+#: A package's files are a few artifacts and a verification set (at most 1 GiB); far more is not a package.
+MAX_PACKAGE_BYTES = 16 << 30
+MAX_MEMBERS = 64
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class PackReport:
+    path: Path
+    formats: list[str]
+    files: dict[str, int]  # name -> bytes
+    source_bytes: int  # the whole source bundle directory
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.files.values())
+
+
+def archive_kind(path: str | os.PathLike) -> str | None:
+    """"tar.gz", "zip", or None (a folder) from the name ``path`` ends with."""
+    name = str(path).lower()
+    if name.endswith((".tar.gz", ".tgz")):
+        return "tar.gz"
+    return "zip" if name.endswith(".zip") else None
+
+
+def _chosen_formats(bundle: Bundle, formats: Sequence[str], allow_unvalidated: bool) -> list[str]:
+    artifacts = bundle.meta.get("artifacts") or {}
+    names = [n.strip().lower() for n in formats if n.strip()]
+    if not names:
+        raise InvalidInputError(f"pack needs at least one artifact format (--for), one of {list(FORMATS)}")
+    for name in names:
+        if name not in FORMATS:
+            hint = next((f for f in FORMATS for entry, _ in entries(f) if entry == name), None)
+            raise InvalidInputError(f"unknown artifact format {name!r}" + (
+                f" ({name} runs the {hint} artifact: pack {hint})" if hint else "") + f"; expected one of "
+                f"{list(FORMATS)}. Received: --for {','.join(formats)}")
+        record = artifacts.get(name)
+        if not isinstance(record, dict):
+            raise InvalidInputError(f"{bundle.path} has no {name} artifact; export it first (edgeclf export "
+                                    f"{bundle.path} --format {name}). It has: {sorted(artifacts) or 'none'}")
+        if record.get("status") != "validated" and not allow_unvalidated:
+            raise InvalidInputError(f"the {name} artifact of {bundle.path} is {record.get('status')!r}, not validated "
+                                    f"against Keras; pack it anyway with --allow-unvalidated")
+    return list(dict.fromkeys(names))
+
+
+def _package_meta(bundle: Bundle, formats: list[str], files: dict[str, Path]) -> dict[str, Any]:
+    """bundle.json of the package: the source's, cut down to ``formats``, with the package record."""
+    meta = json.loads(json.dumps(bundle.meta))  # a deep copy of plain JSON
+    meta["artifacts"] = {f: meta["artifacts"][f] for f in formats}
+    kept = {entry for f in formats for entry, _ in entries(f)}
+    for machine in ((meta.get("verified") or {}).get("machines") or {}).values():
+        results = machine.get("results") or {}
+        machine["results"] = {k: v for k, v in results.items() if k.split("+")[0] in kept}
+    meta.pop("benchmarks", None)  # measured with the Keras baselines and every artifact: bench again on the device
+    meta["package"] = {
+        "format": PACKAGE_FORMAT,
+        "formats": formats,
+        "edgeclf_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "from": {"bundle": str(bundle.path.resolve()),
+                 "bundle_json_sha256": sha256_file(bundle.path / BUNDLE_FILE),
+                 "model_sha256": (meta.get("model") or {}).get("sha256")},
+        "files": {name: {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
+                  for name, path in sorted(files.items())},
+    }
+    return meta
+
+
+def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.PathLike, *,
+         allow_unvalidated: bool = False, overwrite: bool = False) -> PackReport:
+    """Write a device package of ``formats`` from the bundle at ``bundle_path`` to ``out``: a folder,
+    or one ``.tar.gz``/``.tgz``/``.zip`` file when ``out`` ends so.
+
+    Raises:
+        BundleError: not a bundle; an artifact's files differ from its record; no verification set.
+        InvalidInputError: an unknown format, one the bundle lacks, or one not validated.
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    bundle = Bundle.load(bundle_path)
+    chosen = _chosen_formats(bundle, formats, allow_unvalidated)
+    files: dict[str, Path] = {}
+    for fmt in chosen:
+        parts = artifact_files(bundle, bundle.meta["artifacts"][fmt])  # sha256 and size checked here
+        for part, field in ((parts.entry, "file"), (parts.weights, "weights_file")):
+            if part is not None:  # named as recorded (an interrupted re-export's pending copy included)
+                files[bundle.meta["artifacts"][fmt][field]] = part
+    record = bundle.meta.get("verification_set")
+    if not isinstance(record, dict):
+        raise BundleError(f"{bundle.path} has no verification set, which verify needs on the device; export the "
+                          f"bundle again with this edgeclf")
+    verification = bundle.inside(record["file"], "verification_set.file")
+    if not verification.is_file() or sha256_file(verification) != record.get("sha256"):
+        raise BundleError(f"{verification} is missing or differs from the verification set export recorded")
+    files[record["file"]] = verification
+    meta = _package_meta(bundle, chosen, files)
+    out = Path(out)
+    kind = archive_kind(out)
+    if kind is None:
+        with staged_directory(out, overwrite) as stage:
+            for name, path in files.items():
+                shutil.copyfile(path, stage / name)
+            (stage / BUNDLE_FILE).write_bytes((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    else:
+        if out.exists() and not overwrite:
+            raise OutputExistsError(f"{out} exists; choose another name or pass --overwrite")
+        if out.is_dir():
+            raise OutputExistsError(f"{out} is a directory; an archive's name must be a file's")
+        _write_archive(out, kind, files, meta)
+    source = sum(p.stat().st_size for p in bundle.path.rglob("*") if p.is_file())
+    sizes = {n: p.stat().st_size for n, p in files.items()}
+    sizes[BUNDLE_FILE] = len((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    return PackReport(out, chosen, sizes, source)
+
+
+def _write_archive(out: Path, kind: str, files: dict[str, Path], meta: dict[str, Any]) -> None:
+    data = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+    with atomic_path(out, suffix=".tar.gz" if kind == "tar.gz" else ".zip") as tmp:
+        if kind == "tar.gz":
+            with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+                info = tarfile.TarInfo(BUNDLE_FILE)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+                for name, path in files.items():
+                    member = tar.gettarinfo(str(path), arcname=name)
+                    member.uid = member.gid = 0
+                    member.uname = member.gname = ""
+                    with open(path, "rb") as fh:
+                        tar.addfile(member, fh)
+        else:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+                info = zipfile.ZipInfo(BUNDLE_FILE, date_time=_dt.datetime.now().timetuple()[:6])
+                info.external_attr, info.compress_type = (stat.S_IFREG | 0o644) << 16, zipfile.ZIP_DEFLATED
+                archive.writestr(info, data)
+                for name, path in files.items():
+                    archive.write(path, arcname=name)
+
+
+# --- unpacking ---------------------------------------------------------------------------------
+
+def _refuse(archive: Path, why: str) -> BundleError:
+    return BundleError(f"{archive} is not a package edgeclf wrote: {why}; nothing was unpacked")
+
+
+def _check_name(archive: Path, name: str) -> None:
+    if not _PLAIN_NAME.match(name) or name in (".", ".."):
+        raise _refuse(archive, f"member {name[:200]!r} is not a plain file name (a package holds no folders, "
+                               f"absolute paths or '..')")
+
+
+def _members(archive: Path, kind: str) -> Iterator[tuple[str, int, Any]]:
+    """(name, size, opener) of each member, every one checked before any is read."""
+    if kind == "tar.gz":
+        tar = tarfile.open(archive, "r:gz")
+        with tar:
+            members = tar.getmembers()
+            if len(members) > MAX_MEMBERS:
+                raise _refuse(archive, f"{len(members)} members, over {MAX_MEMBERS}")
+            for m in members:
+                _check_name(archive, m.name)
+                if not m.isreg():
+                    what = "a symbolic link" if m.issym() else "a hard link" if m.islnk() else "not a regular file"
+                    raise _refuse(archive, f"member {m.name!r} is {what}")
+            for m in members:
+                yield m.name, m.size, (lambda m=m: tar.extractfile(m))
+        return
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise _refuse(archive, f"{len(infos)} members, over {MAX_MEMBERS}")
+        for info in infos:
+            _check_name(archive, info.filename)
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0: a writer that records no file type
+            if info.is_dir() or kind not in (0, stat.S_IFREG):
+                raise _refuse(archive, f"member {info.filename!r} is "
+                                       f"{'a symbolic link' if kind == stat.S_IFLNK else 'not a regular file'}")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise _refuse(archive, f"member {info.filename!r} uses compression {info.compress_type}")
+        for info in infos:
+            yield info.filename, info.file_size, (lambda info=info: zf.open(info))
+
+
+def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the package in ``archive`` (.tar.gz, .tgz or .zip) out as the folder ``out``, checked.
+
+    Raises:
+        BundleError: a member that ``pack`` does not write (a link, a folder, a path with ``..``, an
+            absolute path), more data than declared or than the bound, a file not listed in the
+            package record or differing from its sha256, or a listed file missing.
+        OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
+    """
+    archive = Path(archive)
+    kind = archive_kind(archive)
+    if kind is None:
+        raise InvalidInputError(f"unpack takes a .tar.gz, .tgz or .zip file written by edgeclf pack. Received: {archive}")
+    if not archive.is_file():
+        raise InvalidInputError(f"no such package file. Received: {archive}")
+    with staged_directory(out, overwrite) as stage:
+        total, seen = 0, set()
+        try:
+            for name, size, opener in _members(archive, kind):
+                total += size
+                if name in seen or total > MAX_PACKAGE_BYTES:
+                    raise _refuse(archive, f"member {name!r} is there twice" if name in seen
+                                  else f"over {MAX_PACKAGE_BYTES >> 30} GiB of files")
+                seen.add(name)
+                _copy_bounded(archive, opener(), stage / name, size)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.filename is not None:
+                raise
+            raise _refuse(archive, f"it is damaged ({type(exc).__name__}: {exc})") from None
+        problem = package_problem(stage)
+        if problem:
+            raise _refuse(archive, problem)
+    return Path(out)
+
+
+def _copy_bounded(archive: Path, source, target: Path, size: int) -> None:
+    """Copy at most ``size`` bytes (what the member declares) and refuse a member that holds more or less."""
+    written = 0
+    with source, open(target, "wb") as fh:
+        while chunk := source.read(min(1 << 20, size - written + 1)):
+            written += len(chunk)
+            if written > size:
+                raise _refuse(archive, f"member {target.name!r} holds more than the {size} bytes it declares")
+            fh.write(chunk)
+    if written != size:
+        raise _refuse(archive, f"member {target.name!r} holds {written} bytes, not the {size} it declares")
+
+
+def package_problem(path: str | os.PathLike) -> str | None:
+    """Why the folder ``path`` is not the package its ``bundle.json`` describes, or None.
+
+    Every file the package record lists must be there, a regular file of its size and sha256,
+    and nothing else may be (but files ``verify`` and ``bench`` write: bench results, locks)."""
+    path = Path(path)
+    meta_path = path / BUNDLE_FILE
+    if not meta_path.is_file() or meta_path.is_symlink() or meta_path.stat().st_size > MAX_BUNDLE_JSON_BYTES:
+        return f"it has no {BUNDLE_FILE} (a regular file of at most {MAX_BUNDLE_JSON_BYTES >> 20} MiB)"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return f"its {BUNDLE_FILE} is not JSON ({type(exc).__name__})"
+    record = meta.get("package") if isinstance(meta, dict) else None
+    if not isinstance(record, dict) or record.get("format") != PACKAGE_FORMAT \
+            or not isinstance(record.get("files"), dict):
+        return f"its {BUNDLE_FILE} has no package record of format {PACKAGE_FORMAT!r}"
+    listed = record["files"]
+    for name, expected in listed.items():
+        if not isinstance(name, str) or not _PLAIN_NAME.match(name) or not isinstance(expected, dict):
+            return f"the package record lists {str(name)[:200]!r}, not a plain file name"
+        file = path / name
+        if file.is_symlink() or not file.is_file():
+            return f"{name} is missing (or not a regular file)"
+        if file.stat().st_size != expected.get("size_bytes"):
+            return f"{name} is {file.stat().st_size} bytes, the package record says {expected.get('size_bytes')}"
+        if sha256_file(file) != expected.get("sha256"):
+            return f"{name} differs from the file packed (sha256): it was altered"
+    extra = sorted(p.name for p in path.iterdir() if p.name not in listed and p.name != BUNDLE_FILE
+                   and not p.name.startswith(".") and p.name != "benchmarks")
+    if extra:
+        return f"it holds files the package record does not list: {', '.join(extra)[:300]}"
+    return None
+
+
+def check_package(bundle: Bundle) -> None:
+    """For a package (a bundle with a package record): raise BundleError unless it is intact."""
+    if "package" not in bundle.meta:
+        return
+    with storage_errors(bundle.path):
+        problem = package_problem(bundle.path)
+    if problem:
+        raise BundleError(f"the package {bundle.path} is not as packed: {problem}; pack it again")
