@@ -1,0 +1,149 @@
+"""What to install on each kind of device, checked against the package index.
+
+    python -m edgeclf.platforms [--json]
+
+For every platform of :data:`PLATFORMS` and every device extra of pyproject.toml (``cpu``,
+``openvino``, ``tflite``, ``gpu``), pip resolves the extra's requirements for that platform
+from the package index without installing anything (``pip install --dry-run
+--only-binary=:all: --platform ... --python-version ...``): a cell says whether binary
+wheels exist there. Prints the README's platform table (``--json``: the versions resolved).
+pip matches platform tags exactly, so a glibc version is given as every ``manylinux_2_N``
+tag up to it, as the device's own pip would accept.
+
+The ``gpu`` extra's ``tensorrt`` is a source package that fetches NVIDIA's wheels when it
+builds, so it cannot be resolved for another platform; TensorRT comes with the driver
+stack (JetPack on a Jetson), and ``onnxruntime-gpu`` and ``cuda-python`` are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The extras a device installs, and the backend each brings.
+DEVICE_EXTRAS = ("cpu", "openvino", "tflite", "gpu")
+#: Requirements that cannot be resolved for another platform (source packages that download at build time).
+UNRESOLVABLE = {"tensorrt"}
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str
+    arch: str  # the wheel tag's machine: x86_64, aarch64, armv7l
+    glibc: tuple[int, int]
+    python: str
+    note: str = ""
+    nvidia: bool = False  # may carry an NVIDIA GPU: [gpu] is asked for
+
+    def tags(self) -> list[str]:
+        """Every platform tag the device's pip accepts, newest first."""
+        glibc = [f"manylinux_{self.glibc[0]}_{minor}_{self.arch}" for minor in range(self.glibc[1], 16, -1)]
+        legacy = {"x86_64": ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"],
+                  "aarch64": ["manylinux2014_aarch64"], "armv7l": ["manylinux2014_armv7l"]}[self.arch]
+        return [*glibc, *legacy, f"linux_{self.arch}"]
+
+
+PLATFORMS = (
+    Platform("x86-64 Linux (AVX2, VNNI or AMX; Ubuntu 22.04+)", "x86_64", (2, 35), "3.11", nvidia=True),
+    Platform("Raspberry Pi 5 (Raspberry Pi OS 12, 64-bit)", "aarch64", (2, 36), "3.11"),
+    Platform("Jetson, JetPack 6 (Ubuntu 22.04), its Python", "aarch64", (2, 35), "3.10",
+             "edgeclf needs Python 3.11+", nvidia=True),
+    Platform("Jetson, JetPack 6, Python 3.11 (uv or deadsnakes)", "aarch64", (2, 35), "3.11", nvidia=True),
+    Platform("Jetson, JetPack 5 (Ubuntu 20.04), its Python", "aarch64", (2, 31), "3.8", "edgeclf needs Python 3.11+",
+             nvidia=True),
+    Platform("32-bit Raspberry Pi OS (armv7l)", "armv7l", (2, 36), "3.11"),
+)
+
+
+def extra_requirements(extra: str, pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """The requirements ``edgeclf[extra]`` adds to the core's, with ``edgeclf[...]`` expanded."""
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    optional = project["optional-dependencies"]
+
+    def expand(name: str) -> list[str]:
+        out = []
+        for requirement in optional[name]:
+            inner = re.fullmatch(r"edgeclf\[([\w,-]+)\]", requirement.replace(" ", ""))
+            out += [r for part in inner.group(1).split(",") for r in expand(part)] if inner else [requirement]
+        return out
+
+    return list(dict.fromkeys([*project["dependencies"], *expand(extra)]))
+
+
+def resolve(platform: Platform, requirements: list[str]) -> dict[str, Any]:
+    """pip's resolution of ``requirements`` for ``platform``: {"ok", "versions"} or {"ok": False, "error"}."""
+    wanted = [r for r in requirements if re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] not in UNRESOLVABLE]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                   "--only-binary=:all:", "--python-version", platform.python, "--implementation", "cp",
+                   "--target", str(Path(tmp) / "target"), "--report", str(report),
+                   *[arg for tag in platform.tags() for arg in ("--platform", tag)], *wanted]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+            return {"ok": False, "error": (errors or done.stderr.strip().splitlines() or ["pip failed"])[-1]}
+        installs = json.loads(report.read_text())["install"]
+    return {"ok": True, "versions": {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in installs},
+            "skipped": sorted(set(requirements) - set(wanted))}
+
+
+def index_reachable() -> str | None:
+    """None, or why the package index cannot be asked (resolving numpy for this machine fails)."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest",
+                               tempfile.gettempdir(), "--only-binary=:all:", "--no-cache-dir", "filelock"],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "the package index did not answer within 120 s"
+    return None if done.returncode == 0 else f"the package index cannot be reached: {done.stderr.strip()[-300:]}"
+
+
+def check() -> dict[str, dict[str, Any]]:
+    """{platform name: {extra: resolution}} for every platform and device extra."""
+    return {p.name: {extra: resolve(p, extra_requirements(extra)) for extra in DEVICE_EXTRAS
+                     if extra != "gpu" or p.nvidia} for p in PLATFORMS}
+
+
+def formats_of(extra: str) -> list[str]:
+    """The artifact formats the backend of ``extra`` runs."""
+    from edgeclf.runtime.backends import BACKENDS
+
+    return [f for b in BACKENDS.values() if b.extra == extra for f in b.formats]
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """The README's table: per platform, whether each extra's wheels exist, and the formats that run."""
+    lines = ["| platform | Python | " + " | ".join(f"`[{e}]`" for e in DEVICE_EXTRAS) + " | formats that run |",
+             "|---|---|" + "---|" * len(DEVICE_EXTRAS) + "---|"]
+    for platform in PLATFORMS:
+        row = results[platform.name]
+        cells = ["no NVIDIA GPU" if e not in row else "wheels" if row[e]["ok"] else "no wheels" for e in DEVICE_EXTRAS]
+        runs = [f for e in DEVICE_EXTRAS if e != "gpu" and row[e]["ok"] for f in formats_of(e)]
+        formats = ", ".join(runs) or "none"
+        if platform.note:
+            formats = f"{platform.note}; " + (f"with it: {formats}" if runs else formats)
+        lines.append(f"| {platform.name} | {platform.python} | " + " | ".join(cells) + f" | {formats} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print every resolution (versions, errors) as JSON")
+    args = parser.parse_args(argv)
+    results = check()
+    print(json.dumps(results, indent=1) if args.json else table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
