@@ -50,22 +50,29 @@ def _edgeclf(*args: str) -> None:
 
 
 def _val_split(recipe: str) -> float:
-    words = shlex.split(recipe)
-    return float(words[words.index("--val-split") + 1]) if "--val-split" in words else 0.2
+    """The validation fraction ``train`` holds out under ``recipe`` (its flags and any --config), as train reads it."""
+    from edgeclf.cli import build_parser
+    from edgeclf.commands.train import train_settings
+
+    settings = train_settings(build_parser().parse_args(["train", "data", "--out", "out", *shlex.split(recipe)]))
+    from edgeclf.train.trainer import TrainConfig
+
+    return float(settings.get("val_split", TrainConfig.val_split))
 
 
 def run(data: Path, out: Path, seed: int, recipe: str, loss: tuple[str, float] | None) -> dict[str, Any]:
     """Train one model (``loss`` None: cross-entropy; else (distance, alpha) of the ordinal loss)
     and measure it on the validation split and the test images; reused when already done."""
     done = out / "study.json"
-    if done.is_file():
+    if done.is_file() and json.loads(done.read_text()).get("recipe", recipe) == recipe:
         return json.loads(done.read_text())
     options = ["--loss", "crossentropy"] if loss is None else [
         "--loss", "ordinal", "--ordinal-distance", loss[0], "--ordinal-alpha", str(loss[1])]
     log(f"ordinal study: training {out.name}")
     _edgeclf("train", str(data / "train"), "--out", str(out / "bundle"), "--overwrite", "--seed", str(seed),
              *shlex.split(recipe), *options)
-    result = {"seed": seed, "loss": "crossentropy" if loss is None else f"ordinal {loss[0]} alpha={loss[1]}",
+    result = {"seed": seed, "recipe": recipe,
+              "loss": "crossentropy" if loss is None else f"ordinal {loss[0]} alpha={loss[1]}",
               **measure(out / "bundle", data, seed, _val_split(recipe))}
     done.write_text(json.dumps(result, indent=1))
     return result

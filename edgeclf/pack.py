@@ -27,6 +27,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -35,14 +36,14 @@ from edgeclf import __version__
 from edgeclf.bundle import BUNDLE_FILE, MAX_BUNDLE_JSON_BYTES, Bundle, artifact_files
 from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError
 from edgeclf.formats import FORMATS, entries
-from edgeclf.fsio import atomic_path, sha256_file, staged_directory, storage_errors
+from edgeclf.fsio import atomic_path, sha256_file, staged_directory, storage_error, storage_errors
 
 PACKAGE_FORMAT = "edgeclf-package/1"
 ARCHIVES = (".tar.gz", ".tgz", ".zip")
 #: A package's files are a few artifacts and a verification set (at most 1 GiB); far more is not a package.
 MAX_PACKAGE_BYTES = 16 << 30
 MAX_MEMBERS = 64
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # used with fullmatch
 
 
 @dataclass(frozen=True)
@@ -164,13 +165,14 @@ def _write_archive(out: Path, kind: str, files: dict[str, Path], meta: dict[str,
                 info.size, info.mode = len(data), 0o644
                 tar.addfile(info, io.BytesIO(data))
                 for name, path in files.items():
-                    member = tar.gettarinfo(str(path), arcname=name)
-                    member.uid = member.gid = 0
-                    member.uname = member.gname = ""
-                    with open(path, "rb") as fh:
+                    with open(path, "rb") as fh:  # the file's content even where the bundle holds a link
+                        member = tar.gettarinfo(fileobj=fh, arcname=name)
+                        member.uid = member.gid = 0
+                        member.uname = member.gname = ""
                         tar.addfile(member, fh)
         else:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True,
+                                 strict_timestamps=False) as archive:
                 info = zipfile.ZipInfo(BUNDLE_FILE, date_time=_dt.datetime.now().timetuple()[:6])
                 info.external_attr, info.compress_type = (stat.S_IFREG | 0o644) << 16, zipfile.ZIP_DEFLATED
                 archive.writestr(info, data)
@@ -180,56 +182,58 @@ def _write_archive(out: Path, kind: str, files: dict[str, Path], meta: dict[str,
 
 # --- unpacking ---------------------------------------------------------------------------------
 
+class _Member:
+    """One archive member, its kind already read from the header: a name, a size and an opener."""
+
+    def __init__(self, name: str, size: int, regular: bool, what: str, opener) -> None:
+        self.name, self.size, self.regular, self.what, self.open = name, size, regular, what, opener
+
+
 def _refuse(archive: Path, why: str) -> BundleError:
     return BundleError(f"{archive} is not a package edgeclf wrote: {why}; nothing was unpacked")
 
 
-def _check_name(archive: Path, name: str) -> None:
-    if not _PLAIN_NAME.match(name) or name in (".", ".."):
-        raise _refuse(archive, f"member {name[:200]!r} is not a plain file name (a package holds no folders, "
-                               f"absolute paths or '..')")
+def _tar_members(tar: tarfile.TarFile) -> Iterator[_Member]:
+    """Members in stream order: each header read as it comes, nothing read twice."""
+    for m in tar:
+        what = "a symbolic link" if m.issym() else "a hard link" if m.islnk() else "not a regular file"
+        yield _Member(m.name, m.size, m.isreg(), what, lambda m=m: tar.extractfile(m))
 
 
-def _members(archive: Path, kind: str) -> Iterator[tuple[str, int, Any]]:
-    """(name, size, opener) of each member, every one checked before any is read."""
+def _zip_members(archive: Path, zf: zipfile.ZipFile) -> Iterator[_Member]:
+    for info in zf.infolist():
+        kind = stat.S_IFMT(info.external_attr >> 16)  # 0: a writer that records no file type
+        regular = not info.is_dir() and kind in (0, stat.S_IFREG)
+        if regular and (info.flag_bits & 0x61 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)):
+            raise _refuse(archive, f"member {info.filename[:200]!r} is encrypted or compressed in a way pack "
+                                   f"never writes")
+        yield _Member(info.filename, info.file_size, regular,
+                      "a symbolic link" if kind == stat.S_IFLNK else "not a regular file",
+                      lambda info=info: zf.open(info))
+
+
+def _open_members(archive: Path, kind: str) -> Iterator[_Member]:
     if kind == "tar.gz":
-        tar = tarfile.open(archive, "r:gz")
-        with tar:
-            members = tar.getmembers()
-            if len(members) > MAX_MEMBERS:
-                raise _refuse(archive, f"{len(members)} members, over {MAX_MEMBERS}")
-            for m in members:
-                _check_name(archive, m.name)
-                if not m.isreg():
-                    what = "a symbolic link" if m.issym() else "a hard link" if m.islnk() else "not a regular file"
-                    raise _refuse(archive, f"member {m.name!r} is {what}")
-            for m in members:
-                yield m.name, m.size, (lambda m=m: tar.extractfile(m))
-        return
-    with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        if len(infos) > MAX_MEMBERS:
-            raise _refuse(archive, f"{len(infos)} members, over {MAX_MEMBERS}")
-        for info in infos:
-            _check_name(archive, info.filename)
-            kind = stat.S_IFMT(info.external_attr >> 16)  # 0: a writer that records no file type
-            if info.is_dir() or kind not in (0, stat.S_IFREG):
-                raise _refuse(archive, f"member {info.filename!r} is "
-                                       f"{'a symbolic link' if kind == stat.S_IFLNK else 'not a regular file'}")
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise _refuse(archive, f"member {info.filename!r} uses compression {info.compress_type}")
-        for info in infos:
-            yield info.filename, info.file_size, (lambda info=info: zf.open(info))
+        with tarfile.open(archive, "r|gz") as tar:  # a stream: headers are read once, in order
+            yield from _tar_members(tar)
+    else:
+        with zipfile.ZipFile(archive) as zf:
+            yield from _zip_members(archive, zf)
 
 
 def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the package in ``archive`` (.tar.gz, .tgz or .zip) out as the folder ``out``, checked.
 
+    ``bundle.json`` comes first (``pack`` writes it first); its package record says which files
+    follow and their sizes, so a member it does not list, or of another size, is refused before
+    a byte of it is written, and nothing beyond what the record declares is ever written.
+
     Raises:
         BundleError: a member that ``pack`` does not write (a link, a folder, a path with ``..``, an
-            absolute path), more data than declared or than the bound, a file not listed in the
-            package record or differing from its sha256, or a listed file missing.
+            absolute path), a member not listed or of another size, a damaged archive, a file
+            differing from its sha256, or a listed file missing.
         OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
+        StorageError: the disk is full or read-only.
     """
     archive = Path(archive)
     kind = archive_kind(archive)
@@ -237,24 +241,73 @@ def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
         raise InvalidInputError(f"unpack takes a .tar.gz, .tgz or .zip file written by edgeclf pack. Received: {archive}")
     if not archive.is_file():
         raise InvalidInputError(f"no such package file. Received: {archive}")
+    if archive.stat().st_size > MAX_PACKAGE_BYTES:
+        raise _refuse(archive, f"{archive.stat().st_size:,} bytes, over the {MAX_PACKAGE_BYTES >> 30} GiB a package "
+                               f"may take")
     with staged_directory(out, overwrite) as stage:
-        total, seen = 0, set()
         try:
-            for name, size, opener in _members(archive, kind):
-                total += size
-                if name in seen or total > MAX_PACKAGE_BYTES:
-                    raise _refuse(archive, f"member {name!r} is there twice" if name in seen
-                                  else f"over {MAX_PACKAGE_BYTES >> 30} GiB of files")
-                seen.add(name)
-                _copy_bounded(archive, opener(), stage / name, size)
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.filename is not None:
-                raise
-            raise _refuse(archive, f"it is damaged ({type(exc).__name__}: {exc})") from None
+            _unpack_members(archive, _open_members(archive, kind), stage)
+        except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            raise _refuse(archive, f"it is damaged ({type(exc).__name__}: {str(exc)[:200]})") from None
+        except OSError as exc:
+            if exc.errno is not None:  # the disk, not the archive
+                raise storage_error(exc, stage) from None
+            raise _refuse(archive, f"it is damaged ({exc})") from None
         problem = package_problem(stage)
         if problem:
             raise _refuse(archive, problem)
     return Path(out)
+
+
+def _unpack_members(archive: Path, members: Iterator[_Member], stage: Path) -> None:
+    listed: dict[str, Any] | None = None
+    seen: set[str] = set()
+    for count, member in enumerate(members, 1):
+        if count > MAX_MEMBERS:
+            raise _refuse(archive, f"over {MAX_MEMBERS} members")
+        if not _PLAIN_NAME.fullmatch(member.name):
+            raise _refuse(archive, f"member {member.name[:200]!r} is not a plain file name (a package holds no "
+                                   f"folders, absolute paths or '..')")
+        if not member.regular:
+            raise _refuse(archive, f"member {member.name!r} is {member.what}")
+        if member.name in seen:
+            raise _refuse(archive, f"member {member.name!r} is there twice")
+        seen.add(member.name)
+        if listed is None:  # the record comes first, and bounds everything after it
+            if member.name != BUNDLE_FILE or member.size > MAX_BUNDLE_JSON_BYTES:
+                raise _refuse(archive, f"its first member is {member.name!r}, not {BUNDLE_FILE} of at most "
+                                       f"{MAX_BUNDLE_JSON_BYTES >> 20} MiB")
+            _copy_bounded(archive, member.open(), stage / BUNDLE_FILE, member.size)
+            listed = _listed_files(archive, stage / BUNDLE_FILE)
+            continue
+        expected = listed.get(member.name)
+        if expected is None:
+            raise _refuse(archive, f"it holds files the package record does not list: {member.name}")
+        if member.size != expected:
+            raise _refuse(archive, f"member {member.name!r} declares {member.size} bytes, the package record "
+                                   f"says {expected}")
+        _copy_bounded(archive, member.open(), stage / member.name, member.size)
+    if listed is None:
+        raise _refuse(archive, "it is empty")
+
+
+def _listed_files(archive: Path, meta_path: Path) -> dict[str, int]:
+    """name -> size of the files the package record lists, checked to be plain names within the bound."""
+    try:
+        record = json.loads(meta_path.read_text(encoding="utf-8")).get("package")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError) as exc:
+        raise _refuse(archive, f"its {BUNDLE_FILE} is not a JSON object ({type(exc).__name__})") from None
+    files = record.get("files") if isinstance(record, dict) and record.get("format") == PACKAGE_FORMAT else None
+    if not isinstance(files, dict):
+        raise _refuse(archive, f"its {BUNDLE_FILE} has no package record of format {PACKAGE_FORMAT!r}")
+    sizes = {name: entry.get("size_bytes") for name, entry in files.items() if isinstance(entry, dict)}
+    if len(sizes) != len(files) or not all(
+            isinstance(n, str) and _PLAIN_NAME.fullmatch(n) and n != BUNDLE_FILE and isinstance(v, int)
+            and not isinstance(v, bool) and v >= 0 for n, v in sizes.items()):
+        raise _refuse(archive, "its package record lists something other than plain file names with sizes")
+    if sum(sizes.values()) > MAX_PACKAGE_BYTES:
+        raise _refuse(archive, f"its package record declares over {MAX_PACKAGE_BYTES >> 30} GiB of files")
+    return sizes
 
 
 def _copy_bounded(archive: Path, source, target: Path, size: int) -> None:
@@ -289,7 +342,7 @@ def package_problem(path: str | os.PathLike) -> str | None:
         return f"its {BUNDLE_FILE} has no package record of format {PACKAGE_FORMAT!r}"
     listed = record["files"]
     for name, expected in listed.items():
-        if not isinstance(name, str) or not _PLAIN_NAME.match(name) or not isinstance(expected, dict):
+        if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or not isinstance(expected, dict):
             return f"the package record lists {str(name)[:200]!r}, not a plain file name"
         file = path / name
         if file.is_symlink() or not file.is_file():

@@ -64,10 +64,27 @@ PLATFORMS = (
 )
 
 
-def extra_requirements(extra: str, pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+def _declared() -> tuple[list[str], dict[str, list[str]]]:
+    """(core requirements, extra -> requirements): from pyproject.toml in a checkout, else from the
+    installed distribution's metadata."""
+    pyproject = ROOT / "pyproject.toml"
+    if pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+        return project["dependencies"], project["optional-dependencies"]
+    from importlib.metadata import requires
+
+    core: list[str] = []
+    optional: dict[str, list[str]] = {}
+    for line in requires("edgeclf") or []:
+        requirement, _, marker = (part.strip() for part in line.partition(";"))
+        extra = re.search(r"""extra\s*==\s*["']([\w-]+)["']""", marker)
+        (optional.setdefault(extra.group(1), []) if extra else core).append(requirement.replace(" ", ""))
+    return core, optional
+
+
+def extra_requirements(extra: str) -> list[str]:
     """The requirements ``edgeclf[extra]`` adds to the core's, with ``edgeclf[...]`` expanded."""
-    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    optional = project["optional-dependencies"]
+    core, optional = _declared()
 
     def expand(name: str) -> list[str]:
         out = []
@@ -76,7 +93,7 @@ def extra_requirements(extra: str, pyproject: Path = ROOT / "pyproject.toml") ->
             out += [r for part in inner.group(1).split(",") for r in expand(part)] if inner else [requirement]
         return out
 
-    return list(dict.fromkeys([*project["dependencies"], *expand(extra)]))
+    return list(dict.fromkeys([*core, *expand(extra)]))
 
 
 def resolve(platform: Platform, requirements: list[str]) -> dict[str, Any]:

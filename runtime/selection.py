@@ -136,14 +136,17 @@ def _by_hardware(bundle: Bundle, hardware: Hardware) -> Choice | None:
         if record is not None and runs_here(_backend_of(fmt), hardware):
             held = "".join(f"; {note}" for note in _held_back(bundle, hardware))
             return _choice(bundle, fmt, record, hint, f"{why}; {_no_benchmarks_here(bundle)}{held}")
-    # None of those is in the bundle (a device package of one INT8 artifact): any validated one that runs here.
+    # None of those is in the bundle (a device package of one INT8 artifact): a validated one that runs here,
+    # INT8 first (the fastest on a CPU), then FP32; FP16 last (most CPUs convert it back to FP32 at every layer).
     present = bundle.meta.get("artifacts", {})
-    for fmt in (f for f in FORMATS if f in present):
+    rank = {"int8": 0, "fp32": 1, "fp16": 2}
+    for fmt in sorted((f for f in FORMATS if f in present), key=lambda f: rank.get(FORMATS[f].precision, 3)):
         record = _usable(bundle, fmt, False, hardware, None, auto=True)
         if record is not None and runs_here(_backend_of(fmt), hardware):
-            return _choice(bundle, fmt, record, None, f"the first validated artifact in the bundle that runs here "
-                                                      f"(none of the ones preferred for this machine is in it); "
-                                                      f"{_no_benchmarks_here(bundle)}")
+            held = "".join(f"; {note}" for note in _held_back(bundle, hardware))
+            return _choice(bundle, fmt, record, None, f"a validated artifact of the bundle that runs here (none of the "
+                                                      f"ones preferred for this machine is in it); "
+                                                      f"{_no_benchmarks_here(bundle)}{held}")
     return None
 
 

@@ -105,18 +105,21 @@ def _tar(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes]) -> 
             tar.addfile(member, io.BytesIO(data[member.name]) if member.name in data else None)
 
 
-@pytest.mark.parametrize("case", ["dot-dot", "absolute", "symlink", "hard link", "folder", "unlisted", "zip symlink"])
+@pytest.mark.parametrize("case", ["dot-dot", "absolute", "symlink", "hard link", "folder", "unlisted", "zip symlink",
+                                  "newline"])
 def test_hostile_archives_are_refused_before_anything_lands(source, tmp_path, case):
     pack(source, ["onnx-int8"], tmp_path / "pkg")
-    data = {p.name: p.read_bytes() for p in (tmp_path / "pkg").iterdir()}
+    names = sorted((p.name for p in (tmp_path / "pkg").iterdir()), key=lambda n: n != "bundle.json")  # record first
+    data = {name: (tmp_path / "pkg" / name).read_bytes() for name in names}
     members = []
     for name, payload in data.items():
         info = tarfile.TarInfo(name)
         info.size = len(payload)
         members.append(info)
     archive = tmp_path / ("evil.zip" if case.startswith("zip") else "evil.tar.gz")
-    evil = tarfile.TarInfo({"dot-dot": "../escaped", "absolute": str(tmp_path / "escaped")}.get(case, "extra"))
-    if case in ("dot-dot", "absolute", "unlisted"):
+    evil = tarfile.TarInfo({"dot-dot": "../escaped", "absolute": str(tmp_path / "escaped"),
+                            "newline": "model.int8.onnx\n"}.get(case, "extra"))
+    if case in ("dot-dot", "absolute", "unlisted", "newline"):
         evil.size, data[evil.name] = 4, b"evil"
     elif case == "symlink":
         evil.type, evil.linkname = tarfile.SYMTYPE, "/etc/passwd"
@@ -132,7 +135,7 @@ def test_hostile_archives_are_refused_before_anything_lands(source, tmp_path, ca
             link.external_attr = (0o120777 << 16)
             zf.writestr(link, "/etc/passwd")
     else:
-        _tar(archive, [evil, *members], data)
+        _tar(archive, [*members, evil], data)
     with pytest.raises(BundleError, match="is not a package edgeclf wrote: .*nothing was unpacked") as caught:
         unpack(archive, tmp_path / "out")
     assert "\n" not in str(caught.value)
@@ -154,5 +157,5 @@ def test_an_archive_declaring_one_size_and_holding_another_is_refused(source, tm
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
         for name, payload in members.items():
             zf.writestr(name, payload)
-    with pytest.raises(BundleError, match="verification.npz is .* bytes, the package record says"):
+    with pytest.raises(BundleError, match="member 'verification.npz' declares .* bytes, the package record says"):
         unpack(tmp_path / "bad.zip", tmp_path / "out")

@@ -7,6 +7,7 @@ import json
 import sys
 
 from edgeclf import limits
+from edgeclf.decoding import DECODINGS
 from edgeclf.errors import InvalidInputError
 
 
@@ -18,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     paths = [path for path, problem in image_paths(args.images) if problem is None][: args.max_images]
     if not paths:
         raise InvalidInputError(f"no image files found in {args.images}")
-    with Predictor.load(args.bundle, args.backend) as predictor:
+    with Predictor.load(args.bundle, args.backend, decoding=args.decode) as predictor:
         samples = samples_from_files(paths, predictor)
     report = run_load(samples, http_url=args.http_url, grpc_url=args.grpc_url, name=args.model_name,
                       clients=args.clients, requests=args.requests, malformed_every=args.malformed_every,
@@ -55,5 +56,7 @@ def register(sub) -> None:
                    help="every n-th request of a client is malformed (default 5; 0: none)")
     p.add_argument("--max-images", type=limits.option("images"), default=200, help="images used (default 200)")
     p.add_argument("--timeout", type=limits.option("timeout"), default=60.0, help="seconds before a request counts as failed")
+    p.add_argument("--decode", choices=DECODINGS, default="argmax",
+                   help="the decoding the server was started with (serve --decode): the expected answers follow it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
