@@ -3,7 +3,8 @@
 #               write it as PNGs, train, evaluate, export (ONNX FP32/FP16/INT8, TensorRT
 #               FP16 engine, OpenVINO FP32/INT8, TFLite FP32/FP16/INT8) and validate every
 #               artifact against Keras, verify them with the runtime's own backends,
-#               predict a few test images with the runtime, and
+#               pack the INT8 model for a device, unpack and verify it there,
+#               predict a few test images with the runtime from that package, and
 #               benchmark every backend (latency, throughput, accuracy) in one table
 #   make test   the test suite (make test-fast: without the InceptionV3 training and export tests)
 # Both create .venv and install what they need on first use.
@@ -48,8 +49,12 @@ demo: install
 	$(EDGECLF) export $(DEMO_DIR)/bundle --format all
 	@# Every artifact checked again as the device would: runtime backends on the stored verification set.
 	$(EDGECLF) verify $(DEMO_DIR)/bundle
-	@# A few held-out test images (about one per class), run by the device runtime (no TensorFlow).
-	$(EDGECLF) predict $(DEMO_DIR)/bundle $$(find $(DEMO_DIR)/data/test -name '*.png' | sort | awk 'NR % 18 == 1')
+	@# What a device needs (the INT8 model and the verification set), packed, unpacked and checked as a device would.
+	$(EDGECLF) pack $(DEMO_DIR)/bundle --for onnx-int8 --out $(DEMO_DIR)/device.tar.gz --overwrite
+	$(EDGECLF) unpack $(DEMO_DIR)/device.tar.gz $(DEMO_DIR)/device --overwrite
+	$(EDGECLF) verify $(DEMO_DIR)/device
+	@# A few held-out test images (about one per class), run from the package by the device runtime (no TensorFlow).
+	$(EDGECLF) predict $(DEMO_DIR)/device $$(find $(DEMO_DIR)/data/test -name '*.png' | sort | awk 'NR % 18 == 1')
 	@# Every backend side by side with the Keras baselines; the table ends the job.
 	$(EDGECLF) bench $(DEMO_DIR)/bundle --batch 1,8 --duration 5
 	@echo "bundle: $(DEMO_DIR)/bundle   report: $(DEMO_DIR)/report"

@@ -88,9 +88,10 @@ def register(sub) -> None:
                         "prediction far from the true integer costs more than a near one")
     p.add_argument("--ordinal-alpha", type=limits.option("ordinal_alpha"), metavar="ALPHA",
                    help="ordinal: the target of true value t gives value v the weight exp(-ALPHA * phi(t, v)), "
-                        "normalised (default 1)")
+                        "normalised (default 0.5)")
     p.add_argument("--ordinal-distance", choices=sorted(DISTANCES),
-                   help="ordinal: phi, the distance between the integers: abs |t - v| (default) or squared")
+                   help="ordinal: phi, the distance between the integers: abs |t - v| or squared (t - v)^2 "
+                        "(default)")
     p.add_argument("--val-split", type=limits.option("val_split"), help="stratified validation fraction (default 0.2)")
     p.add_argument("--val-dir", default=None, help="explicit validation data instead of a split")
     p.add_argument("--seed", type=limits.option("seed"), help="(default 0)")
