@@ -136,6 +136,9 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
     if not verification.is_file() or sha256_file(verification) != record.get("sha256"):
         raise BundleError(f"{verification} is missing or differs from the verification set export recorded")
     files[record["file"]] = verification
+    odd = [name for name in files if not _PLAIN_NAME.fullmatch(name) or name == BUNDLE_FILE]
+    if odd:  # unpack accepts plain names only: refuse here what could not come back
+        raise BundleError(f"{bundle.path}: a package holds files by plain names, but bundle.json names {odd}")
     meta = _package_meta(bundle, chosen, files)
     out = Path(out)
     kind = archive_kind(out)
