@@ -37,7 +37,9 @@ def is_supervised() -> bool:
 def run_supervised(argv: Sequence[str], grace_s: float = 30.0, program: Sequence[str] | None = None) -> int:
     """Run ``python -m edgeclf ARGV`` (or ``program ARGV``) as a child; return its exit status (130 if
     stopped by a signal)."""
-    command = [*(program or (sys.executable, "-m", "edgeclf")), *argv]
+    # The child runs as this interpreter was started (-S, -I, -X ...), as multiprocessing's spawn does.
+    interpreter = (sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "edgeclf")
+    command = [*(program or interpreter), *argv]
     child = subprocess.Popen(command, env={**os.environ, SUPERVISED_ENV: "1"}, preexec_fn=_die_with_parent)
     received: list[int] = []
 

@@ -54,3 +54,34 @@ def test_the_editable_install_imports_from_any_folder(tmp_path, where):
     out = _python(ROOT if where == "the checkout's root" else tmp_path)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).parent == ROOT / "runtime"
+
+
+@pytest.fixture(scope="module")
+def device_site(tmp_path_factory) -> Path:
+    """What a device install of edgeclf[cpu] has beside edgeclf: numpy, Pillow, filelock, onnxruntime (links
+    to this environment's own), and no TensorFlow, Keras or scikit-learn."""
+    import importlib.util
+
+    site = tmp_path_factory.mktemp("device-site")
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    for name in ("numpy", "numpy.libs", "PIL", "pillow.libs", "filelock", "onnxruntime", "flatbuffers", "packaging",
+                 "google", "coloredlogs", "humanfriendly", "sympy", "mpmath"):
+        if (purelib / name).exists():
+            (site / name).symlink_to(purelib / name)
+    assert importlib.util.find_spec("tensorflow") is not None  # the links, not this environment, lack it
+    return site
+
+
+def test_a_device_install_runs_the_cli_and_names_what_needs_tensorflow(installed, device_site, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{installed}:{device_site}"}
+    run = lambda *args: subprocess.run([sys.executable, "-S", "-m", "edgeclf", *args], cwd=tmp_path, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    assert run("--help").returncode == 0 and run("export", "--help").returncode == 0
+    for command, extra in (("train", "train"), ("evaluate", "train"), ("export", "export")):
+        args = {"train": ("train", "data", "--out", "b"), "evaluate": ("evaluate", "b", "data"),
+                "export": ("export", "b")}[command]
+        out = run(*args)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            f"error: edgeclf {command} needs TensorFlow and Keras, which are not installed here (tensorflow, keras "
+            f"missing): pip install 'edgeclf[{extra}]'"]

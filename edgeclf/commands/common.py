@@ -8,7 +8,7 @@ import re
 import sys
 
 from edgeclf import limits
-from edgeclf.errors import InvalidInputError
+from edgeclf.errors import BackendUnavailableError, InvalidInputError
 
 _RANGE = re.compile(r"^\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*$")
 
@@ -77,6 +77,17 @@ def quiet_tensorflow(args: argparse.Namespace, load: bool = True) -> None:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def require_training_stack(command: str, extra: str = "train") -> None:
+    """Raise BackendUnavailableError, one line, where TensorFlow or Keras is not installed (a device
+    install of edgeclf[cpu]): ``command`` needs the workstation's extra, not a traceback."""
+    import importlib.util
+
+    missing = [name for name in ("tensorflow", "keras") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise BackendUnavailableError(f"edgeclf {command} needs TensorFlow and Keras, which are not installed here "
+                                      f"({', '.join(missing)} missing): pip install 'edgeclf[{extra}]'")
 
 
 def tf_logs() -> argparse.ArgumentParser:

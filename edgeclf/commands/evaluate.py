@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgeclf.commands.common import quiet_tensorflow, tf_logs
+from edgeclf.commands.common import quiet_tensorflow, require_training_stack, tf_logs
 from edgeclf.decoding import DECODINGS
 
 
 def run(args: argparse.Namespace) -> int:
+    require_training_stack("evaluate")
     quiet_tensorflow(args)
     from edgeclf.train import evaluate_bundle
     from edgeclf.train.metrics import format_metrics

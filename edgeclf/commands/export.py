@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from edgeclf import limits
-from edgeclf.commands.common import add_batching_arguments, batching, int_triple, quiet_tensorflow, tf_logs
+from edgeclf.commands.common import (add_batching_arguments, batching, int_triple, quiet_tensorflow,
+                                     require_training_stack, tf_logs)
 from edgeclf.errors import InvalidInputError, ValidationError
 
 
@@ -53,6 +54,7 @@ def write_triton(args: argparse.Namespace) -> None:
 
 
 def export_formats(args: argparse.Namespace, formats: str) -> None:
+    require_training_stack("export", "export")
     quiet_tensorflow(args)
     from edgeclf.export import ExportOptions, export_bundle
     from edgeclf.export.int8_gate import MarginRule

@@ -6,12 +6,14 @@ import argparse
 import json
 
 from edgeclf import limits
-from edgeclf.commands.common import parse_image_size, parse_labels, quiet_tensorflow, tf_logs
+from edgeclf.commands.common import (parse_image_size, parse_labels, quiet_tensorflow, require_training_stack,
+                                     tf_logs)
 from edgeclf.errors import InvalidInputError
 
 
 def run(args: argparse.Namespace) -> int:
     settings = train_settings(args)  # a bad config file fails before TensorFlow loads
+    require_training_stack("train")
     quiet_tensorflow(args)
     from edgeclf.train import TrainConfig, train
 
