@@ -36,7 +36,7 @@ from edgeclf import __version__
 from edgeclf.bundle import BUNDLE_FILE, MAX_BUNDLE_JSON_BYTES, Bundle, artifact_files
 from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError
 from edgeclf.formats import FORMATS, entries
-from edgeclf.fsio import atomic_path, sha256_file, staged_directory, storage_error, storage_errors
+from edgeclf.fsio import atomic_path, read_json, sha256_file, staged_directory, storage_error, storage_errors
 
 PACKAGE_FORMAT = "edgeclf-package/1"
 ARCHIVES = (".tar.gz", ".tgz", ".zip")
@@ -139,28 +139,28 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
     odd = [name for name in files if not _PLAIN_NAME.fullmatch(name) or name == BUNDLE_FILE]
     if odd:  # unpack accepts plain names only: refuse here what could not come back
         raise BundleError(f"{bundle.path}: a package holds files by plain names, but bundle.json names {odd}")
-    meta = _package_meta(bundle, chosen, files)
+    data = (json.dumps(_package_meta(bundle, chosen, files), indent=2) + "\n").encode("utf-8")
     out = Path(out)
     kind = archive_kind(out)
     if kind is None:
         with staged_directory(out, overwrite) as stage:
             for name, path in files.items():
                 shutil.copyfile(path, stage / name)
-            (stage / BUNDLE_FILE).write_bytes((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+            (stage / BUNDLE_FILE).write_bytes(data)
     else:
         if out.exists() and not overwrite:
             raise OutputExistsError(f"{out} exists; choose another name or pass --overwrite")
         if out.is_dir():
             raise OutputExistsError(f"{out} is a directory; an archive's name must be a file's")
-        _write_archive(out, kind, files, meta)
+        _write_archive(out, kind, files, data)
     source = sum(p.stat().st_size for p in bundle.path.rglob("*") if p.is_file())
     sizes = {n: p.stat().st_size for n, p in files.items()}
-    sizes[BUNDLE_FILE] = len((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    sizes[BUNDLE_FILE] = len(data)
     return PackReport(out, chosen, sizes, source)
 
 
-def _write_archive(out: Path, kind: str, files: dict[str, Path], meta: dict[str, Any]) -> None:
-    data = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+def _write_archive(out: Path, kind: str, files: dict[str, Path], data: bytes) -> None:
+    """``data`` (the package's bundle.json) first, as unpack reads it, then ``files`` (name -> path)."""
     with atomic_path(out, suffix=".tar.gz" if kind == "tar.gz" else ".zip") as tmp:
         if kind == "tar.gz":
             with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
@@ -281,7 +281,7 @@ def _unpack_members(archive: Path, members: Iterator[_Member], stage: Path) -> N
                 raise _refuse(archive, f"its first member is {member.name!r}, not {BUNDLE_FILE} of at most "
                                        f"{MAX_BUNDLE_JSON_BYTES >> 20} MiB")
             _copy_bounded(archive, member.open(), stage / BUNDLE_FILE, member.size)
-            listed = _listed_files(archive, stage / BUNDLE_FILE)
+            listed = _listed_sizes(archive, stage / BUNDLE_FILE)
             continue
         expected = listed.get(member.name)
         if expected is None:
@@ -294,20 +294,36 @@ def _unpack_members(archive: Path, members: Iterator[_Member], stage: Path) -> N
         raise _refuse(archive, "it is empty")
 
 
-def _listed_files(archive: Path, meta_path: Path) -> dict[str, int]:
-    """name -> size of the files the package record lists, checked to be plain names within the bound."""
-    try:
-        record = json.loads(meta_path.read_text(encoding="utf-8")).get("package")
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError) as exc:
-        raise _refuse(archive, f"its {BUNDLE_FILE} is not a JSON object ({type(exc).__name__})") from None
+def read_record(meta_path: Path) -> dict[str, dict[str, Any]]:
+    """name -> {"sha256", "size_bytes"} of the files the package record in ``meta_path`` lists.
+
+    Raises:
+        ValueError: ``meta_path`` is not a bundle.json holding a package record of plain file names
+            with sizes and sha256s (the message says which).
+        OSError: it cannot be read.
+    """
+    if meta_path.is_symlink():
+        raise ValueError(f"its {BUNDLE_FILE} is a link")
+    meta = read_json(meta_path, MAX_BUNDLE_JSON_BYTES)
+    record = meta.get("package") if isinstance(meta, dict) else None
     files = record.get("files") if isinstance(record, dict) and record.get("format") == PACKAGE_FORMAT else None
     if not isinstance(files, dict):
-        raise _refuse(archive, f"its {BUNDLE_FILE} has no package record of format {PACKAGE_FORMAT!r}")
-    sizes = {name: entry.get("size_bytes") for name, entry in files.items() if isinstance(entry, dict)}
-    if len(sizes) != len(files) or not all(
-            isinstance(n, str) and _PLAIN_NAME.fullmatch(n) and n != BUNDLE_FILE and isinstance(v, int)
-            and not isinstance(v, bool) and v >= 0 for n, v in sizes.items()):
-        raise _refuse(archive, "its package record lists something other than plain file names with sizes")
+        raise ValueError(f"its {BUNDLE_FILE} has no package record of format {PACKAGE_FORMAT!r}")
+    for name, entry in files.items():
+        size = entry.get("size_bytes") if isinstance(entry, dict) else None
+        if not (_PLAIN_NAME.fullmatch(name) and name != BUNDLE_FILE and isinstance(size, int)
+                and not isinstance(size, bool) and size >= 0 and isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"the package record lists {name[:200]!r}, not a plain file name with its size and "
+                             f"sha256")
+    return files
+
+
+def _listed_sizes(archive: Path, meta_path: Path) -> dict[str, int]:
+    """name -> size of the files the package record lists, bounded: what unpack may write after bundle.json."""
+    try:
+        sizes = {name: entry["size_bytes"] for name, entry in read_record(meta_path).items()}
+    except ValueError as exc:  # JSON and UTF-8 errors are ValueErrors too
+        raise _refuse(archive, str(exc)) from None
     if sum(sizes.values()) > MAX_PACKAGE_BYTES:
         raise _refuse(archive, f"its package record declares over {MAX_PACKAGE_BYTES >> 30} GiB of files")
     return sizes
@@ -332,27 +348,19 @@ def package_problem(path: str | os.PathLike) -> str | None:
     Every file the package record lists must be there, a regular file of its size and sha256,
     and nothing else may be (but files ``verify`` and ``bench`` write: bench results, locks)."""
     path = Path(path)
-    meta_path = path / BUNDLE_FILE
-    if not meta_path.is_file() or meta_path.is_symlink() or meta_path.stat().st_size > MAX_BUNDLE_JSON_BYTES:
-        return f"it has no {BUNDLE_FILE} (a regular file of at most {MAX_BUNDLE_JSON_BYTES >> 20} MiB)"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        return f"its {BUNDLE_FILE} is not JSON ({type(exc).__name__})"
-    record = meta.get("package") if isinstance(meta, dict) else None
-    if not isinstance(record, dict) or record.get("format") != PACKAGE_FORMAT \
-            or not isinstance(record.get("files"), dict):
-        return f"its {BUNDLE_FILE} has no package record of format {PACKAGE_FORMAT!r}"
-    listed = record["files"]
+        listed = read_record(path / BUNDLE_FILE)
+    except FileNotFoundError:
+        return f"it has no {BUNDLE_FILE}"
+    except ValueError as exc:  # JSON and UTF-8 errors are ValueErrors too
+        return str(exc)
     for name, expected in listed.items():
-        if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or not isinstance(expected, dict):
-            return f"the package record lists {str(name)[:200]!r}, not a plain file name"
         file = path / name
         if file.is_symlink() or not file.is_file():
             return f"{name} is missing (or not a regular file)"
-        if file.stat().st_size != expected.get("size_bytes"):
-            return f"{name} is {file.stat().st_size} bytes, the package record says {expected.get('size_bytes')}"
-        if sha256_file(file) != expected.get("sha256"):
+        if file.stat().st_size != expected["size_bytes"]:
+            return f"{name} is {file.stat().st_size} bytes, the package record says {expected['size_bytes']}"
+        if sha256_file(file) != expected["sha256"]:
             return f"{name} differs from the file packed (sha256): it was altered"
     extra = sorted(p.name for p in path.iterdir() if p.name not in listed and p.name != BUNDLE_FILE
                    and not p.name.startswith(".") and p.name != "benchmarks")

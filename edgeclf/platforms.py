@@ -117,9 +117,10 @@ def resolve(platform: Platform, requirements: list[str]) -> dict[str, Any]:
 def index_reachable() -> str | None:
     """None, or why the package index cannot be asked (resolving numpy for this machine fails)."""
     try:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest",
-                               tempfile.gettempdir(), "--only-binary=:all:", "--no-cache-dir", "filelock"],
-                              capture_output=True, text=True, timeout=120)
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
+                                   "--only-binary=:all:", "--no-cache-dir", "filelock"],
+                                  capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         return "the package index did not answer within 120 s"
     return None if done.returncode == 0 else f"the package index cannot be reached: {done.stderr.strip()[-300:]}"
