@@ -19,6 +19,7 @@ import pytest
 from edgeclf.bundle import (Bundle, artifact_files, commit_artifact, pending_path, recover_bundle, update_bundle,
                             verify_model_file)
 from edgeclf.errors import BundleError
+from tests.conftest import HANG_S
 
 
 def _sha(data: bytes) -> str:
@@ -135,7 +136,7 @@ def test_concurrent_writers_keep_every_change(bundle_dir):
     for w in workers:
         w.start()
     for w in workers:
-        w.join(60)
+        w.join(HANG_S)
         assert w.exitcode == 0
     notes = Bundle.load(bundle_dir).meta["notes"]
     assert sorted(notes) == sorted(f"{p}{i}" for p in "abc" for i in range(25))
@@ -183,7 +184,7 @@ B.commit_artifact(sys.argv[1], "onnx", {"file": "model.onnx", "sha256": sha, "si
 def test_a_writer_killed_in_a_commit_leaves_old_or_new_in_force(bundle_dir, point, in_force):
     old = (bundle_dir / "model.onnx").read_bytes()
     out = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(bundle_dir), str(bundle_dir / "staged.onnx"),
-                          point], capture_output=True, text=True, timeout=60)
+                          point], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == -9, out.stderr
     expected = old if in_force == "old" else b"new model"
     bundle = Bundle.load(bundle_dir)

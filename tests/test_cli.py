@@ -11,7 +11,7 @@ import pytest
 
 from edgeclf.cli import main
 from edgeclf.commands.common import parse_labels
-from tests.conftest import run_cli
+from tests.conftest import HANG_S, run_cli
 
 
 def test_help_does_not_import_tensorflow():
@@ -26,7 +26,7 @@ def test_help_does_not_import_tensorflow():
         "            assert e.code == 0, argv\n"
         "print('tensorflow' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 

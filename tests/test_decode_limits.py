@@ -31,7 +31,7 @@ from edgeclf import limits
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, PILLOW_LIMIT, load_image
 from edgeclf.verification import (MAX_VERIFICATION_BYTES, VerificationSet, check_verification_size,
                                   load_verification_set, write_verification_set)
-from tests.conftest import run_cli
+from tests.conftest import HANG_S, run_cli
 
 # -- hand-made image files -----------------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ def test_a_344_kb_png_declaring_9400x9400_is_refused_before_it_allocates(tmp_pat
         assert img.size == (9400, 9400) and img.mode == "RGBA"
     # In a fresh process: the peak resident memory does not move (decoded, it is 353 MB at least).
     out = subprocess.run([sys.executable, "-c", _PEAK, str(bomb), str(_small_png(tmp_path))], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr
     message, grown_kb = out.stdout.strip().splitlines()
     assert message == (f"image is too large to decode safely: 9400x9400 is 88,360,000 pixels, over the budget of "
@@ -440,7 +440,7 @@ def test_predict_refuses_the_bomb_in_one_line_and_predicts_the_rest(tiny_exporte
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_bomb_png())
     good = _small_png(tmp_path)
-    out = run_cli("predict", str(bundle.path), str(bomb), str(good), "--backend", "onnx", timeout=120)
+    out = run_cli("predict", str(bundle.path), str(bomb), str(good), "--backend", "onnx")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bomb}: image is too large to decode safely: 9400x9400 is 88,360,000 pixels, over the "

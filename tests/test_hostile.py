@@ -193,7 +193,7 @@ def test_hostile_case_gets_one_typed_line(tiny_exported, image, tmp_path, case):
     argv = setup(bundle, scratch, image)
     before = _snapshot(tmp_path)
     meta_before = (bundle / "bundle.json").read_bytes()
-    out = run_cli(*argv, timeout=120)
+    out = run_cli(*argv)
     assert out.returncode == status, out.stderr
     assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]

@@ -18,7 +18,7 @@ from edgeclf.export.int8_layers import QUANTIZED_OPS  # noqa: E402
 from edgeclf.export.int8_gate import MarginRule  # noqa: E402
 from edgeclf.export.int8_search import Int8Target  # noqa: E402
 from edgeclf.verification import load_verification_set  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
+from tests.conftest import HANG_S, SEARCH_UNTIMED_S, run_cli  # noqa: E402
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def _search_just_above_plain(quantizer, src, out, ranking, bundle, max_trials: i
         pytest.skip(f"even badly calibrated {quantizer.format} agrees on every image on this CPU: "
                     "no target above it")
     target = Int8Target(min_agreement=plain["agreement"] + 0.5 / len(reference), max_accuracy_drop=0.5,
-                        max_trials=max_trials, max_fp32_share=1.0)
+                        max_trials=max_trials, max_fp32_share=1.0, max_seconds=SEARCH_UNTIMED_S)
     q = quantize_to_target(quantizer, src, out, ranking, reference, bundle.labels, target)
     assert not q["plain"]["passed"] and q["met"] and q["kept_fp32_layers"] >= 1, q["trials"]
     return q
@@ -188,7 +188,7 @@ def test_a_target_above_plain_int8_is_met_by_keeping_layers_in_fp32(inception_co
     tuning = _record(exported[1], "onnx-int8")["quantization"]["tuning_images"]
     # Every image counts (margin 0) and the cap is lifted: the mechanics of the fallback, on InceptionV3.
     target = Int8Target(min_agreement=min(1.0, plain["agreement"] + 0.5 / tuning), max_accuracy_drop=0.02,
-                        max_fp32_share=1.0)
+                        max_fp32_share=1.0, max_seconds=SEARCH_UNTIMED_S)
     # An explicit calibrator is the only one tried: the miss goes straight to the FP32 fallback.
     # The small verification set is named for what it is: too few images to measure such a target.
     with pytest.warns(UserWarning, match=rf"judged on only {len(reference)} held-out images.*needs at least "
@@ -307,8 +307,9 @@ def test_impossible_targets_are_refused_up_front(bundle_copy):
 
 @pytest.mark.slow  # an INT8 search: one quantization per trial
 def test_export_report_prints_the_ranked_layers(bundle_copy):
+    # Two trials bound the search, not its time: the layers ranked are the same however busy the machine.
     out = run_cli("export", str(bundle_copy), "--format", "onnx-int8", "--calibration-images", "120", "--report",
-                  timeout=900)
+                  "--int8-search-trials", "2", "--int8-search-seconds", str(SEARCH_UNTIMED_S), timeout=2 * HANG_S)
     assert out.returncode in (0, 1), out.stderr
     lines = out.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("onnx-int8: target agreement >= 0.99"))

@@ -13,6 +13,7 @@ from edgeclf.errors import InvalidInputError, WeightsError, WeightsUnavailableEr
 from edgeclf.train import model as model_lib
 from edgeclf.train.backbones import BACKBONES, get_backbone
 from edgeclf.train.data import load_folder
+from tests.conftest import HANG_S
 
 SIZE = (75, 75)
 
@@ -162,7 +163,7 @@ def test_imagenet_download_failure_says_how_to_pass_a_file(tmp_path):
         "    print('DOWNLOADED')\n"
     )
     env = {"KERAS_HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_S)
     if "DOWNLOADED" in out.stdout:
         pytest.skip("this machine can download ImageNet weights; the failure path cannot be shown")
     assert "MESSAGE" in out.stdout, out.stderr[-2000:]

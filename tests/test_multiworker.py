@@ -78,7 +78,7 @@ def test_an_unreachable_peer_is_one_line_from_the_cli_after_the_peer_timeout(tmp
     config = json.dumps({"cluster": {"worker": [own, peer]}, "task": {"type": "worker", "index": 0}})
     run = run_cli("train", "digits", "--out", str(tmp_path / "o"), "--strategy", "multiworker", "--image-size", "32",
                   "--backbone", "mobilenet_v3_small", "--weights", "none", "--peer-timeout", "2",
-                  env={"TF_CONFIG": config}, timeout=120)
+                  env={"TF_CONFIG": config})
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 1 and last.startswith(f"error: multi-worker training could not reach {peer} within 2 s")
     assert "Traceback" not in run.stderr and not (tmp_path / "o").exists()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import HANG_S
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Imports a device and the workstation make first: the subpackages that live beside edgeclf/.
 IMPORTS = ("import edgeclf.runtime.backends, edgeclf.serve.guard, edgeclf.train.ordinal; "
@@ -19,7 +21,7 @@ IMPORTS = ("import edgeclf.runtime.backends, edgeclf.serve.guard, edgeclf.train.
 def _python(cwd: Path, *flags: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     return subprocess.run([sys.executable, *flags, "-c", IMPORTS], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_S)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def installed(tmp_path_factory) -> Path:
                                                                 "tests", "docs"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(target), str(source)], check=True, capture_output=True, timeout=300)
+                    str(target), str(source)], check=True, capture_output=True, timeout=HANG_S)
     assert (target / "edgeclf" / "runtime" / "predictor.py").is_file()
     return target
 
@@ -75,7 +77,7 @@ def device_site(tmp_path_factory) -> Path:
 def test_a_device_install_runs_the_cli_and_names_what_needs_tensorflow(installed, device_site, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{installed}:{device_site}"}
     run = lambda *args: subprocess.run([sys.executable, "-S", "-m", "edgeclf", *args], cwd=tmp_path, env=env,  # noqa: E731
-                                       capture_output=True, text=True, timeout=120)
+                                       capture_output=True, text=True, timeout=HANG_S)
     assert run("--help").returncode == 0 and run("export", "--help").returncode == 0
     for command, extra in (("train", "train"), ("evaluate", "train"), ("export", "export")):
         args = {"train": ("train", "data", "--out", "b"), "evaluate": ("evaluate", "b", "data"),

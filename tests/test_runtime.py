@@ -357,7 +357,9 @@ def test_random_arrays_raise_only_typed_errors(tiny_exported):
                               np.float64, np.bool_, np.complex64])
     shapes = hnp.array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=6)
 
-    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+    # No deadline and no health check on generation speed: on a busy machine neither says anything about the code.
+    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True,
+                         suppress_health_check=[hypothesis.HealthCheck.too_slow])
     @hypothesis.given(hnp.arrays(dtypes, shapes))
     def check(arr):
         try:

@@ -12,13 +12,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import NONCONTIGUOUS, TINY_SIZE, engine_record, run_cli
+from tests.conftest import HANG_S, NONCONTIGUOUS, TINY_SIZE, engine_record, run_cli
 from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError, PortInUseError
 from edgeclf.serve.repository import TRITON_TENSORRT_FLAVOUR, write_repository
 from edgeclf.serve.server import free_loopback_ports
@@ -168,12 +167,14 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgeclf", "serve", str(bundle), "--backend", "onnx",
              "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
-             "--max-batch", "16", "--image-instances", "3", "--max-request-mb", "2"],
+             "--max-batch", "16", "--image-instances", "3", "--max-request-mb", "2",
+             # No client of the tests is cut off for being slow: test_guard.py tests those timeouts on its clock.
+             "--idle-timeout", str(HANG_S), "--header-timeout", str(HANG_S)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(180) or self.proc.poll() is not None:
+        if not self.ready.wait(HANG_S) or self.proc.poll() is not None:
             self.stop()
             pytest.fail("edgeclf serve did not become ready:\n" + "".join(self.lines[-40:]))
 
@@ -183,7 +184,7 @@ class Server:
             if line.startswith("ready"):
                 self.ready.set()
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, timeout: float = HANG_S) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
@@ -261,7 +262,7 @@ def test_bounded_load_run_with_malformed_requests_interleaved(server, samples):
     from edgeclf.serve.load import run_load
 
     report = run_load(samples, http_url=f"127.0.0.1:{server.http}", grpc_url=f"127.0.0.1:{server.grpc}",
-                      clients=16, requests=50, malformed_every=5, timeout_s=120)
+                      clients=16, requests=50, malformed_every=5, timeout_s=HANG_S)
     summary = report.summary()
     print("load run:", summary)
     assert report.wrong == [] and report.unexpected_errors == [] and report.malformed_answered == []
@@ -276,7 +277,7 @@ def test_loadtest_command_checks_every_answer_and_fails_on_a_wrong_model_name(se
     folder = digits_dir / "test"  # a folder walked recursively, as a user passes it
     urls = ["--http-url", f"127.0.0.1:{server.http}", "--grpc-url", f"127.0.0.1:{server.grpc}"]
     out = run_cli("loadtest", str(bundle.path), str(folder), *urls, "--backend", "onnx", "--clients", "4",
-                  "--requests", "10", "--max-images", "24", "--json")
+                  "--requests", "10", "--max-images", "24", "--json", "--timeout", str(HANG_S))
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
     assert summary["clients"] == 4 and summary["requests"] == 40
@@ -284,7 +285,7 @@ def test_loadtest_command_checks_every_answer_and_fails_on_a_wrong_model_name(se
     assert summary["wrong"] == 0 and summary["unexpected_errors"] == 0
 
     out = run_cli("loadtest", str(bundle.path), str(folder), *urls, "--backend", "onnx", "--clients", "2",
-                  "--requests", "2", "--max-images", "4", "--model-name", "no_such_model", "--timeout", "20")
+                  "--requests", "2", "--max-images", "4", "--model-name", "no_such_model", "--timeout", str(HANG_S))
     assert out.returncode == 1
     assert "error:" in out.stderr and "no_such_model" in out.stderr
 
@@ -293,7 +294,7 @@ def _post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[
     import http.client
     import json
 
-    connection = http.client.HTTPConnection("127.0.0.1", server.http, timeout=60)
+    connection = http.client.HTTPConnection("127.0.0.1", server.http, timeout=HANG_S)
     try:
         connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         response = connection.getresponse()
@@ -350,7 +351,7 @@ def test_http_requests_the_server_cannot_hold_are_refused_and_it_goes_on(server,
 
 
 def test_a_content_length_over_the_limit_is_refused_unread(server):
-    with socket.create_connection(("127.0.0.1", server.http), timeout=30) as conn:
+    with socket.create_connection(("127.0.0.1", server.http), timeout=HANG_S) as conn:
         conn.sendall(b"POST /v2/models/edgeclf/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
         answer = b""
         while chunk := conn.recv(4096):  # the guard answers and closes without reading a body
@@ -387,37 +388,38 @@ def test_grpc_requests_the_server_cannot_hold_are_refused_and_it_goes_on(server,
     try:
         for message, code, fragment in cases:
             with pytest.raises(grpc.RpcError) as info:
-                stub.ModelInfer(message, timeout=60)
+                stub.ModelInfer(message, timeout=HANG_S)
             assert info.value.code() == code and fragment in info.value.details(), info.value.details()
             _assert_one_line(info.value.details())
         with pytest.raises(grpc.RpcError) as info:
-            stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="edgeclf"), timeout=30)
+            stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="edgeclf"), timeout=HANG_S)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        answer = stub.ModelInfer(request([1, TINY_SIZE, TINY_SIZE, 3], uint=pixels), timeout=60)
+        answer = stub.ModelInfer(request([1, TINY_SIZE, TINY_SIZE, 3], uint=pixels), timeout=HANG_S)
         label = np.frombuffer(answer.raw_output_contents[[o.name for o in answer.outputs].index("label")], np.int64)
         assert label.tolist() == [samples[0].expected]
     finally:
         channel.close()
 
 
-def test_port_in_use_is_a_clear_error_at_start(tiny_exported):
+def test_port_in_use_is_a_clear_error_at_start(tiny_exported, tmp_path):
     bundle, _ = tiny_exported
+    # Refused before loading anything: a bundle whose model cannot load still gets the port's error.
+    broken = Path(shutil.copytree(bundle.path, tmp_path / "broken"))
+    (broken / "model.onnx").write_bytes(b"not a model")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        started = time.monotonic()
-        done = run_cli("serve", str(bundle.path), "--http-port", str(port), timeout=120)
+        done = run_cli("serve", str(broken), "--http-port", str(port))
         assert done.returncode == 1
         assert f"HTTP port {port} on 127.0.0.1 is not available" in done.stderr and "--http-port" in done.stderr
-        assert time.monotonic() - started < 60  # refused before loading anything
     from edgeclf.serve.server import check_ports
 
     with pytest.raises(InvalidInputError, match="both 9000"):
         check_ports("127.0.0.1", {"http": 9000, "grpc": 9000})
     with pytest.raises(InvalidInputError, match="1..65535"):
         check_ports("127.0.0.1", {"http": 0})
-    bad_name = run_cli("serve", str(bundle.path), "--model-name", "my model", timeout=120)
+    bad_name = run_cli("serve", str(bundle.path), "--model-name", "my model")
     assert bad_name.returncode == 1 and "Triton model name" in bad_name.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -441,7 +443,7 @@ def test_triton_stub_uses_this_interpreters_libpython(monkeypatch):
 
 def test_sigterm_stops_the_server_gracefully(server):
     # Last in this module: the shared server is stopped here.
-    code = server.stop(timeout=90)
+    code = server.stop(timeout=HANG_S)
     assert code == 0, "".join(server.lines[-30:])
     from edgeclf.serve.server import check_ports
 

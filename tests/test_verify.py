@@ -31,7 +31,7 @@ from edgeclf.runtime.verifier import store_results, verify
 from edgeclf.runtime.checks import measurable_check
 from edgeclf.runtime.fidelity import clopper_pearson_lower, images_to_show
 from edgeclf.verification import load_verification_set
-from tests.conftest import CPU_ARTIFACTS, engine_left_out, has_gpu, run_cli
+from tests.conftest import CPU_ARTIFACTS, HANG_S, engine_left_out, has_gpu, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 AVX2 = Hardware("AuthenticAMD", "test avx2", frozenset({"avx2"}), 2, None)
@@ -141,7 +141,7 @@ def test_concurrent_verify_runs_lose_no_record(bundle_copy):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for b in ("onnxruntime", "tflite", "openvino")]
     for proc in procs:
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=HANG_S)
         assert proc.returncode == 0, err
     results = Bundle.load(bundle_copy).meta["verified"]["machines"][machine_key()]["results"]
     assert all(results[a]["by"] == "verify" for a in CPU_ARTIFACTS)
