@@ -40,17 +40,29 @@ def run_supervised(argv: Sequence[str], grace_s: float = 30.0, program: Sequence
     # The child runs as this interpreter was started (-S, -I, -X ...), as multiprocessing's spawn does.
     interpreter = (sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "edgeclf")
     command = [*(program or interpreter), *argv]
-    child = subprocess.Popen(command, env={**os.environ, SUPERVISED_ENV: "1"}, preexec_fn=_die_with_parent)
     received: list[int] = []
+    started: list[subprocess.Popen] = []
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signum)
         if len(received) == 1:
             print(f"[edgeclf] {signal.Signals(signum).name}: stopping training (send it again to stop at once)",
                   file=sys.stderr, flush=True)
-            _send(child, signal.SIGINT)
+            if started:
+                _send(started[0], signal.SIGINT)
 
+    # The handlers come before the child: a signal that arrives while the child starts is passed on
+    # to it (below), not lost to Python's default handler, which would end the supervisor alone.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        child = subprocess.Popen(command, env={**os.environ, SUPERVISED_ENV: "1"}, preexec_fn=_die_with_parent)
+    except BaseException:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        raise
+    started.append(child)
+    if received:
+        _send(child, signal.SIGINT)
     try:
         deadline = None
         while True:

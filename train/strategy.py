@@ -141,8 +141,11 @@ def wait_for_peers(config: dict, timeout: float, poll: float = 0.5) -> None:
     """Wait until every other task in ``config`` accepts a TCP connection, or fail after ``timeout`` s.
 
     While it waits, this task listens on its own address, so peers that start at the same
-    time see each other; it closes before TensorFlow binds there. The wait is plain Python:
-    SIGINT and SIGTERM end it at once.
+    time see each other; each connection names the task that made it, and the listener stays
+    up until every peer has reached it once (or the timeout ends), then closes before
+    TensorFlow binds there. So no peer is left waiting on a listener that closed while that
+    peer was not scheduled, however busy the machine. The wait is plain Python: SIGINT and
+    SIGTERM end it at once.
 
     Raises:
         InvalidInputError: a peer still unreachable after ``timeout`` seconds (named).
@@ -162,17 +165,18 @@ def wait_for_peers(config: dict, timeout: float, poll: float = 0.5) -> None:
         listener = None  # not an address of this host, or taken: the peers then wait for TensorFlow's server
     deadline = time.monotonic() + timeout
     waiting = list(peers)
+    callers = _Callers(listener)
 
     def connect_timeout() -> float:
         return max(0.05, min(poll, 2.0, deadline - time.monotonic()))
 
     try:
         while waiting:
-            _answer(listener)
+            callers.answer()
             # Each connect waits at most ``poll`` seconds, and none starts after the deadline:
             # many unanswering peers (connects that time out) cannot stretch the wait.
             waiting = [peer for peer in waiting
-                       if time.monotonic() >= deadline or not _reachable(peer, connect_timeout())]
+                       if time.monotonic() >= deadline or not _reachable(peer, own, connect_timeout())]
             if waiting and time.monotonic() >= deadline:
                 raise InvalidInputError(
                     f"multi-worker training could not reach {', '.join(waiting)} within {timeout:g} s (--peer-timeout): "
@@ -180,31 +184,65 @@ def wait_for_peers(config: dict, timeout: float, poll: float = 0.5) -> None:
                     f"{len(peers)} peer(s) of {own}")
             if waiting:
                 time.sleep(poll)
-        # Peers that are still waiting need this listener a little longer.
-        linger = time.monotonic() + min(2 * poll + 1.0, timeout)
-        while time.monotonic() < linger:
-            _answer(listener)
+        # Peers that have not reached this listener yet are still waiting for it.
+        while listener is not None and not callers.heard >= set(peers) and time.monotonic() < deadline:
+            callers.answer()
             time.sleep(0.05)
     finally:
+        callers.close()
         if listener is not None:
             listener.close()
 
 
-def _answer(listener) -> None:
-    """Accept and close the connections waiting on ``listener`` (peers checking that it is up)."""
-    while listener is not None:
-        try:
-            connection, _ = listener.accept()
-        except (BlockingIOError, OSError):
-            return
-        connection.close()
+class _Callers:
+    """The connections peers make to this task's listener while it waits, and who has made one."""
+
+    MAX_OPEN = 64  # connections yet to name their task: a stray client cannot make it hold more
+
+    def __init__(self, listener) -> None:
+        self.listener = listener
+        self.heard: set[str] = set()
+        self.open: list[tuple[object, bytes]] = []
+
+    def answer(self) -> None:
+        """Accept the connections waiting on the listener; note the task each one names, then close it."""
+        while self.listener is not None:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # BlockingIOError: none waiting
+                break
+            connection.setblocking(False)
+            self.open.append((connection, b""))
+            if len(self.open) > self.MAX_OPEN:
+                self.open.pop(0)[0].close()
+        still = []
+        for connection, data in self.open:
+            try:
+                chunk = connection.recv(256)
+            except BlockingIOError:
+                chunk = None
+            except OSError:
+                chunk = b""
+            if chunk is None or (chunk and b"\n" not in data + chunk and len(data + chunk) < 256):
+                still.append((connection, data + (chunk or b"")))
+                continue
+            self.heard.add((data + chunk).split(b"\n")[0].decode("ascii", "replace"))
+            connection.close()
+        self.open = still
+
+    def close(self) -> None:
+        for connection, _ in self.open:
+            connection.close()
+        self.open = []
 
 
-def _reachable(address: str, timeout: float) -> bool:
+def _reachable(address: str, own: str, timeout: float) -> bool:
+    """Whether ``address`` accepts a connection; the connection names ``own``, the task making it."""
     import socket
 
     try:
-        with socket.create_connection(_host_port(address, address), timeout=timeout):
+        with socket.create_connection(_host_port(address, address), timeout=timeout) as connection:
+            connection.sendall(own.encode("ascii", "replace") + b"\n")
             return True
     except OSError:
         return False
