@@ -19,6 +19,7 @@ import pytest
 from edgeclf.errors import InvalidInputError
 from edgeclf.serve.guard import ConnectionLimits, Limits, RequestRefused, check_http_infer, one_line_error
 from edgeclf.serve.http_guard import HttpGuard
+from tests.conftest import HANG_S
 
 LIMITS = Limits(max_batch=16, max_request_bytes=1 << 20)
 
@@ -106,23 +107,36 @@ def upstream():
     yield server.server_address
     server.shutdown()
     server.server_close()
-    thread.join(5)
+    thread.join(HANG_S)
+
+
+class _Clock:
+    """The guard's clock, moved by hand: a deadline passes, and a log window ends, only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @contextmanager
-def _guard(upstream, **connections):
-    guard = HttpGuard(("127.0.0.1", 0), upstream, LIMITS, ConnectionLimits(**connections))
+def _guard(upstream, clock=time.monotonic, **connections):
+    guard = HttpGuard(("127.0.0.1", 0), upstream, LIMITS, ConnectionLimits(**connections), clock=clock)
     thread = threading.Thread(target=guard.serve_forever, daemon=True)
     thread.start()
     try:
         yield guard
     finally:
-        guard.shutdown(timeout=5)
+        guard.shutdown(timeout=HANG_S)  # returns once stopped: the bound only catches a hang
         guard.server_close()
-        thread.join(5)
+        thread.join(HANG_S)
 
 
-def _infer(port: int, timeout: float = 5.0) -> tuple[int, dict]:
+def _infer(port: int, timeout: float = HANG_S) -> tuple[int, dict]:
     """A valid inference request on a new connection, closed after the answer."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -134,7 +148,7 @@ def _infer(port: int, timeout: float = 5.0) -> tuple[int, dict]:
         connection.close()
 
 
-def _wait_for(condition, timeout: float = 5.0) -> None:
+def _wait_for(condition, timeout: float = HANG_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "the guard did not get there in time"
@@ -169,12 +183,12 @@ def test_slow_clients_hold_no_thread_and_cannot_lock_others_out(upstream, caplog
     before = threading.active_count()
     workers = 4
     slow: list[socket.socket] = []
-    # The slow clients are held for 30 s: a valid request answered within its 5 s did not wait for them.
-    with _guard(upstream, max_connections=320, threads=workers, idle_timeout_s=30, header_timeout_s=30) as guard:
+    # The guard's clock stands still: no slow client times out, so a valid request answered did not wait for one to.
+    with _guard(upstream, _Clock(), max_connections=320, threads=workers) as guard:
         port = guard.server_address[1]
         try:
             for i in range(300):
-                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
                 if i % 2:
                     sock.sendall(f"POST {INFER[:i % len(INFER)]}".encode())
                 slow.append(sock)
@@ -185,14 +199,14 @@ def test_slow_clients_hold_no_thread_and_cannot_lock_others_out(upstream, caplog
             assert threading.active_count() <= before + 1 + workers  # the selector thread and the workers
 
             _wait_for(lambda: guard.open_connections == 300)  # the valid requests' connections are closed
-            slow += [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+            slow += [socket.create_connection(("127.0.0.1", port), timeout=HANG_S) for _ in range(20)]
             _wait_for(lambda: guard.open_connections == 320)
             # At the cap: the slow client waiting longest is closed to make room (one that sent part of its
             # request is told why first).
             assert _infer(port)[0] == 200
             assert _read_all(slow[0]) == b""
             _wait_for(lambda: guard.open_connections == 319)
-            slow.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            slow.append(socket.create_connection(("127.0.0.1", port), timeout=HANG_S))
             _wait_for(lambda: guard.open_connections == 320)
             assert _infer(port)[0] == 200
             assert _read_all(slow[1]).startswith(b"HTTP/1.1 503")
@@ -204,15 +218,18 @@ def test_slow_clients_hold_no_thread_and_cannot_lock_others_out(upstream, caplog
                 sock.close()
         _wait_for(lambda: guard.open_connections == 0)
         assert _infer(port)[0] == 200
-        time.sleep(0.2)  # the selector thread's next sweep logs what it counted
-    assert threading.active_count() <= before
+    assert threading.active_count() <= before  # the guard has stopped: it logged what it counted last
     assert "Traceback" not in capfd.readouterr().err
     assert not [r for r in caplog.records if r.exc_info]
-    # One line per 10 s sweep with what it counted (a slow machine may need two sweeps): two were closed in all.
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    prefix = "HTTP guard: closed waiting connections to make room (--max-connections 320): "
-    assert 1 <= len(warnings) <= 2 and all(w.startswith(prefix) for w in warnings)
-    assert sum(int(w.removeprefix(prefix)) for w in warnings) == 2
+    # No log window ended on the guard's clock: the two closings are one line, written as the guard stopped.
+    assert _warnings(caplog) == ["HTTP guard: closed waiting connections to make room (--max-connections 320): 2"]
+
+
+REFUSED = "HTTP guard: refused, over --max-connections 3 requests in flight: "
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 class _Blocked(_Upstream):
@@ -221,53 +238,56 @@ class _Blocked(_Upstream):
     release = threading.Event()
 
     def do_GET(self) -> None:  # noqa: N802
-        self.release.wait(10)
+        self.release.wait(HANG_S)
         super().do_GET()
 
 
 def test_connections_over_the_cap_are_refused_when_all_carry_requests(caplog):
     """Every connection carries a request a worker answers or has queued: a new one is answered 503, with one
-    line of JSON, at once and without a thread."""
+    line of JSON, at once and without a thread. Refusals are logged at once, then at most one line per 10 s."""
     server = http.server.HTTPServer(("127.0.0.1", 0), _Blocked)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Blocked.release.clear()
     busy: list[socket.socket] = []
     try:
-        with _guard(server.server_address, max_connections=3, threads=1) as guard:
+        clock = _Clock()
+        with _guard(server.server_address, clock, max_connections=3, threads=1) as guard:
             port = guard.server_address[1]
             for _ in range(3):
-                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
                 sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 busy.append(sock)
             _wait_for(lambda: guard.open_connections == 3 and guard.waiting_connections == 0)
             before = threading.active_count()
-            for _ in range(3):
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            for i in range(3):
+                with socket.create_connection(("127.0.0.1", port), timeout=HANG_S) as extra:
                     head, _, body = _read_all(extra).partition(b"\r\n\r\n")  # answered and closed at once
                 assert head.startswith(b"HTTP/1.1 503") and "--max-connections" in json.loads(body)["error"]
+                if i == 0:  # the first refusal is logged at the next sweep
+                    clock.advance(0.2)
+                    _wait_for(lambda: _warnings(caplog) == [f"{REFUSED}1"])
+            clock.advance(9.0)  # 9.2 s after the first line: the next sweeps log nothing
             assert threading.active_count() == before and guard.open_connections == 3
             _Blocked.release.set()
             for sock in busy:
                 assert _read_all(sock).startswith(b"HTTP/1.1 200")
-            time.sleep(0.2)  # the selector thread's next sweep logs what it counted
     finally:
         _Blocked.release.set()
         for sock in busy:
             sock.close()
         server.shutdown()
         server.server_close()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("HTTP guard: refused, over --max-connections 3 requests "
-                                                         "in flight: ")
+    assert _warnings(caplog) == [f"{REFUSED}1", f"{REFUSED}2"]  # the second as the guard stopped
+
 
 
 def _slow_clients(port: int) -> tuple[socket.socket, socket.socket, http.client.HTTPConnection]:
     """A slowloris head, a body begun and left waiting, and a kept-alive connection gone idle."""
-    loris = socket.create_connection(("127.0.0.1", port), timeout=5)
+    loris = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
     loris.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-    trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
     trickle.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
-    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_S)
     kept.request("GET", "/v2/health/ready")
     assert kept.getresponse().read() and not kept.sock._closed  # kept alive, now idle
     return loris, trickle, kept
@@ -276,7 +296,7 @@ def _slow_clients(port: int) -> tuple[socket.socket, socket.socket, http.client.
 def test_a_slow_request_or_an_idle_connection_holds_no_worker(upstream):
     """With one worker: a slowloris head, a body sent a few bytes at a time and a kept-alive idle
     connection all wait in the selector; other clients are answered, pipelined requests too."""
-    with _guard(upstream, threads=1, idle_timeout_s=30, header_timeout_s=30) as guard:
+    with _guard(upstream, _Clock(), threads=1) as guard:  # the clock stands still: no one times out
         port = guard.server_address[1]
         loris, trickle, kept = _slow_clients(port)
         try:
@@ -284,7 +304,7 @@ def test_a_slow_request_or_an_idle_connection_holds_no_worker(upstream):
                 loris.sendall(b"a")
                 trickle.sendall(b" ")
                 assert _infer(port)[0] == 200
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as piped:
+            with socket.create_connection(("127.0.0.1", port), timeout=HANG_S) as piped:
                 piped.sendall(b"GET /v2/a HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/b HTTP/1.1\r\nHost: x\r\n"
                               b"Connection: close\r\n\r\n")
                 answer = _read_all(piped)
@@ -298,21 +318,34 @@ def test_a_slow_request_or_an_idle_connection_holds_no_worker(upstream):
 
 
 def test_slow_and_idle_clients_are_cut_off(upstream):
-    with _guard(upstream, threads=1, idle_timeout_s=0.5, header_timeout_s=1.0) as guard:
+    """A client that sends nothing, a head and a body whose bytes keep coming but never end, and a kept-alive
+    connection gone idle are each closed once their timeout has passed on the guard's clock, not before; the
+    next client is answered. The clock moves only when the test moves it, so no step races the machine."""
+    clock = _Clock()
+    with _guard(upstream, clock, threads=1, idle_timeout_s=0.5, header_timeout_s=1.0) as guard:
         port = guard.server_address[1]
-        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
         loris, trickle, kept = _slow_clients(port)
         try:
-            for _ in range(3):  # a byte every 0.3 s keeps no one's request alive past its 1 s
-                time.sleep(0.3)
-                for sock in (loris, trickle):
-                    try:
-                        sock.sendall(b"a")
-                    except OSError:
-                        pass
-            for sock in (silent, loris, trickle, kept.sock):
-                assert _closed_by_server(sock, 3.0)
-            assert guard.open_connections == 0
+            # All four held (the kept-alive one back from its answer), the two slow requests begun: every
+            # deadline now counts from this instant, idle 0.5 s, header 1 s.
+            _wait_for(lambda: guard.waiting_connections == 4 and guard.incomplete_requests == 2)
+
+            def a_byte_each() -> None:  # were a byte to restart the header timeout, neither would ever end
+                loris.sendall(b"a")
+                trickle.sendall(b" ")
+
+            for step in (0.3, 0.15):  # 0.45 s: nothing is due
+                clock.advance(step)
+                a_byte_each()
+            clock.advance(0.45)  # 0.9 s: the idle one is due, the others are not
+            assert _closed_by_server(kept.sock, HANG_S)
+            assert not any(_closed_by_server(sock, 0) for sock in (silent, loris, trickle))
+            a_byte_each()
+            clock.advance(0.3)  # 1.2 s: the header timeout has passed for all three
+            for sock in (silent, loris, trickle):
+                assert _closed_by_server(sock, HANG_S)
+            _wait_for(lambda: guard.open_connections == 0)
             assert _infer(port)[0] == 200
         finally:
             for sock in (silent, loris, trickle):
@@ -361,14 +394,14 @@ def test_grpc_calls_over_the_bound_are_refused_at_once():
 
     def stream(requests, context):
         streaming.set()
-        release.wait(10)
+        release.wait(HANG_S)
         yield from ()
 
     class Slow(grpc.GenericRpcHandler):  # stands in for Triton: answers once released
         def service(self, details):
             if details.method.endswith("/ModelStreamInfer"):
                 return grpc.stream_stream_rpc_method_handler(stream)
-            return grpc.unary_unary_rpc_method_handler(lambda request, context: release.wait(10) and b"")
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: release.wait(HANG_S) and b"")
 
     upstream_port, port = free_loopback_ports(2)
     upstream = grpc.server(ThreadPoolExecutor(max_workers=8), handlers=[Slow()])
@@ -379,14 +412,14 @@ def test_grpc_calls_over_the_bound_are_refused_at_once():
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         open_stream = channel.stream_stream(f"/{GRPC_SERVICE}/ModelStreamInfer")
-        first = open_stream(iter(()), timeout=20)  # a quiet stream: holds one of the two threads
-        assert streaming.wait(10) and connections.max_streams == 1
+        first = open_stream(iter(()), timeout=HANG_S)  # a quiet stream: holds one of the two threads
+        assert streaming.wait(HANG_S) and connections.max_streams == 1
         with pytest.raises(grpc.RpcError) as info:
-            list(open_stream(iter(()), timeout=20))
+            list(open_stream(iter(()), timeout=HANG_S))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in info.value.details()
 
         call = channel.unary_unary(f"/{GRPC_SERVICE}/ServerLive")
-        calls = [call.future(b"", timeout=20) for _ in range(connections.max_concurrent_rpcs + 1)]
+        calls = [call.future(b"", timeout=HANG_S) for _ in range(connections.max_concurrent_rpcs + 1)]
         _wait_for(lambda: sum(c.done() for c in calls) >= 2)  # with the stream, two over the bound: refused
         release.set()
         codes = [c.exception().code() if c.exception() else None for c in calls]
