@@ -8,15 +8,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 pytest.importorskip("tensorflow")
 
 from edgeclf.errors import CheckpointError, InvalidInputError, OutputExistsError  # noqa: E402
+from edgeclf.interrupts import SUPERVISED_ENV  # noqa: E402
 from edgeclf.train import TrainConfig, train  # noqa: E402
 from edgeclf.train.checkpoint import STATE_FILE, RunCheckpoint, checkpoint_dir  # noqa: E402
+from tests.conftest import HANG_S  # noqa: E402
 
 TRAIN = ["--backbone", "mobilenet_v3_small", "--image-size", "32", "--weights", "none", "--epochs-frozen", "2",
          "--epochs-finetune", "3", "--patience", "5"]
@@ -34,35 +35,50 @@ def _saved(out) -> dict | None:
         return None
 
 
-def _kill_after(process: subprocess.Popen, out, phase: str, epochs: int) -> dict:
-    """SIGKILL ``process`` as soon as its checkpoint has ``epochs`` finished epochs of ``phase``."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        state = _saved(out)
-        current = state and state["current"]
-        if current and current["phase"] == phase and current["epochs_done"] >= epochs:
-            process.kill()
-            process.communicate()
-            return state
-        assert process.poll() is None, f"the run ended before it could be killed: {process.communicate()[1][-2000:]}"
-        time.sleep(0.01)
-    raise AssertionError("no checkpoint appeared")
+# The run to be killed: training in this process (no supervisor), which SIGKILLs itself right after writing the
+# checkpoint of epoch N of PHASE. Killed at that exact point however busy the machine, where a test polling the
+# checkpoint could see the phase go by before it sends the signal.
+_KILLED_AFTER = """
+import os, signal, sys
+from edgeclf.train.checkpoint import RunCheckpoint
+phase, epochs = sys.argv[1], int(sys.argv[2])
+save = RunCheckpoint.save
+
+def save_then_die(self, finished, current, *args, **kwargs):
+    save(self, finished, current, *args, **kwargs)
+    if current and current["phase"] == phase and current["epochs_done"] == epochs:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+RunCheckpoint.save = save_then_die
+from edgeclf.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _train_killed_after(data, out, phase: str, epochs: int) -> dict:
+    """Train until the checkpoint holds ``epochs`` finished epochs of ``phase``, then SIGKILL: the checkpoint."""
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_AFTER, phase, str(epochs), "train", str(data), "--out",
+                                str(out), *TRAIN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, **{SUPERVISED_ENV: "1"}))
+    _, err = process.communicate(timeout=HANG_S)
+    assert process.returncode == -9, f"the run was not killed where asked: {err[-2000:]}"
+    return _saved(out)
 
 
 @pytest.mark.slow  # three training runs
 @pytest.mark.parametrize("phase", ["frozen", "finetune"])
 def test_a_run_killed_after_an_epoch_and_resumed_ends_with_the_same_bundle(noncontiguous_dir, tmp_path, phase):
     full = _train(noncontiguous_dir, tmp_path / "full")
-    _, err = full.communicate(timeout=600)
+    _, err = full.communicate(timeout=HANG_S)
     assert full.returncode == 0, err[-3000:]
 
-    killed = _train(noncontiguous_dir, tmp_path / "killed")
-    state = _kill_after(killed, tmp_path / "killed", phase, 1)
-    assert killed.returncode == -9 and not (tmp_path / "killed").exists()  # no bundle, half or whole
+    state = _train_killed_after(noncontiguous_dir, tmp_path / "killed", phase, 1)
+    assert (state["current"]["phase"], state["current"]["epochs_done"]) == (phase, 1)
+    assert not (tmp_path / "killed").exists()  # no bundle, half or whole
     assert [p["name"] for p in state["finished_phases"]] == ([] if phase == "frozen" else ["frozen"])
 
     resumed = _train(noncontiguous_dir, tmp_path / "killed", "--resume")
-    _, err = resumed.communicate(timeout=600)
+    _, err = resumed.communicate(timeout=HANG_S)
     assert resumed.returncode == 0, err[-3000:]
     assert f"{phase}: resuming after epoch {state['current']['epochs_done']}" in err
     a, b = (json.loads((tmp_path / name / "bundle.json").read_text()) for name in ("full", "killed"))
