@@ -31,7 +31,7 @@ DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --trai
 # AVX2-only EPYC, before the INT8 gate, 28.5 and 43 min (two INT8 searches used their 15-min bound).
 BENCH_DIR ?= runs/bench
 
-.PHONY: demo test test-fast test-gpu install clean benchmarks serve-loadtest
+.PHONY: demo test test-fast test-loaded test-gpu install clean benchmarks serve-loadtest
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,13 @@ test: install
 # MobileNetV3-Small at 32x32.
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# make test on a machine busy on purpose (tests/under_load.py): two CPU-bound processes and a
+# memory-bandwidth-bound one beside the two test workers, LOADED_RUNS times back to back; each run's
+# status and time at the end. No test may depend on how fast a busy machine gets anywhere.
+LOADED_RUNS ?= 1
+test-loaded: install
+	$(PY) -m tests.under_load --runs $(LOADED_RUNS) -- $(MAKE) --no-print-directory test
 
 # The tests that need an NVIDIA GPU, alone (each says why where it is skipped):
 #   make test-gpu            on a machine with a GPU and TensorRT or TensorRT-RTX
