@@ -92,6 +92,9 @@ RANGES: dict[str, Range] = {
     "image_pixels": Range(1, 1024**3 // 4 // 3, integer=True, unit="pixels"),
     "connections": Range(1, 65_536, integer=True),
     "serve_timeout": Range(0, 3600, low_open=True, unit="seconds"),
+    # trust: the false-alarm rate of the familiarity check, the coverage of an interval
+    "alpha": Range(0, 0.5, low_open=True),
+    "coverage": Range(0.5, 0.999),
     # export
     "opset": Range(13, 23, integer=True),
     "workspace_mib": Range(1, 1 << 20, integer=True, unit="MiB"),

@@ -133,16 +133,9 @@ def load_verification_set(bundle: Bundle, max_bytes: int | None = None) -> Verif
     height, width = bundle.image_size
     classes = len(bundle.labels)
     recorded = record.get("images")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = _members(archive, path, limit)
-            headers = {name: _header(archive, infos[name], path) for name in MEMBERS}
-            _check_shapes(headers, path, height, width, classes, recorded if _is_count(recorded) else None)
-            images, values, logits = (_read(archive, infos[name], headers[name], path) for name in MEMBERS)
-    except BundleError:
-        raise
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
-        raise BundleError(f"cannot read the verification set {path}: {exc}") from None
+    arrays = read_npz(path, MEMBERS, limit, lambda headers: _check_shapes(
+        headers, path, height, width, classes, recorded if _is_count(recorded) else None))
+    images, values, logits = (arrays[name] for name in MEMBERS)
     if not np.isfinite(logits).all():
         raise BundleError(f"{path.name} holds Keras logits that are NaN or infinite: it is not one export wrote; "
                           f"re-export the bundle. Received: {int((~np.isfinite(logits)).sum())} such values")
@@ -152,18 +145,41 @@ def load_verification_set(bundle: Bundle, max_bytes: int | None = None) -> Verif
     return VerificationSet(images, values.astype(np.int64), logits.astype(np.float32))
 
 
+def read_npz(path: Path, members: tuple[str, ...], limit: int, check,
+             what: str = "the verification set") -> dict[str, np.ndarray]:
+    """The arrays of the .npz at ``path``, bounded before anything is decompressed: exactly ``members``,
+    stored or deflated, declaring at most ``limit`` bytes in all, each .npy header consistent with the
+    size the zip declares; ``check(headers)`` (name -> (shape, dtype, bytes)) raises where the shapes do
+    not fit, before any array is read.
+
+    Raises:
+        BundleError: the file is not such an archive, or ``check`` refused it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = _members(archive, path, limit, members, what)
+            headers = {name: _header(archive, infos[name], path) for name in members}
+            check(headers)
+            return {name: _read(archive, infos[name], headers[name], path) for name in members}
+    except BundleError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
+        raise BundleError(f"cannot read {what} {path}: {exc}") from None
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _members(archive: zipfile.ZipFile, path: Path, limit: int) -> dict[str, zipfile.ZipInfo]:
-    """The zip's members by name: exactly MEMBERS, stored or deflated, unencrypted, their declared
+def _members(archive: zipfile.ZipFile, path: Path, limit: int,
+             members: tuple[str, ...] = MEMBERS, what: str = "the verification set") -> dict[str, zipfile.ZipInfo]:
+    """The zip's members by name: exactly ``members``, stored or deflated, unencrypted, their declared
     decompressed sizes summing to at most ``limit`` (nothing is decompressed to learn this)."""
     infos = archive.infolist()
     names = [info.filename for info in infos]
-    if sorted(names) != sorted(MEMBERS):
+    if sorted(names) != sorted(members):
         shown = names[:10] + ([f"... {len(names) - 10} more"] if len(names) > 10 else [])
-        raise BundleError(f"{path.name} must hold exactly {list(MEMBERS)}; it is not one export wrote, re-export the "
+        raise BundleError(f"{path.name} must hold exactly {list(members)}; it is not one export wrote, re-export the "
                           f"bundle. Received: {len(names)} members {shown}")
     for info in infos:
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
@@ -172,7 +188,7 @@ def _members(archive: zipfile.ZipFile, path: Path, limit: int) -> dict[str, zipf
                               f"Received: method {info.compress_type}, flags {info.flag_bits:#x}")
     declared = sum(info.file_size for info in infos)
     if declared > limit:
-        raise BundleError(f"{path.name} declares {declared:,} bytes once decompressed, over the verification set's "
+        raise BundleError(f"{path.name} declares {declared:,} bytes once decompressed, over {what}'s "
                           f"budget of {limit:,} bytes (a compressed file of {path.stat().st_size:,} bytes): refused "
                           f"before decompressing. Received: " + ", ".join(f"{i.filename} {i.file_size:,} bytes"
                                                                           for i in infos))

@@ -46,6 +46,7 @@ from edgeclf.runtime.backends import BACKENDS, missing_modules
 from edgeclf.runtime.checks import TOLERANCES, Tolerance, format_check
 from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.runtime.verifier import check_entry, store_results
+from edgeclf.trust_file import Trust, write_trust
 from edgeclf.verification import DEFAULT_IMAGES, VerificationSet, sample_indices, write_verification_set
 from edgeclf.versions import installed_versions
 
@@ -333,6 +334,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
         ValidationError: one or more artifacts disagree with Keras beyond tolerance.
     """
     from edgeclf.export.reference import reference_sets
+    from edgeclf.export.trust_fit import fit_trust
     from edgeclf.train.evaluate import load_keras_model
 
     options = options or ExportOptions()
@@ -354,6 +356,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     side = training_side(model, calibration, options.calibration_images, options.tuning_images, tuned, calibrated) \
         if tuned or calibrated else TrainingSide(None, None)
     reference, drawn = _reference(bundle, model, heldout, options)
+    trust = fit_trust(model, bundle, calibration, heldout, reference.images)
     to_judge = options.int8_target.images_to_judge()
     if searching and len(reference) < to_judge:
         warnings.warn(f"the INT8 target ({options.int8_target.min_agreement} agreement) is judged on only "
@@ -373,7 +376,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     built: dict[str, tuple[Path, dict[str, Any]]] = {}  # format -> its file and record, for those made from it
     with staging_directory(bundle.path, "export") as stage, ServingSavedModel(model, bundle, stage) as serving:
         builders = _builders(model, bundle, options, side, reference, serving, stage)
-        run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed, detect(), side)
+        run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed, detect(), side, trust)
         for fmt in wanted:
             record, kept = _export_one(run, fmt, built)
             built[fmt.name] = kept, record
@@ -419,6 +422,7 @@ class _Run:
     needed: int  # bytes one artifact may take (for out-of-space messages)
     hardware: Hardware
     side: TrainingSide  # calibration and tuning images, and the gate's decided margin
+    trust: Trust  # temperature, familiarity and conformal calibration, written with the verification set
     written: list[dict] = field(default_factory=list)  # the verification set's record, once written
 
 
@@ -436,6 +440,9 @@ def _export_one(run: _Run, fmt: Format, built: dict[str, tuple[Path, dict]]) -> 
         run.written.append(write_verification_set(run.bundle.path, run.reference, run.drawn))
         log(f"verification set: {len(run.reference)} held-out images -> {run.written[0]['file']} "
             f"({run.written[0]['size_bytes'] / 1e6:.1f} MB)")
+        # Its reference scores are those of these verification images: written together.
+        written = write_trust(run.bundle.path, run.trust)
+        log(f"trust: {written['file']} ({written['size_bytes'] / 1e6:.1f} MB)")
     record, kept = _put_in_force(run, fmt, out, record)
     if kept.name == fmt.filename and "checks" in record["validation"]:
         # The figures behind this artifact, on this kind of machine: what `auto` and `verify` read.
@@ -502,7 +509,7 @@ def _tolerance(options: ExportOptions, fmt: Format, record: dict[str, Any]) -> T
 def _check(run: _Run, fmt: Format, out: Path, hint: str | None, tolerance: Tolerance) -> dict[str, Any]:
     """The artifact run by the runtime's Predictor on the verification set, compared with Keras."""
     try:
-        return check_entry(out, fmt.backend, hint, run.reference, run.bundle.labels, tolerance)
+        return check_entry(out, fmt.backend, hint, run.reference, run.bundle.labels, tolerance, trust=run.trust)
     except EdgeclfError as exc:  # built, but the runtime cannot load it: that is a failed validation
         return {"error": f"{type(exc).__name__}: {exc}", "passed": False,
                 "checks": [{"check": "loads in the runtime", "value": False, "limit": True, "passed": False}]}

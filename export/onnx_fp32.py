@@ -1,8 +1,9 @@
 """Keras -> ONNX FP32 with tf2onnx, preprocessing and integer decoding inside the graph.
 
 The graph takes ``pixels`` (uint8 [N, H, W, 3], RGB) and returns ``logits`` (float32
-[N, K]) and ``label`` (int64 [N], ``labels[argmax(logits)]``), so a consumer without
-Python still gets the integer (see :mod:`edgeclf.export.serving`).
+[N, K]), ``label`` (int64 [N], ``labels[argmax(logits)]``), so a consumer without
+Python still gets the integer, and ``embedding`` (float32 [N, D], the pooled features the
+head reads) for the familiarity check (see :mod:`edgeclf.export.serving`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from edgeclf.bundle import Bundle
 from edgeclf.errors import ConversionError
 from edgeclf.fsio import atomic_path
 from edgeclf.export.metadata import artifact_metadata, set_onnx_metadata
-from edgeclf.export.serving import serving_function
+from edgeclf.export.serving import OUTPUT_ORDER, serving_function
 
 DEFAULT_OPSET = 17
-OUTPUT_ORDER = ("logits", "label")
 
 
 def _patch_tf2onnx() -> None:
@@ -42,6 +42,24 @@ def preprocessing_nodes(proto) -> list[str]:
             break
         names.append(node.name)
     return names
+
+
+def _separate_outputs(proto) -> None:
+    """Give each graph output that other nodes also read (the embedding, where it is the head's
+    input) an Identity of its own. onnxconverter-common's FP16 conversion with ``keep_io_types``
+    otherwise leaves those readers an FP32 tensor beside FP16 weights (a MatMul that ONNX Runtime
+    and TensorRT reject)."""
+    from onnx import helper
+
+    read = {name for node in proto.graph.node for name in node.input}
+    for output in proto.graph.output:
+        if output.name not in read:
+            continue
+        inner = f"{output.name}__inner"
+        for node in proto.graph.node:
+            node.output[:] = [inner if n == output.name else n for n in node.output]
+            node.input[:] = [inner if n == output.name else n for n in node.input]
+        proto.graph.node.append(helper.make_node("Identity", [inner], [output.name], name=f"{output.name}__output"))
 
 
 def keras_to_onnx(model, bundle: Bundle, out: Path, opset: int = DEFAULT_OPSET) -> None:
@@ -71,6 +89,7 @@ def keras_to_onnx(model, bundle: Bundle, out: Path, opset: int = DEFAULT_OPSET) 
     ordered = [outputs[name] for name in OUTPUT_ORDER]
     del proto.graph.output[:]
     proto.graph.output.extend(ordered)
+    _separate_outputs(proto)
     proto.doc_string = f"edgeclf integer classifier ({bundle.meta['backbone']['name']}), labels {labels}"
     set_onnx_metadata(proto, artifact_metadata(bundle, "fp32"))
     try:

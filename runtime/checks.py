@@ -50,15 +50,18 @@ TOLERANCES = {
 }
 
 
-def artifact_outputs(predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, label output) of a loaded Predictor's backend on uint8 ``images``.
+def artifact_outputs(predictor, images: np.ndarray,
+                     embedding: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(logits, label output, embedding or None) of a loaded Predictor's backend on uint8 ``images``.
 
     The backend call the Predictor makes, in its own batch size; the ``label`` output
     (the graph's own decoding) is read too, to check it against ``labels[argmax]``.
     """
     step = predictor.batch_size
-    parts = [predictor.backend.run(images[i:i + step], ("logits", "label")) for i in range(0, len(images), step)]
-    return np.concatenate([p["logits"] for p in parts]), np.concatenate([p["label"] for p in parts])
+    names = ("logits", "label", "embedding") if embedding else ("logits", "label")
+    parts = [predictor.backend.run(images[i:i + step], names) for i in range(0, len(images), step)]
+    return (np.concatenate([p["logits"] for p in parts]), np.concatenate([p["label"] for p in parts]),
+            np.concatenate([p["embedding"].reshape(len(p["embedding"]), -1) for p in parts]) if embedding else None)
 
 
 def tolerance_for(precision: str, record: dict[str, Any] | None = None, hint: str | None = None) -> Tolerance:

@@ -25,29 +25,53 @@ from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
 from edgeclf.runtime.inputs import is_batch, to_batch
 from edgeclf.runtime.metadata import check_artifact_metadata, check_model_path
 from edgeclf.runtime.selection import Choice, choose, needs_int8_dot_product
+from edgeclf.trust import (DEFAULT_ALPHA, DEFAULT_COVERAGE, conformal_quantile, intervals,
+                           scaled_probabilities)
+from edgeclf.trust_file import Trust, load_trust
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer: the integer ``label`` = labels[``index``], with its probability."""
+    """One image's answer: the integer ``label`` = labels[``index``], with its probability.
+
+    Where the bundle carries a trust file (:mod:`edgeclf.trust`), ``confidence`` and ``top_k`` are
+    calibrated (temperature-scaled), ``familiar`` says whether the image looks like the training
+    data (``p_value``: the share of held-out images at least as strange; unfamiliar at or below the
+    Predictor's ``alpha``), and ``interval`` is the (lowest, highest) label that holds the true one
+    with probability ``coverage`` on data like the held-out images. None where not available.
+    """
 
     label: int
     index: int
     confidence: float
     #: The k most probable (label, probability) pairs, best first, when top_k > 1.
     top_k: tuple[tuple[int, float], ...] = field(default=())
+    familiar: bool | None = None
+    p_value: float | None = None
+    interval: tuple[int, int] | None = None
+    coverage: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"label": self.label, "index": self.index, "confidence": self.confidence}
         if self.top_k:
             out["top_k"] = [{"label": label, "confidence": p} for label, p in self.top_k]
+        if self.familiar is not None:
+            out["familiar"], out["p_value"] = self.familiar, self.p_value
+        if self.interval is not None:
+            out["interval"], out["coverage"] = list(self.interval), self.coverage
         return out
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, stable for large logits."""
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    def describe(self) -> str:
+        """``7 (6-8 at 90%), confidence 0.83, familiar (p 0.41)``: the reading as a meter reader prints it."""
+        text = str(self.label)
+        if self.interval is not None:
+            low, high = self.interval
+            span = str(low) if low == high else f"{low}-{high}"
+            text += f" ({span} at {self.coverage:.0%})"
+        text += f", confidence {self.confidence:.3f}"
+        if self.familiar is not None:
+            text += f", {'familiar' if self.familiar else 'UNFAMILIAR'} (p {self.p_value:.3g})"
+        return text
 
 
 class Predictor:
@@ -59,7 +83,8 @@ class Predictor:
 
     def __init__(self, backend, choice: Choice, labels: list[int], image_size: tuple[int, int],
                  batch_size: int, reason: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 decoding: str = "argmax") -> None:
+                 decoding: str = "argmax", trust: Trust | None = None, alpha: float = DEFAULT_ALPHA,
+                 coverage: float | None = DEFAULT_COVERAGE) -> None:
         self.backend = backend
         self.choice = choice
         self.labels = list(labels)
@@ -71,12 +96,21 @@ class Predictor:
         self.max_image_pixels = max_image_pixels
         #: "argmax" (the graphs' own ``label`` output) or "median" (see edgeclf.decoding).
         self.decoding = check_decoding(decoding)
+        #: The bundle's calibration (None: exported before edgeclf fitted one) and how it is applied.
+        self.trust = trust
+        self.alpha, self.coverage = alpha, coverage
+        outputs = (getattr(backend, "graph", None) or {}).get("outputs") or ()
+        #: Whether familiarity is scored: a trust file, and an artifact with an ``embedding`` output.
+        self.scores_familiarity = trust is not None and "embedding" in outputs
+        self._threshold = (conformal_quantile(trust.interval_calibration, coverage)
+                           if trust is not None and coverage is not None else None)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, precision: str | None = None,
              batch_size: int = 32, threads: int | None = None, verify: bool = True,
              allow_unvalidated: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-             decoding: str = "argmax") -> Predictor:
+             decoding: str = "argmax", alpha: float = DEFAULT_ALPHA,
+             coverage: float | None = DEFAULT_COVERAGE) -> Predictor:
         """Load a bundle directory or one artifact file.
 
         Args:
@@ -93,6 +127,10 @@ class Predictor:
             decoding: "argmax" (default: the most probable label, as the graphs' ``label`` output)
                 or "median" (the median of the predicted distribution over the ordered labels,
                 which minimises the expected absolute error).
+            alpha: an image is unfamiliar when at most this share of held-out images look as strange
+                (its conformal p-value; default 0.01, the false-alarm rate on images like the training data).
+            coverage: the probability the reading's interval holds the true label (default 0.9); None: no
+                interval.
 
         Raises:
             BundleError: the path, the bundle or the artifact is missing, corrupt or altered.
@@ -108,6 +146,9 @@ class Predictor:
         if precision not in (None, "fp32", "fp16", "bf16", "int8"):
             raise InvalidInputError(f"precision must be fp32, fp16, bf16 or int8. Received: {precision!r}")
         limits.check("image_pixels", max_image_pixels, "max_image_pixels")
+        limits.check("alpha", alpha, "alpha")
+        if coverage is not None:
+            limits.check("coverage", coverage, "coverage")
         check_model_path(path)
         hardware = detect()
         choice = choose(path, backend, precision, hardware, allow_unvalidated)
@@ -130,10 +171,12 @@ class Predictor:
                 raise IncompatibleArtifactError(f"{choice.path.name} decodes to labels {labels}, but the bundle's "
                                                 f"labels are {bundle.labels}: the artifact belongs to another model")
             limits.check_batch_memory(batch_size, size, "batch_size")
+            trust = load_trust(bundle) if bundle is not None else None
         except BaseException:
             runner.close()
             raise
-        return cls(runner, choice, labels, size, batch_size, choice.reason, max_image_pixels, decoding)
+        return cls(runner, choice, labels, size, batch_size, choice.reason, max_image_pixels, decoding,
+                   trust, alpha, coverage)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -150,32 +193,56 @@ class Predictor:
         return np.concatenate([self.backend.infer(batch[i:i + self.batch_size])
                                for i in range(0, len(batch), self.batch_size)])
 
-    def probabilities(self, images: Any) -> np.ndarray:
-        """Softmax of the logits, [N, K]; column i is the probability of ``labels[i]``."""
-        return softmax(self.logits(images).astype(np.float64))
+    def infer_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, embedding) for a uint8 NHWC batch; the embedding is None unless familiarity is scored."""
+        if not self.scores_familiarity:
+            return self.infer(batch), None
+        if self.backend is None:
+            raise InvalidInputError("this Predictor is closed")
+        parts = [self.backend.run(batch[i:i + self.batch_size], ("logits", "embedding"))
+                 for i in range(0, len(batch), self.batch_size)] or [self.backend.run(batch, ("logits", "embedding"))]
+        return (np.concatenate([p["logits"] for p in parts]),
+                np.concatenate([p["embedding"].reshape(len(p["embedding"]), -1) for p in parts]))
 
-    def decode(self, logits: np.ndarray, top_k: int = 1) -> list[Prediction]:
+    def probabilities(self, images: Any) -> np.ndarray:
+        """Class probabilities [N, K] (temperature-calibrated where the bundle has a trust file);
+        column i is the probability of ``labels[i]``."""
+        return self._probabilities(self.logits(images))
+
+    def _probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return scaled_probabilities(logits, self.trust.temperature if self.trust is not None else 1.0)
+
+    def decode(self, logits: np.ndarray, top_k: int = 1, embedding: np.ndarray | None = None) -> list[Prediction]:
         """Predictions from logits: index by the Predictor's decoding (argmax or median), label =
-        labels[index], confidence = the probability of that label; ``top_k`` ranks by probability."""
+        labels[index], confidence = the (calibrated) probability of that label; ``top_k`` ranks by
+        probability. With the trust file: the interval, and from ``embedding`` the familiarity."""
         if top_k < 1:
             raise InvalidInputError(f"top_k must be >= 1. Received: {top_k}")
-        probs = softmax(logits.astype(np.float64))
+        probs = self._probabilities(logits)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, len(self.labels))]
         chosen = decode_indices(probs, self.decoding)
+        spans = intervals(probs, self._threshold, chosen).tolist() if self._threshold is not None else [None] * len(probs)
+        p_values = (self.trust.familiarity.p_values(embedding).tolist()
+                    if embedding is not None and self.trust is not None else [None] * len(probs))
         out = []
-        for row, ranked, index in zip(probs, order, chosen.tolist()):
+        for row, ranked, index, span, p in zip(probs, order, chosen.tolist(), spans, p_values):
             top = tuple((int(self._table[i]), float(row[i])) for i in ranked) if top_k > 1 else ()
-            out.append(Prediction(int(self._table[index]), index, float(row[index]), top))
+            out.append(Prediction(
+                int(self._table[index]), index, float(row[index]), top,
+                familiar=None if p is None else bool(p > self.alpha), p_value=p,
+                interval=None if span is None else (int(self._table[span[0]]), int(self._table[span[1]])),
+                coverage=None if span is None else self.coverage))
         return out
 
     def predict(self, images: Any, top_k: int = 1) -> Prediction | list[Prediction]:
         """A :class:`Prediction` for one input, a list of them for a list or an NHWC array."""
-        predictions = self.decode(self.logits(images), top_k)
+        predictions = self.predict_batch(images, top_k)
         return predictions if is_batch(images) else predictions[0]
 
     def predict_batch(self, images: Any, top_k: int = 1) -> list[Prediction]:
         """Always a list, one :class:`Prediction` per image."""
-        return self.decode(self.logits(images), top_k)
+        logits, embedding = self.infer_outputs(to_batch(images, self.image_size, self.max_image_pixels))
+        return self.decode(logits, top_k, embedding)
 
     # -- description and lifetime ---------------------------------------------------------
 
@@ -187,8 +254,21 @@ class Predictor:
             "precision_hint": self.choice.precision_hint, "labels": self.labels,
             "input": {"height": self.image_size[0], "width": self.image_size[1], "dtype": "uint8"},
             "batch_size": self.batch_size, "decoding": self.decoding, "reason": self._reason,
+            "trust": self.trust_summary(),
             "hardware": detect().summary(), **(self.backend.describe() if self.backend else {}),
         }
+
+    def trust_summary(self) -> str:
+        """One line: what the readings carry beyond the label, and why not more."""
+        if self.trust is None:
+            return ("no trust file (exported before edgeclf fitted one, or a lone artifact): raw confidence, no "
+                    "familiarity or interval; re-export the bundle to add them")
+        text = f"confidence calibrated (temperature {self.trust.temperature:.3g})"
+        if self.coverage is not None:
+            text += f", intervals at {self.coverage:.0%} coverage"
+        if self.scores_familiarity:
+            return text + f", familiarity (unfamiliar at p <= {self.alpha:g})"
+        return text + "; no familiarity: this artifact has no embedding output (exported before it had one)"
 
     def close(self) -> None:
         if self.backend is not None:

@@ -31,6 +31,8 @@ from edgeclf.errors import BackendUnavailableError, BundleError, EdgeclfError, I
 from edgeclf.formats import FORMATS, entries, entry_name
 from edgeclf.progress import log
 from edgeclf.runtime.backends import BACKENDS, runs_here
+from edgeclf.runtime.trust_checks import trust_checks
+from edgeclf.trust_file import Trust
 from edgeclf.runtime.checks import TOLERANCES, Tolerance, artifact_outputs, compare, measurable_check, tolerance_for
 from edgeclf.runtime.fidelity import clopper_pearson_lower
 from edgeclf.runtime.fingerprint import fingerprint, machine_key
@@ -87,10 +89,13 @@ def _figure(value: Any) -> str:
 
 
 def check_entry(path: Path, backend: str, hint: str | None, reference: VerificationSet,
-                labels: list[int], tolerance: Tolerance, decoding: str = "argmax") -> dict[str, Any]:
+                labels: list[int], tolerance: Tolerance, decoding: str = "argmax",
+                trust: Trust | None = None) -> dict[str, Any]:
     """Load ``path`` (a bundle entry or a lone artifact file) exactly as the Predictor runs it,
     run it on the verification set and compare with the Keras logits (``decoding`` "median":
-    the answers decoded by median too).
+    the answers decoded by median too). With a trust file (``trust``, else the bundle's), the
+    artifact's familiarity is checked too (:mod:`edgeclf.runtime.trust_checks`); an artifact
+    without an ``embedding`` output (exported before it had one) is reported so, not failed.
 
     Raises:
         EdgeclfError: the artifact cannot be loaded (altered, built for another machine,
@@ -99,11 +104,25 @@ def check_entry(path: Path, backend: str, hint: str | None, reference: Verificat
     from edgeclf.runtime.predictor import Predictor
 
     with Predictor.load(path, backend, precision=hint, allow_unvalidated=True) as predictor:
-        logits, label_out = artifact_outputs(predictor, reference.images)
+        trust = trust or predictor.trust
+        with_embedding = trust is not None and "embedding" in (getattr(predictor.backend, "graph", None) or {}).get(
+            "outputs", ())
+        logits, label_out, embedding = artifact_outputs(predictor, reference.images, with_embedding)
+        report = compare(hint or "fp32", logits, label_out, reference.logits, reference.values, labels, tolerance,
+                         decoding)
+        if with_embedding:
+            index = np.searchsorted(np.asarray(labels), reference.values)
+            checks, figures = trust_checks(predictor.backend, predictor.batch_size, trust, reference.images,
+                                           logits, index, embedding)
+            report["checks"].extend(checks)
+            report["trust"] = figures
+            report["passed"] = all(c["passed"] for c in report["checks"])
+        elif trust is not None:
+            report["trust"] = {"skipped": "the artifact has no embedding output (exported before it had one): "
+                                          "no familiarity here; re-export to add it"}
         described = predictor.describe()
-    report = compare(hint or "fp32", logits, label_out, reference.logits, reference.values, labels, tolerance,
-                     decoding)
-    report["run_by"] = {k: v for k, v in described.items() if k not in ("labels", "input", "reason", "hardware")}
+    report["run_by"] = {k: v for k, v in described.items()
+                        if k not in ("labels", "input", "reason", "hardware", "trust")}
     return report
 
 

@@ -13,6 +13,8 @@ from edgeclf.fsio import atomic_write_json
 from edgeclf.train.data import LabelMap, load_dataset
 from edgeclf.decoding import check_decoding, decode_indices, probabilities_of
 from edgeclf.train.metrics import classification_metrics, save_confusion_png, save_error_png
+from edgeclf.train.trust_metrics import save_reliability_png, trust_metrics
+from edgeclf.trust_file import load_trust
 
 
 def predict_logits(model, images, batch_size: int = 64) -> np.ndarray:
@@ -43,27 +45,44 @@ def evaluate_bundle(
     ``input_mode`` as for :func:`edgeclf.train.data.load_dataset`: large sets are streamed.
     ``decoding``: "argmax" or "median" (:mod:`edgeclf.decoding`).
 
-    Writes ``metrics.json``, ``confusion_matrix.png`` and ``abs_error.png`` (the |error|
-    distribution) to ``report_dir`` if given.
+    With the bundle's trust file (written by export), ``metrics["trust"]`` holds the ECE before and
+    after the temperature, the intervals' coverage and width and the false-alarm rate of the
+    familiarity check on these images (:mod:`edgeclf.train.trust_metrics`).
+
+    Writes ``metrics.json``, ``confusion_matrix.png``, ``abs_error.png`` (the |error|
+    distribution) and, with a trust file, ``reliability.png`` to ``report_dir`` if given.
 
     Raises:
         BundleError: the bundle is missing or corrupt.
         DataError: the data cannot be read or holds labels the model does not know.
     """
+    from edgeclf.train.model import embedding_model
+    from edgeclf.train.pipeline import pixel_batches
+
     check_decoding(decoding)
     bundle = Bundle.load(bundle_path)
     model = load_keras_model(bundle)
     images = load_dataset(data, bundle.image_size, strict, input_mode)
     label_map = LabelMap(tuple(bundle.labels))
     label_map.encode(images.values)  # unknown labels are an error, not a silent miss
-    logits = predict_logits(model, images, batch_size)
+    trust = load_trust(bundle)
+    if trust is None:
+        logits, embedding = predict_logits(model, images, batch_size), None
+    else:
+        both = embedding_model(model, bundle.meta["backbone"]["name"])
+        logits, embedding = (np.asarray(a) for a in both.predict(pixel_batches(images, batch_size), verbose=0))
     predicted = label_map.decode(decode_indices(probabilities_of(logits), decoding))
     metrics = classification_metrics(images.values, predicted, label_map.labels)
     metrics["data"], metrics["decoding"] = str(data), decoding
     metrics["skipped_images"] = [{"source": s, "reason": r} for s, r in images.skipped]
+    true_index = label_map.encode(images.values)
+    metrics["trust"] = (trust_metrics(trust, logits, embedding, true_index) if trust is not None else
+                        {"skipped": "the bundle has no trust file yet (`edgeclf export` fits one)"})
     if report_dir is not None:
         report_dir = Path(report_dir)
         atomic_write_json(report_dir / "metrics.json", metrics)
         save_confusion_png(metrics["confusion_matrix"], report_dir / "confusion_matrix.png", str(data))
         save_error_png(metrics, report_dir / "abs_error.png")
+        if trust is not None:
+            save_reliability_png(logits, true_index, trust.temperature, report_dir / "reliability.png")
     return metrics

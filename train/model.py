@@ -149,6 +149,30 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, model.get_layer("avg_pool").output, name="features")
 
 
+#: The head's input (build_model names it): the embedding where the backbone names no familiarity block.
+HEAD_INPUT = "avg_pool"
+
+
+def embedding_model(model, backbone: str):
+    """pixels (float32 0..255) -> [logits, embedding], sharing ``model``'s layers and weights.
+
+    With a familiarity block, the graph is rebuilt from ``model``'s own layers so that the nested
+    backbone also gives that block's output (pooled by a global average)."""
+    block = get_backbone(backbone).familiarity_block
+    if block is None:
+        return keras.Model(model.input, [model.output, model.get_layer(HEAD_INPUT).output], name="with_embedding")
+    base = backbone_of(model)
+    tapped = keras.Model(base.input, [base.get_layer(block).output, base.output], name=f"{base.name}_tapped")
+    pixels = keras.Input(shape=model.input.shape[1:], dtype="float32", name="pixels")
+    x = model.get_layer("preprocess")(pixels) if any(l.name == "preprocess" for l in model.layers) else pixels
+    inner, top = tapped(x, training=False)
+    x = model.get_layer(HEAD_INPUT)(top)
+    for name in ("head_dense", "head_dropout", "logits"):
+        x = model.get_layer(name)(x)
+    embedding = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(inner)
+    return keras.Model(pixels, [x, embedding], name="with_embedding")
+
+
 def head_model(model: keras.Model) -> keras.Model:
     """pooled features -> logits, sharing the head layers (and weights) of ``model``."""
     features = keras.Input(shape=model.get_layer("avg_pool").output.shape[1:], name="features")

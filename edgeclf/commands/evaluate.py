@@ -28,7 +28,19 @@ def run(args: argparse.Namespace) -> int:
             row = metrics["per_class"][str(label)]
             print(f"  label {label:>4}: precision={row['precision']:.3f} recall={row['recall']:.3f} "
                   f"f1={row['f1-score']:.3f} support={row['support']}")
+        print("  trust: " + _trust_line(metrics["trust"]))
     return 0
+
+
+def _trust_line(trust: dict) -> str:
+    if "skipped" in trust:
+        return trust["skipped"]
+    ece, interval = trust["ece_15_bins"], trust["interval"]
+    alarms = ", ".join(f"{v:.1%} at alpha {k}" for k, v in trust["false_alarms"].items())
+    return (f"ECE (15 bins) {ece['before']:.3f} -> {ece['after']:.3f} with temperature {trust['temperature']:.3g}; "
+            f"intervals at {interval['coverage_asked']:.0%} held the true label on {interval['coverage_reached']:.1%} "
+            f"of {trust['images']} images, {interval['mean_labels_spanned']:.2f} labels wide on average; "
+            f"flagged unfamiliar: {alarms}")
 
 
 def register(sub) -> None:

@@ -9,6 +9,12 @@ import sys
 from edgeclf import limits
 from edgeclf.commands.common import add_model_arguments, pixels_help
 from edgeclf.decoding import DECODINGS
+from edgeclf.trust import DEFAULT_ALPHA, DEFAULT_COVERAGE
+
+
+def _coverage(text: str) -> float:
+    """--coverage: 0 for no interval, else in the coverage range."""
+    return 0.0 if text.strip() in ("0", "0.0") else limits.option("coverage")(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,11 +23,13 @@ def run(args: argparse.Namespace) -> int:
 
     with Predictor.load(args.model, args.backend, precision=args.precision, batch_size=args.batch_size,
                         threads=args.threads, allow_unvalidated=args.allow_unvalidated, decoding=args.decode,
-                        max_image_pixels=args.max_image_pixels) as predictor:
+                        max_image_pixels=args.max_image_pixels, alpha=args.alpha,
+                        coverage=None if args.coverage == 0 else args.coverage) as predictor:
         described = predictor.describe()
         print(f"[edgeclf] {described['backend']} running {described['artifact']}: {described['reason']}",
               file=sys.stderr)
-        done = failed = 0
+        print(f"[edgeclf] {described['trust']}", file=sys.stderr)
+        done = failed = unfamiliar = 0
         for record in predict_paths(predictor, args.inputs, args.top_k):
             done += 1
             if "error" in record:
@@ -30,13 +38,34 @@ def run(args: argparse.Namespace) -> int:
                     print(json.dumps(record), flush=True)
                 else:
                     print(f"error: {record['file']}: {record['error']}", file=sys.stderr)
-            elif args.json:
-                print(json.dumps(record), flush=True)
-            else:
-                extra = "  " + " ".join(f"{t['label']}:{t['confidence']:.3f}" for t in record.get("top_k", []))
-                print(f"{record['file']}\t{record['label']}\t{record['confidence']:.4f}{extra.rstrip()}", flush=True)
-    print(f"[edgeclf] {done - failed} predicted, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+                continue
+            if record.get("familiar") is False:
+                unfamiliar += 1
+                if args.unfamiliar == "withhold":  # a script must not log a reading the model cannot vouch for
+                    record.update(label=None, index=None, withheld="unfamiliar")
+            print(json.dumps(record) if args.json else _line(record), flush=True)
+    print(f"[edgeclf] {done - failed} predicted, {failed} failed"
+          + (f", {unfamiliar} unfamiliar" if predictor.scores_familiarity else ""), file=sys.stderr)
+    if failed:
+        return 1
+    return UNFAMILIAR_STATUS if unfamiliar and args.unfamiliar == "withhold" else 0
+
+
+#: The exit status of ``--unfamiliar withhold`` when any image was unfamiliar (1: a file failed).
+UNFAMILIAR_STATUS = 3
+
+
+def _line(record: dict) -> str:
+    """file, label, confidence[, interval][, familiarity][, top-k], tab-separated."""
+    label = "-" if record["label"] is None else str(record["label"])
+    fields = [record["file"], label, f"{record['confidence']:.4f}"]
+    if "interval" in record:
+        low, high = record["interval"]
+        fields.append(f"{low}..{high}@{record['coverage']:.0%}")
+    if "familiar" in record:
+        fields.append(f"{'familiar' if record['familiar'] else 'UNFAMILIAR'} p={record['p_value']:.3g}")
+    top = " ".join(f"{t['label']}:{t['confidence']:.3f}" for t in record.get("top_k", []))
+    return "\t".join(fields) + (f"  {top}" if top else "")
 
 
 def register(sub) -> None:
@@ -55,7 +84,16 @@ def register(sub) -> None:
                         "expected absolute error")
     p.add_argument("--batch-size", type=limits.option("batch"), default=32, help="images per backend call (default 32)")
     p.add_argument("--allow-unvalidated", action="store_true", help="also run artifacts export did not validate")
-    p.add_argument("--json", action="store_true", help="JSON lines: file, label, index, confidence")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: file, label, index, confidence[, interval, coverage][, familiar, p_value]")
+    p.add_argument("--alpha", type=limits.option("alpha"), default=DEFAULT_ALPHA,
+                   help="an image is unfamiliar when at most this share of held-out images look as strange "
+                        f"(default {DEFAULT_ALPHA}: the false-alarm rate on images like the training data)")
+    p.add_argument("--coverage", type=_coverage, default=DEFAULT_COVERAGE,
+                   help=f"how often the printed interval holds the true label (default {DEFAULT_COVERAGE}); 0: none")
+    p.add_argument("--unfamiliar", choices=("report", "withhold"), default="report",
+                   help="report (default): print the reading and flag it; withhold: print no label for an "
+                        f"unfamiliar image and exit with status {UNFAMILIAR_STATUS} if there was one")
     p.add_argument("--max-image-pixels", type=limits.option("image_pixels"), default=DEFAULT_MAX_IMAGE_PIXELS,
                    metavar="PIXELS", help=pixels_help())
     p.set_defaults(func=run)

@@ -67,6 +67,7 @@ class TensorRTBackend:
         self._cuda = None
         self._stream = None
         self._flavour = ""
+        self.graph: dict[str, Any] = {}  # output names: the Predictor reads the embedding where there is one
 
     def _check(self, result):
         err, *rest = result if isinstance(result, tuple) else (result,)
@@ -99,6 +100,7 @@ class TensorRTBackend:
             pointer = self._check(self._cuda.cudaMalloc(int(np.prod(shape)) * dtype.itemsize))
             self._buffers[name] = (pointer, dtype, shape)
             self._context.set_tensor_address(name, pointer)
+        self.graph = {"outputs": sorted(name for name in self._buffers if name != "pixels")}
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)["logits"]

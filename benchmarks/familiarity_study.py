@@ -1,0 +1,160 @@
+"""Which familiarity score to ship: measured on a bundle's held-out and foreign images, never its test images.
+
+    python -m edgeclf.benchmarks.familiarity_study runs/demo/bundle --out runs/demo/familiarity_study.json
+
+For each candidate (the shared-covariance Mahalanobis score on the pooled features at several ranks;
+the relative score of Ren et al. 2021; pooled features of earlier inception blocks) it reports the
+AUROC of "foreign" against the bundle's held-out images and the share of foreign images flagged
+at the held-out images' 95th and 99th percentiles. Foreign here: gauges drawn with seed 1 (the
+report uses another seed), uniform noise and constant frames. The training images fit every
+candidate; the held-out images only judge them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgeclf.bundle import Bundle
+from edgeclf.probe import foreign_probe
+
+#: Inception blocks whose pooled outputs are tried beside the head's input (mixed10).
+BLOCKS = ("mixed7", "mixed8", "mixed9", "mixed10")
+
+
+def gauges(count: int, size: tuple[int, int], seed: int) -> np.ndarray:
+    """``count`` gauge images (readings cycling 0..10) at the model's size, as the runtime resizes them."""
+    from edgeclf.runtime.inputs import to_batch
+    from edgeclf.train.gauges import READINGS, gauge_image
+
+    rng = np.random.default_rng(seed)
+    return to_batch([gauge_image(READINGS[i % len(READINGS)], rng) for i in range(count)], size)
+
+
+def photo_crops(count: int, size: tuple[int, int], seed: int) -> np.ndarray:
+    """Square crops (10-60% of the short side, anywhere) of the real photographs that ship in
+    scikit-learn (china.jpg, flower.jpg) and matplotlib (grace_hopper.jpg), at the model's size."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from edgeclf.runtime.inputs import to_batch
+
+    photos = list(load_sample_images().images)
+    try:
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as fh:
+            photos.append(np.asarray(Image.open(fh).convert("RGB")))
+    except ImportError:
+        pass
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.uniform(0.1, 0.6) * min(h, w))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crops.append(np.ascontiguousarray(photo[y:y + side, x:x + side]))
+    return to_batch(crops, size)
+
+
+def block_features(model, images: np.ndarray, blocks=BLOCKS, batch: int = 64) -> dict[str, np.ndarray]:
+    """Global-average-pooled outputs of the backbone's ``blocks`` for uint8 ``images``."""
+    import keras
+
+    from edgeclf.train.model import backbone_of
+
+    base = backbone_of(model)
+    tapped = keras.Model(base.input, [base.get_layer(name).output for name in blocks])
+    preprocess = [layer for layer in model.layers if layer.name == "preprocess"]
+    out: dict[str, list] = {name: [] for name in blocks}
+    for start in range(0, len(images), batch):
+        x = keras.ops.convert_to_tensor(images[start:start + batch], dtype="float32")
+        if preprocess:
+            x = preprocess[0](x)
+        for name, y in zip(blocks, tapped(x, training=False)):
+            out[name].append(np.asarray(keras.ops.mean(y, axis=(1, 2))))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def relative_scores(train: np.ndarray, index: np.ndarray, classes: int, rank: int):
+    """Ren et al. 2021: the class-conditional score minus that of one Gaussian over all training images."""
+    from edgeclf.export.trust_fit import fit_familiarity
+
+    conditional = fit_familiarity(train, index, classes, rank)
+    background = fit_familiarity(train, np.zeros(len(train), dtype=np.int64), 1, rank)
+    return lambda x: conditional.scores(x) - background.scores(x)
+
+
+def judge(score, heldout: np.ndarray, foreign: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    base = score(heldout)
+    return {name: _judge_arrays(base, score(x)) for name, x in foreign.items()}
+
+
+def study(bundle_path: Path, foreign_count: int = 200) -> dict:
+    from edgeclf.export.reference import reference_sets
+    from edgeclf.export.trust_fit import fit_familiarity
+    from edgeclf.train.data import LabelMap
+    from edgeclf.train.evaluate import load_keras_model
+
+    bundle = Bundle.load(bundle_path)
+    model = load_keras_model(bundle)
+    train, heldout = reference_sets(bundle)
+    labels = LabelMap(tuple(bundle.labels))
+    index, classes = labels.encode(train.values), len(bundle.labels)
+    size = bundle.image_size
+    probe = foreign_probe(*size, count=foreign_count // 4)
+    foreign_images = {"gauges (seed 1)": gauges(foreign_count, size, seed=1), **probe}
+    feats = {name: block_features(model, images) for name, images in
+             [("train", train.images), ("heldout", heldout.images), *foreign_images.items()]}
+    candidates = {}
+    for rank in (32, 128, 256, 512, 2048):
+        candidates[f"mixed10 shared rank {rank}"] = ("mixed10", fit_familiarity(feats["train"]["mixed10"], index,
+                                                                                 classes, rank).scores)
+    candidates["mixed10 relative rank 256"] = ("mixed10", relative_scores(feats["train"]["mixed10"], index, classes, 256))
+    for block in BLOCKS[:-1]:
+        candidates[f"{block} shared rank 256"] = (block, fit_familiarity(feats["train"][block], index, classes, 256).scores)
+    results = {}
+    for name, (block, score) in candidates.items():
+        results[name] = judge(score, feats["heldout"][block], {k: feats[k][block] for k in foreign_images})
+        print(name, {k: round(v["auroc"], 4) for k, v in results[name].items()},
+              {k: round(v["flagged_at_95"], 3) for k, v in results[name].items()}, flush=True)
+    # Earlier and last blocks together: the sum of the two scores, each divided by its held-out median.
+    for block in BLOCKS[:-1]:
+        parts = [(b, fit_familiarity(feats["train"][b], index, classes, 256)) for b in (block, "mixed10")]
+        medians = [np.median(m.scores(feats["heldout"][b])) for b, m in parts]
+        name = f"{block}+mixed10 summed rank 256"
+        results[name] = {}
+        base = sum(m.scores(feats["heldout"][b]) / d for (b, m), d in zip(parts, medians))
+        for k in foreign_images:
+            s = sum(m.scores(feats[k][b]) / d for (b, m), d in zip(parts, medians))
+            results[name][k] = _judge_arrays(base, s)
+        print(name, {k: round(v["auroc"], 4) for k, v in results[name].items()},
+              {k: round(v["flagged_at_95"], 3) for k, v in results[name].items()}, flush=True)
+    return {"bundle": str(bundle_path), "train_images": len(train), "heldout_images": len(heldout),
+            "foreign_images": {k: len(v) for k, v in foreign_images.items()}, "candidates": results}
+
+
+def _judge_arrays(base: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    return {"auroc": float(roc_auc_score(np.r_[np.zeros(len(base)), np.ones(len(s))], np.r_[base, s])),
+            "flagged_at_95": float(np.mean(s > np.quantile(base, 0.95))),
+            "flagged_at_99": float(np.mean(s > np.quantile(base, 0.99)))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    result = study(args.bundle)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

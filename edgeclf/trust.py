@@ -1,0 +1,145 @@
+"""How far to trust a reading, on the device: calibrated confidence, familiarity, a conformal interval.
+
+numpy only: export fits what is here (:mod:`edgeclf.export.trust_fit`), the device applies it.
+
+- **Confidence** is the softmax of the logits divided by one temperature fitted on held-out
+  images (Guo et al. 2017); the raw logits stay as they are.
+- **Familiarity** scores the embedding (the pooled features the head reads) by its
+  Mahalanobis distance to the nearest class mean under one shared covariance (Lee et al.
+  2018), fitted on training images. The logits cannot tell: noise and black frames get
+  confidence 1.000 from them. The covariance is stored as its top eigenvectors and
+  eigenvalues and one variance for every other direction, which is exact where those
+  directions all share one eigenvalue (a shrunk covariance of fewer images than features).
+  A score becomes a conformal p-value against the held-out images' scores: the share of
+  held-out images (plus one) at least as strange. An image is *unfamiliar* when its p-value
+  is at most ``alpha``; on images like the training data that happens with probability at
+  most ``alpha``, by construction (the guarantee is marginal and needs exchangeable images).
+- **Interval**: split conformal prediction (Sadinle et al. 2019): the set of labels whose
+  calibrated probability is at least ``1 - q``, ``q`` the conformal quantile of one minus the
+  held-out images' true-label probabilities. The labels are ordered integers, so the device
+  reports the range from the set's lowest to its highest label (with the decoded label always
+  in it): on data like the held-out images the true label lies inside with probability at
+  least the coverage asked for. (Growing a contiguous interval by probability mass, the
+  ordinal form of adaptive sets, was tried first: with confidences near 1 its deterministic
+  form spanned every label on most images of the main job.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeclf.errors import InvalidInputError
+
+#: The p-value at or below which an image is unfamiliar, unless the caller asks otherwise.
+DEFAULT_ALPHA = 0.01
+#: The coverage of an interval, unless the caller asks otherwise.
+DEFAULT_COVERAGE = 0.9
+
+
+def scaled_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """The split-conformal threshold: the ceil((n+1) * coverage)-th smallest of ``scores``
+    (+inf where that rank exceeds n: too few images to promise the coverage)."""
+    if not 0.0 < coverage < 1.0:
+        raise InvalidInputError(f"coverage must lie strictly between 0 and 1. Received: {coverage!r}")
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = math.ceil((len(ordered) + 1) * coverage)
+    return float(ordered[rank - 1]) if rank <= len(ordered) else math.inf
+
+
+def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    """Conformal p-values: (1 + number of ``calibration`` scores >= each score) / (n + 1)."""
+    ordered = np.sort(np.asarray(calibration, dtype=np.float64))
+    at_least = len(ordered) - np.searchsorted(ordered, np.asarray(scores, dtype=np.float64), side="left")
+    return (1.0 + at_least) / (len(ordered) + 1.0)
+
+
+def interval_scores(probabilities: np.ndarray, true_index: np.ndarray) -> np.ndarray:
+    """The nonconformity of each row's true class: one minus its probability."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    return 1.0 - p[np.arange(len(p)), np.asarray(true_index)]
+
+
+def intervals(probabilities: np.ndarray, threshold: float, chosen: np.ndarray | None = None) -> np.ndarray:
+    """[N, 2] (lowest, highest) class index of the classes whose probability is at least
+    ``1 - threshold``, together with the ``chosen`` class (default: the most probable), as one range.
+
+    The classes are ordered, so the range also takes in whatever lies between them: it holds
+    the true class at least as often as the set does.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    chosen = np.argmax(p, axis=1) if chosen is None else np.asarray(chosen)
+    kept = p >= 1.0 - threshold - 1e-12
+    kept[np.arange(len(p)), chosen] = True
+    columns = np.arange(p.shape[1])[None, :]
+    lowest = np.where(kept, columns, p.shape[1]).min(axis=1)
+    highest = np.where(kept, columns, -1).max(axis=1)
+    return np.stack([lowest, highest], axis=1)
+
+
+@dataclass(frozen=True)
+class Familiarity:
+    """A class-conditional Gaussian with one shared covariance in low-rank-plus-isotropic form.
+
+    ``means`` [K, D] class means; ``basis`` [D, r] orthonormal eigenvectors of the covariance
+    with ``eigenvalues`` [r]; every direction outside the basis has variance ``residual``.
+    ``calibration`` [n]: the scores of the held-out images, which p-values are counted against.
+    """
+
+    means: np.ndarray
+    basis: np.ndarray
+    eigenvalues: np.ndarray
+    residual: float
+    calibration: np.ndarray
+
+    @property
+    def dimension(self) -> int:
+        return int(self.means.shape[1])
+
+    def scores(self, embedding: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance [N] of each embedding [N, D] to its nearest class mean."""
+        x = np.asarray(embedding, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dimension:
+            raise InvalidInputError(f"embeddings must be [N, {self.dimension}] for this familiarity model. "
+                                    f"Received: shape={tuple(x.shape)}")
+        basis = self.basis.astype(np.float64)
+        means = self.means.astype(np.float64)
+        along, along_means = x @ basis, means @ basis  # coordinates in the basis: [N, r], [K, r]
+        scale = 1.0 / np.sqrt(self.eigenvalues.astype(np.float64))
+        weighted = _squared_distances(along * scale, along_means * scale)
+        # What lies outside the basis: the whole squared distance less the part inside it.
+        outside = np.maximum(_squared_distances(x, means) - _squared_distances(along, along_means), 0.0)
+        return (weighted + outside / self.residual).min(axis=1)
+
+    def p_values(self, embedding: np.ndarray) -> np.ndarray:
+        return p_values(self.scores(embedding), self.calibration)
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """||a_i - b_j||^2 [N, K] by expanding the square (no [N, K, D] intermediate)."""
+    return np.maximum((a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :], 0.0)
+
+
+def expected_calibration_error(probabilities: np.ndarray, true_index: np.ndarray, bins: int = 15) -> float:
+    """ECE: the mean |accuracy - confidence| over equal-width confidence bins, weighted by their share of
+    images (Guo et al. 2017; 15 bins). The confidence is the top class's probability."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    confidence, chosen = p.max(axis=1), p.argmax(axis=1)
+    correct = (chosen == np.asarray(true_index)).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)  # bins are (lo, hi]
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(total)
