@@ -45,8 +45,9 @@ demo: install
 	$(EDGECLF) dataset digits $(DEMO_DIR)/data --overwrite --holdout $(DEMO_HOLDOUT)
 	$(EDGECLF) train $(DEMO_DIR)/data/train --out $(DEMO_DIR)/bundle --overwrite \
 	    --image-size $(IMAGE_SIZE) --weights $(WEIGHTS) $(DEMO_TRAIN_ARGS)
-	$(EDGECLF) evaluate $(DEMO_DIR)/bundle $(DEMO_DIR)/data/test --report $(DEMO_DIR)/report
 	$(EDGECLF) export $(DEMO_DIR)/bundle --format all
+	@# After export: it fits the temperature, familiarity and intervals that evaluate reports on the test images.
+	$(EDGECLF) evaluate $(DEMO_DIR)/bundle $(DEMO_DIR)/data/test --report $(DEMO_DIR)/report
 	@# Every artifact checked again as the device would: runtime backends on the stored verification set.
 	$(EDGECLF) verify $(DEMO_DIR)/bundle
 	@# What a device needs (the INT8 model and the verification set), packed, unpacked and checked as a device would.
@@ -55,6 +56,10 @@ demo: install
 	$(EDGECLF) verify $(DEMO_DIR)/device
 	@# A few held-out test images (about one per class), run from the package by the device runtime (no TensorFlow).
 	$(EDGECLF) predict $(DEMO_DIR)/device $$(find $(DEMO_DIR)/data/test -name '*.png' | sort | awk 'NR % 18 == 1')
+	@# Images that are no digit (uniform noise, a black frame, two gauges): the device flags them UNFAMILIAR.
+	$(EDGECLF) dataset gauges $(DEMO_DIR)/foreign --overwrite --per-class 2 --holdout 0.5 > /dev/null
+	$(PY) -c "import numpy as n, PIL.Image as I; I.fromarray(n.random.default_rng(0).integers(0, 256, (64, 64, 3), n.uint8)).save('$(DEMO_DIR)/foreign/noise.png'); I.new('RGB', (64, 64)).save('$(DEMO_DIR)/foreign/black.png')"
+	$(EDGECLF) predict $(DEMO_DIR)/device $(DEMO_DIR)/foreign/noise.png $(DEMO_DIR)/foreign/black.png $$(find $(DEMO_DIR)/foreign -name '*.png' -path '*/[37]/*' | sort | head -2)
 	@# Every backend side by side with the Keras baselines; the table ends the job.
 	$(EDGECLF) bench $(DEMO_DIR)/bundle --batch 1,8 --duration 5
 	@echo "bundle: $(DEMO_DIR)/bundle   report: $(DEMO_DIR)/report"

@@ -1,6 +1,11 @@
 """Which familiarity score to ship: measured on a bundle's held-out and foreign images, never its test images.
 
     python -m edgeclf.benchmarks.familiarity_study runs/demo/bundle --out runs/demo/familiarity_study.json
+    python -m edgeclf.benchmarks.familiarity_study runs/demo/bundle --report runs/demo/data/test
+
+The second form reports what the shipped check does on the device: each exported artifact run by
+the Predictor with the bundle's trust file, on the test images (never used to fit or choose
+anything), gauges drawn with seed 2, crops of real photographs and the probe frames.
 
 For each candidate (the shared-covariance Mahalanobis score on the pooled features at several ranks;
 the relative score of Ren et al. 2021; pooled features of earlier inception blocks) it reports the
@@ -146,12 +151,55 @@ def _judge_arrays(base: np.ndarray, s: np.ndarray) -> dict[str, float]:
             "flagged_at_99": float(np.mean(s > np.quantile(base, 0.99)))}
 
 
+def report(bundle_path: Path, test: Path, foreign_count: int = 440, formats: list[str] | None = None) -> dict:
+    """The shipped familiarity check per artifact: AUROC of the score (test images against each foreign
+    set), the share flagged and the test images' false-alarm rate at alpha 0.05 and 0.01."""
+    from sklearn.metrics import roc_auc_score
+
+    from edgeclf.runtime import Predictor
+    from edgeclf.train.data import load_dataset
+
+    bundle = Bundle.load(bundle_path)
+    size = bundle.image_size
+    digits = load_dataset(test, size).images
+    foreign = {"gauges (seed 2)": gauges(foreign_count, size, seed=2),
+               "photo crops (seed 2)": photo_crops(foreign_count, size, seed=2),
+               **foreign_probe(*size, count=64, seed=2)}
+    out = {"bundle": str(bundle_path), "test_images": len(digits), "foreign_images": {k: len(v) for k, v in
+                                                                                      foreign.items()}, "artifacts": {}}
+    validated = [f for f, r in bundle.meta.get("artifacts", {}).items() if r.get("status") == "validated"]
+    for fmt in formats or validated:
+        try:
+            predictor = Predictor.load(bundle_path, fmt)
+        except Exception as exc:  # a backend this machine cannot run (the TensorRT engine)
+            print(f"{fmt}: not run here ({type(exc).__name__})", flush=True)
+            continue
+        with predictor:
+            familiarity = predictor.trust.familiarity
+
+            def scores(images):
+                return familiarity.scores(predictor.infer_outputs(images)[1])
+
+            base = scores(digits)
+            row = {"false_alarms": {f"{a:g}": float(np.mean(familiarity.p_values_of_scores(base) <= a))
+                                    for a in (0.05, 0.01)}}
+            for name, images in foreign.items():
+                s = scores(images)
+                flagged = familiarity.p_values_of_scores(s)
+                row[name] = {"auroc": float(roc_auc_score(np.r_[np.zeros(len(base)), np.ones(len(s))], np.r_[base, s])),
+                             **{f"flagged_at_{a:g}": float(np.mean(flagged <= a)) for a in (0.05, 0.01)}}
+        out["artifacts"][fmt] = row
+        print(fmt, json.dumps(row), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--report", type=Path, metavar="TEST_DATA", help="report the shipped check on these images")
     args = parser.parse_args(argv)
-    result = study(args.bundle)
+    result = report(args.bundle, args.report) if args.report else study(args.bundle)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

@@ -136,6 +136,12 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
     if not verification.is_file() or sha256_file(verification) != record.get("sha256"):
         raise BundleError(f"{verification} is missing or differs from the verification set export recorded")
     files[record["file"]] = verification
+    trust = bundle.meta.get("trust")
+    if isinstance(trust, dict):  # calibrated confidence, familiarity and intervals on the device
+        path = bundle.inside(trust.get("file"), "trust.file")
+        if not path.is_file() or sha256_file(path) != trust.get("sha256"):
+            raise BundleError(f"{path} is missing or differs from the trust file export recorded; re-export the bundle")
+        files[trust["file"]] = path
     odd = [name for name in files if not _PLAIN_NAME.fullmatch(name) or name == BUNDLE_FILE]
     if odd:  # unpack accepts plain names only: refuse here what could not come back
         raise BundleError(f"{bundle.path}: a package holds files by plain names, but bundle.json names {odd}")

@@ -121,7 +121,11 @@ class Familiarity:
         return (weighted + outside / self.residual).min(axis=1)
 
     def p_values(self, embedding: np.ndarray) -> np.ndarray:
-        return p_values(self.scores(embedding), self.calibration)
+        """Conformal p-values [N] of embeddings [N, D] against the held-out images' scores."""
+        return self.p_values_of_scores(self.scores(embedding))
+
+    def p_values_of_scores(self, scores: np.ndarray) -> np.ndarray:
+        return p_values(scores, self.calibration)
 
 
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from edgeclf.errors import IncompatibleArtifactError, InvalidInputError
 from edgeclf import limits
 from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend
-from edgeclf.decoding import check_decoding, decode_indices
+from edgeclf.decoding import check_decoding, decode_indices, probabilities_of
 from edgeclf.runtime.hardware import detect
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
 from edgeclf.runtime.inputs import is_batch, to_batch
@@ -220,7 +220,8 @@ class Predictor:
             raise InvalidInputError(f"top_k must be >= 1. Received: {top_k}")
         probs = self._probabilities(logits)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, len(self.labels))]
-        chosen = decode_indices(probs, self.decoding)
+        # Decoded from the raw logits, as export validated and verify checks it (argmax is the same either way).
+        chosen = decode_indices(probabilities_of(logits), self.decoding)
         spans = intervals(probs, self._threshold, chosen).tolist() if self._threshold is not None else [None] * len(probs)
         p_values = (self.trust.familiarity.p_values(embedding).tolist()
                     if embedding is not None and self.trust is not None else [None] * len(probs))

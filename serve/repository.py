@@ -115,7 +115,8 @@ def write_repository(bundle_path: str | Path, out: str | Path, *, name: str = "e
             if profile_max is not None and profile_max < batching.max_batch:
                 model_batching = replace(
                     batching, max_batch=profile_max, preferred=tuple(p for p in batching.preferred if p <= profile_max))
-            config = build_config(model, runtime, height, width, len(bundle.labels), model_batching)
+            config = build_config(model, runtime, height, width, len(bundle.labels), model_batching,
+                                  _embedding_width(bundle))
             text = config_text(config)
             if parse_config(text) != config:  # the file says exactly what was built
                 raise BundleError(f"{model}: config.pbtxt does not read back as written")
@@ -125,3 +126,9 @@ def write_repository(bundle_path: str | Path, out: str | Path, *, name: str = "e
                                   "files": [f"{model}/1/{f}" for f in files],
                                   "max_batch_size": config.max_batch_size})
     return report
+
+
+def _embedding_width(bundle: Bundle) -> int | None:
+    """The width of the graphs' ``embedding`` output, where the bundle's trust file says they have one."""
+    width = ((bundle.meta.get("trust") or {}).get("familiarity") or {}).get("dimension")
+    return width if isinstance(width, int) and not isinstance(width, bool) and width > 0 else None

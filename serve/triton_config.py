@@ -77,7 +77,7 @@ def check_model_name(name: str) -> str:
 
 
 def build_config(name: str, runtime: str, height: int, width: int, classes: int,
-                 batching: Batching) -> Any:
+                 batching: Batching, embedding: int | None = None) -> Any:
     """A ``ModelConfig`` message for one edgeclf graph served by ``runtime``.
 
     Args:
@@ -100,6 +100,8 @@ def build_config(name: str, runtime: str, height: int, width: int, classes: int,
     # clients see [N, 1] and the model's [N] is declared through reshape.
     config.output.append(pb2.ModelOutput(
         name="label", data_type=pb2.TYPE_INT64, dims=[1], reshape=pb2.ModelTensorReshape(shape=[])))
+    if embedding is not None:  # graphs exported with a trust file: the pooled features familiarity is scored on
+        config.output.append(pb2.ModelOutput(name="embedding", data_type=pb2.TYPE_FP32, dims=[embedding]))
     config.dynamic_batching.CopyFrom(pb2.ModelDynamicBatching(
         preferred_batch_size=batching.preferred_sizes(),
         max_queue_delay_microseconds=batching.queue_delay_us))

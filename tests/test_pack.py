@@ -34,7 +34,8 @@ def test_a_package_holds_only_the_chosen_artifacts_and_runs_as_the_bundle_does(s
 
     report = pack(source, ["onnx-int8"], tmp_path / "pkg")
     files = sorted(p.name for p in (tmp_path / "pkg").iterdir())
-    assert files == ["bundle.json", "model.int8.onnx", "verification.npz"]  # no model.keras, no other artifact
+    # No model.keras, no other artifact; the trust file for calibrated confidence, familiarity and intervals.
+    assert files == ["bundle.json", "model.int8.onnx", "trust.npz", "verification.npz"]
     assert report.bytes < report.source_bytes / 2
     meta = Bundle.load(tmp_path / "pkg").meta
     assert list(meta["artifacts"]) == ["onnx-int8"] and "benchmarks" not in meta
@@ -58,7 +59,8 @@ def test_an_archive_unpacks_to_a_package_that_verify_passes(source, tmp_path, su
     out = run_cli("unpack", str(archive), str(tmp_path / "device"))
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "device").iterdir()) == [
-        "bundle.json", "model.int8.openvino.bin", "model.int8.openvino.xml", "model.onnx", "verification.npz"]
+        "bundle.json", "model.int8.openvino.bin", "model.int8.openvino.xml", "model.onnx", "trust.npz",
+        "verification.npz"]
     out = run_cli("verify", str(tmp_path / "device"), "--allow-small-set")
     assert out.returncode == 0, out.stderr
     assert "onnx " in out.stdout and "openvino-int8" in out.stdout

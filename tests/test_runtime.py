@@ -425,10 +425,10 @@ def test_cli_predict_walks_folders_recursively_and_prints_file_label_confidence(
     out = run_cli("predict", str(bundle.path), str(tmp_path / "in"), "--backend", "onnx")
     assert out.returncode == 0, out.stderr
     lines = [line.split("\t") for line in out.stdout.splitlines()]
-    assert sorted(Path(f) for f, _, _ in lines) == sorted(tree)
+    assert sorted(Path(f) for f, *_ in lines) == sorted(tree)
     with Predictor.load(bundle.path, "onnx") as predictor:
         expected = {str(path): predictor.predict(str(path)) for path in tree}
-    for file, label, confidence in lines:
+    for file, label, confidence, *_ in lines:
         assert int(label) == expected[file].label
         assert float(confidence) == pytest.approx(expected[file].confidence, abs=1e-4)
 

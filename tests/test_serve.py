@@ -99,7 +99,8 @@ def test_tensorrt_config_matches_the_engine_header(tiny_exported):
     header = read_engine_header(bundle.path / engine_record(records, "tensorrt")["file"])
     h, w = bundle.image_size
     config = parse_config(config_text(build_config("m_tensorrt", "tensorrt", h, w, len(bundle.labels),
-                                                   Batching(max_batch=header["profile"]["max"][0]))))
+                                                   Batching(max_batch=header["profile"]["max"][0]),
+                                                   bundle.meta["trust"]["familiarity"]["dimension"])))
     assert config.platform == "tensorrt_plan" and config.instance_group[0].kind == 1  # KIND_GPU
     assert _config_io(config) == {t["name"]: (TRITON_DTYPES[t["dtype"]], t["shape"]) for t in header["io"]}
 

@@ -1,0 +1,191 @@
+"""Calibrated confidence, familiarity and conformal intervals (edgeclf.trust, edgeclf.trust_file,
+export.trust_fit) against hand-computed values, and the trust file's refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeclf.bundle import Bundle
+from edgeclf.errors import BundleError, InvalidInputError
+from edgeclf.probe import foreign_probe
+from edgeclf.trust import (Familiarity, conformal_quantile, expected_calibration_error, interval_scores, intervals,
+                           p_values, scaled_probabilities)
+from edgeclf.trust_file import TRUST_FILE, Trust, load_trust, write_trust
+from edgeclf.export.trust_fit import fit_familiarity, fit_temperature, nll, with_calibration
+
+LABELS = [3, 4, 5]
+
+
+def test_temperature_minimises_the_nll_of_a_tiny_logit_set():
+    logits = np.array([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0], [4.0, 0.0, 0.0]])
+    truth = np.array([0, 1, 2, 1])  # one confident mistake: the best temperature is above 1
+    # NLL(T) = log(e^(4/T) + 2) - 3/4 x 4/T: its minimum, e^(4/T) = 6, is T = 4 / log 6 = 2.232.
+    t = fit_temperature(logits, truth)
+    assert t == pytest.approx(4 / math.log(6), rel=1e-3)
+    assert nll(logits, truth, t) < nll(logits, truth, 1.0)
+
+
+def test_conformal_quantile_takes_the_finite_sample_rank():
+    scores = np.arange(1, 20, dtype=float)  # n = 19
+    assert conformal_quantile(scores, 0.9) == 18.0  # ceil(20 * 0.9) = 18th smallest
+    assert conformal_quantile(scores, 0.5) == 10.0  # ceil(20 * 0.5) = 10
+    assert conformal_quantile(scores[:5], 0.9) == math.inf  # ceil(6 * 0.9) = 6 > 5: nothing can promise it
+    with pytest.raises(InvalidInputError, match="coverage"):
+        conformal_quantile(scores, 1.0)
+
+
+def test_p_values_count_calibration_scores_at_least_as_high():
+    calibration = np.array([1.0, 2.0, 2.0, 5.0])
+    assert p_values(np.array([0.5, 2.0, 4.0, 9.0]), calibration).tolist() == [1.0, 0.8, 0.4, 0.2]
+
+
+def test_interval_spans_the_labels_above_the_bar_and_what_lies_between():
+    p = np.array([[0.50, 0.05, 0.45],   # 0 and 2 pass 0.4: the range takes 1 in between
+                  [0.10, 0.80, 0.10],   # only 1
+                  [0.30, 0.35, 0.35]])  # none passes: the chosen (most probable, first) class alone
+    spans = intervals(p, threshold=0.6)
+    assert spans.tolist() == [[0, 2], [1, 1], [1, 1]]
+    assert intervals(p, math.inf).tolist() == [[0, 2]] * 3
+    assert interval_scores(p, np.array([2, 1, 0])).tolist() == pytest.approx([0.55, 0.2, 0.7])
+
+
+def test_interval_coverage_holds_on_exchangeable_data():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 5)) * 2
+    p = scaled_probabilities(logits)
+    truth = np.array([rng.choice(5, p=row) for row in p])  # labels drawn from the model: exchangeable
+    threshold = conformal_quantile(interval_scores(p[:1000], truth[:1000]), 0.9)
+    spans = intervals(p[1000:], threshold)
+    covered = np.mean((spans[:, 0] <= truth[1000:]) & (truth[1000:] <= spans[:, 1]))
+    assert 0.89 <= covered <= 0.95
+
+
+def test_ece_by_hand():
+    p = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    truth = np.array([0, 1, 0, 0])
+    # bin (0.867, 0.933]: confidence 0.9, accuracy 0.5; bin (0.533, 0.6]: confidence 0.6, accuracy 1.0
+    assert expected_calibration_error(p, truth) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
+def _familiarity(rank: int, dim: int = 6, seed: int = 0) -> tuple[Familiarity, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(300, dim)) @ rng.normal(size=(dim, dim))
+    index = rng.integers(0, 3, 300)
+    x += index[:, None] * 3.0
+    return fit_familiarity(x, index, 3, rank=rank), x
+
+
+def test_full_rank_score_is_the_mahalanobis_distance_by_numpy_solve():
+    model, x = _familiarity(rank=6)
+    covariance = (model.basis * model.eigenvalues) @ model.basis.T
+    queries = x[:7] + 0.5
+    expected = np.min([np.einsum("nd,nd->n", queries - m, np.linalg.solve(covariance, (queries - m).T).T)
+                       for m in model.means], axis=0)
+    assert model.scores(queries) == pytest.approx(expected, rel=1e-4)
+
+
+def test_low_rank_score_gives_the_remaining_directions_one_variance():
+    model, x = _familiarity(rank=2)
+    full, _ = _familiarity(rank=6)
+    values, vectors = np.linalg.eigh((full.basis * full.eigenvalues) @ full.basis.T)
+    kept = np.r_[np.full(4, values[:4].mean()), values[4:]]
+    covariance = (vectors * kept) @ vectors.T
+    queries = x[:5] - 1.0
+    expected = np.min([np.einsum("nd,nd->n", queries - m, np.linalg.solve(covariance, (queries - m).T).T)
+                       for m in model.means], axis=0)
+    assert model.scores(queries) == pytest.approx(expected, rel=1e-3)
+
+
+def test_familiarity_refuses_embeddings_of_another_width():
+    model, _ = _familiarity(rank=2)
+    with pytest.raises(InvalidInputError, match=r"\[N, 6\].*shape=\(2, 5\)"):
+        model.scores(np.zeros((2, 5)))
+
+
+def test_probe_frames_are_noise_and_constants():
+    probe = foreign_probe(8, 9, count=8)
+    assert set(probe) == {"uniform noise", "constant frame"}
+    constant = probe["constant frame"]
+    assert constant.shape == (8, 8, 9, 3) and constant.dtype == np.uint8
+    assert (constant[0] == 0).all() and (constant[1] == 255).all()
+    assert all(len(np.unique(frame.reshape(-1, 3), axis=0)) == 1 for frame in constant)
+    assert probe["uniform noise"].std() > 60
+
+
+@pytest.fixture
+def trust_bundle(tmp_path) -> tuple[Path, Trust]:
+    """A bundle without a model holding a trust file written by export's own writer."""
+    path = tmp_path / "bundle"
+    path.mkdir()
+    meta = {"format": "edgeclf-bundle/1", "labels": LABELS, "backbone": {"name": "mobilenet_v3_small"},
+            "input": {"height": 8, "width": 8, "channels": 3}, "preprocessing": {}}
+    (path / "bundle.json").write_text(json.dumps(meta))
+    model, x = _familiarity(rank=3)
+    model = with_calibration(model, x[:50])
+    trust = Trust(1.7, model, np.sort(np.random.default_rng(1).uniform(size=50)), model.scores(x[50:60]),
+                  {"temperature": 1.7})
+    write_trust(path, trust)
+    return path, trust
+
+
+def test_trust_file_round_trips(trust_bundle):
+    path, written = trust_bundle
+    read = load_trust(Bundle.load(path))
+    assert read.temperature == 1.7
+    assert read.record["file"] == TRUST_FILE and read.record["size_bytes"] == (path / TRUST_FILE).stat().st_size
+    probe = np.random.default_rng(2).normal(size=(4, 6))
+    assert read.familiarity.scores(probe) == pytest.approx(written.familiarity.scores(probe), rel=1e-5)
+
+
+def _rewrite(path: Path, **arrays) -> None:
+    """Replace members of trust.npz and record the new file's size and sha256 (a consistent forgery)."""
+    import hashlib
+
+    with np.load(path / TRUST_FILE) as npz:
+        members = {k: npz[k] for k in npz.files}
+    members.update(arrays)
+    np.savez(path / TRUST_FILE, **members)
+    meta = json.loads((path / "bundle.json").read_text())
+    data = (path / TRUST_FILE).read_bytes()
+    meta["trust"].update(size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (path / "bundle.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("forge, match", [
+    (lambda p: _rewrite(p, means=np.zeros((4, 6), np.float32)), r"does not fit this model.*means float32 \[4, 6\]"),
+    (lambda p: _rewrite(p, basis=np.zeros((5, 3), np.float32)), r"does not fit this model"),
+    (lambda p: _rewrite(p, eigenvalues=np.array([1.0, np.nan, 2.0], np.float32)), r"NaN, infinite or not positive"),
+    (lambda p: _rewrite(p, residual=np.float64(0.0)), r"not positive"),
+])
+def test_a_forged_trust_file_is_refused_in_one_line(trust_bundle, forge, match):
+    path, _ = trust_bundle
+    forge(path)
+    with pytest.raises(BundleError, match=match) as info:
+        load_trust(Bundle.load(path))
+    assert "\n" not in str(info.value)
+
+
+def test_a_trust_file_swapped_in_from_another_bundle_is_refused(trust_bundle, tmp_path):
+    path, trust = trust_bundle
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    model, x = _familiarity(rank=3, seed=5)
+    write_trust(other, Trust(2.0, with_calibration(model, x[:50]), trust.interval_calibration,
+                             trust.reference_scores, {"temperature": 2.0}))
+    shutil.copy(other / TRUST_FILE, path / TRUST_FILE)
+    with pytest.raises(BundleError, match="differs from the trust file export wrote"):
+        load_trust(Bundle.load(path))
+
+
+def test_a_bundle_without_a_trust_file_reads_as_none(trust_bundle):
+    path, _ = trust_bundle
+    meta = json.loads((path / "bundle.json").read_text())
+    del meta["trust"]
+    (path / "bundle.json").write_text(json.dumps(meta))
+    assert load_trust(Bundle.load(path)) is None
