@@ -75,15 +75,17 @@ def test_every_format_is_produced_validated_and_recorded(exported):
     assert records[-1]["calibration"]["images"] == 200
 
 
-def test_graph_takes_uint8_pixels_and_gives_logits_and_label(exported):
+def test_graph_takes_uint8_pixels_and_gives_logits_label_and_embedding(exported):
     bundle, _ = exported
     for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
         session = ort.InferenceSession(str(bundle.path / name), providers=["CPUExecutionProvider"])
         (inp,) = session.get_inputs()
         assert (inp.name, inp.type) == ("pixels", "tensor(uint8)")
         assert inp.shape[1:] == [75, 75, 3] and not isinstance(inp.shape[0], int)  # dynamic batch
-        outs = {o.name: o.type for o in session.get_outputs()}
-        assert outs == {"logits": "tensor(float)", "label": "tensor(int64)"}
+        outs = [(o.name, o.type) for o in session.get_outputs()]
+        # logits first (whatever reads the first output still gets them); InceptionV3's embedding is mixed7 pooled.
+        assert outs == [("logits", "tensor(float)"), ("label", "tensor(int64)"), ("embedding", "tensor(float)")]
+        assert session.get_outputs()[2].shape[1] == 768
 
 
 def test_label_output_is_labels_of_argmax_and_uint8_matches_keras(exported):

@@ -189,3 +189,29 @@ def test_a_bundle_without_a_trust_file_reads_as_none(trust_bundle):
     del meta["trust"]
     (path / "bundle.json").write_text(json.dumps(meta))
     assert load_trust(Bundle.load(path)) is None
+
+
+def test_predictions_carry_trust_and_a_bundle_without_it_says_so_in_one_line(tiny_exported, digits_dir, tmp_path):
+    from edgeclf.runtime import Predictor
+
+    bundle, _ = tiny_exported
+    test_files = sorted((digits_dir / "test").rglob("*.png"))[:6]
+    with Predictor.load(bundle.path, "onnx") as predictor:
+        predictions = predictor.predict([str(f) for f in test_files])
+        raw = predictor.logits([str(f) for f in test_files])
+        assert predictor.scores_familiarity and "familiarity" in predictor.describe()["trust"]
+    t = bundle.meta["trust"]["temperature"]
+    for p, row in zip(predictions, raw):
+        assert p.familiar is not None and 0 < p.p_value <= 1
+        assert p.interval[0] <= p.label <= p.interval[1] and p.coverage == 0.9
+        assert p.confidence == pytest.approx(scaled_probabilities(row[None], t)[0].max(), rel=1e-5)
+    copy = tmp_path / "old"
+    shutil.copytree(bundle.path, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    del meta["trust"]
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    with Predictor.load(copy, "onnx") as predictor:
+        old = predictor.predict(str(test_files[0]))
+        line = predictor.describe()["trust"]
+    assert old.familiar is None and old.interval is None and "\n" not in line and "re-export" in line
+    assert old.label == predictions[0].label
