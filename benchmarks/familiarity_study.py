@@ -198,8 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--report", type=Path, metavar="TEST_DATA", help="report the shipped check on these images")
+    parser.add_argument("--formats", help="comma-separated artifacts to report (default: every validated one)")
     args = parser.parse_args(argv)
-    result = report(args.bundle, args.report) if args.report else study(args.bundle)
+    formats = args.formats.split(",") if args.formats else None
+    result = report(args.bundle, args.report, formats=formats) if args.report else study(args.bundle)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 
