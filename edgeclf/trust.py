@@ -111,10 +111,12 @@ class Familiarity:
         if x.ndim != 2 or x.shape[1] != self.dimension:
             raise InvalidInputError(f"embeddings must be [N, {self.dimension}] for this familiarity model. "
                                     f"Received: shape={tuple(x.shape)}")
-        basis = self.basis.astype(np.float64)
-        means = self.means.astype(np.float64)
+        # No copies where the arrays are float64 already (load_trust makes them so: a copy of the basis per
+        # call was most of the score's cost).
+        basis = np.asarray(self.basis, dtype=np.float64)
+        means = np.asarray(self.means, dtype=np.float64)
         along, along_means = x @ basis, means @ basis  # coordinates in the basis: [N, r], [K, r]
-        scale = 1.0 / np.sqrt(self.eigenvalues.astype(np.float64))
+        scale = 1.0 / np.sqrt(np.asarray(self.eigenvalues, dtype=np.float64))
         weighted = _squared_distances(along * scale, along_means * scale)
         # What lies outside the basis: the whole squared distance less the part inside it.
         outside = np.maximum(_squared_distances(x, means) - _squared_distances(along, along_means), 0.0)

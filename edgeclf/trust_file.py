@@ -95,7 +95,8 @@ def load_trust(bundle: Bundle) -> Trust | None:
         raise BundleError(f"{path.name} holds values that are NaN, infinite or not positive where they must be "
                           f"(arrays {bad}, eigenvalues > 0, residual > 0, temperature > 0): it is not one export "
                           f"wrote; re-export the bundle. Received: temperature {temperature!r}, residual {residual!r}")
-    familiarity = Familiarity(arrays["means.npy"], arrays["basis.npy"], eigen, residual,
+    familiarity = Familiarity(arrays["means.npy"].astype(np.float64), arrays["basis.npy"].astype(np.float64),
+                              eigen.astype(np.float64), residual,
                               np.sort(arrays["familiarity_calibration.npy"]))
     return Trust(float(temperature), familiarity, np.sort(arrays["interval_calibration.npy"]),
                  arrays["reference_scores.npy"], record)
