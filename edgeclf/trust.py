@@ -138,14 +138,20 @@ def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def expected_calibration_error(probabilities: np.ndarray, true_index: np.ndarray, bins: int = 15) -> float:
     """ECE: the mean |accuracy - confidence| over equal-width confidence bins, weighted by their share of
     images (Guo et al. 2017; 15 bins). The confidence is the top class's probability."""
+    confidence, accuracy, share = reliability(probabilities, true_index, bins)
+    return float(np.sum(share * np.abs(accuracy - confidence)))
+
+
+def reliability(probabilities: np.ndarray, true_index: np.ndarray,
+                bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean confidence, accuracy, share of images) of each non-empty equal-width confidence bin,
+    the bins (lo, hi]: what ECE sums and a reliability diagram draws."""
     p = np.asarray(probabilities, dtype=np.float64)
     confidence, chosen = p.max(axis=1), p.argmax(axis=1)
     correct = (chosen == np.asarray(true_index)).astype(np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)  # bins are (lo, hi]
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    used = [b for b in range(bins) if (which == b).any()]
+    return (np.array([confidence[which == b].mean() for b in used]),
+            np.array([correct[which == b].mean() for b in used]),
+            np.array([np.mean(which == b) for b in used]))

@@ -355,8 +355,9 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     calibrated = any(f.calibrated for f in wanted)
     side = training_side(model, calibration, options.calibration_images, options.tuning_images, tuned, calibrated) \
         if tuned or calibrated else TrainingSide(None, None)
-    reference, drawn = _reference(bundle, model, heldout, options)
-    trust = fit_trust(model, bundle, calibration, heldout, reference.images)
+    keep = sample_indices(len(heldout), options.verification_images)  # the verification set's images
+    reference, drawn = _reference(bundle, model, heldout, keep, options)
+    trust = fit_trust(model, bundle, calibration, heldout, keep)
     to_judge = options.int8_target.images_to_judge()
     if searching and len(reference) < to_judge:
         warnings.warn(f"the INT8 target ({options.int8_target.min_agreement} agreement) is judged on only "
@@ -389,12 +390,12 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     return records
 
 
-def _reference(bundle: Bundle, model, heldout, options: ExportOptions) -> tuple[VerificationSet, dict[str, Any]]:
-    """The verification set: a reproducible sample of the held-out images with their Keras
+def _reference(bundle: Bundle, model, heldout, keep: np.ndarray,
+               options: ExportOptions) -> tuple[VerificationSet, dict[str, Any]]:
+    """The verification set: the held-out images ``keep`` (a reproducible sample) with their Keras
     logits (every artifact of this run is validated on it), and how it was drawn."""
     from edgeclf.train.evaluate import predict_logits
 
-    keep = sample_indices(len(heldout), options.verification_images)
     images = heldout.images[keep]
     reference = VerificationSet(images, np.asarray(heldout.values)[keep], predict_logits(model, images))
     settings, data = bundle.meta["training"]["settings"], bundle.meta["training"]["data"]

@@ -108,7 +108,7 @@ def keras_outputs(both, images: np.ndarray, batch_size: int = 64) -> tuple[np.nd
     return np.asarray(logits), np.asarray(embedding)
 
 
-def fit_trust(model, bundle, training, heldout, reference_images: np.ndarray, max_training: int = 5000) -> Trust:
+def fit_trust(model, bundle, training, heldout, reference_index: np.ndarray, max_training: int = 5000) -> Trust:
     """Fit the temperature, the familiarity model and the conformal calibration of ``bundle``'s model.
 
     Args:
@@ -116,8 +116,8 @@ def fit_trust(model, bundle, training, heldout, reference_images: np.ndarray, ma
             ``max_training`` of them, a reproducible sample).
         heldout: the images training held out: the temperature, the p-values' and the intervals'
             calibration scores.
-        reference_images: the verification set's images, whose Keras familiarity scores the device's
-            are checked against.
+        reference_index: which held-out images are the verification set's, whose Keras familiarity
+            scores the device's are checked against.
     """
     from edgeclf.train.model import embedding_model
     from edgeclf.probe import foreign_probe
@@ -137,7 +137,6 @@ def fit_trust(model, bundle, training, heldout, reference_images: np.ndarray, ma
     held_index = labels.encode(heldout.values)
     temperature = fit_temperature(held_logits, held_index)
     familiarity = with_calibration(fit_familiarity(train_embedding, train_index, len(labels.labels)), held_embedding)
-    _, reference_embedding = keras_outputs(both, reference_images)
     ece = crossfit_ece(held_logits, held_index)
     probe = {kind: float(np.mean(familiarity.p_values(keras_outputs(both, frames)[1]) <= DEFAULT_ALPHA))
              for kind, frames in foreign_probe(*bundle.image_size, PROBE_FRAMES).items()}
@@ -163,11 +162,11 @@ def fit_trust(model, bundle, training, heldout, reference_images: np.ndarray, ma
         "interval": {"calibration_images": int(len(heldout)),
                      "score": "1 - the temperature-scaled probability of the true label; the device reports "
                               "the range of labels at or above 1 - the conformal quantile"},
-        "reference_images": int(len(reference_images)),
+        "reference_images": int(len(reference_index)),
         "probe_flagged_by_keras": probe,
     }
     return Trust(temperature, familiarity, interval_calibration(held_logits, held_index, temperature),
-                 familiarity.scores(reference_embedding).astype(np.float32), record)
+                 familiarity.scores(held_embedding[reference_index]).astype(np.float32), record)
 
 
 def get_embedding_source(backbone: str) -> str:

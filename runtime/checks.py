@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeclf.runtime.backends.base import run_in_chunks
 from edgeclf.decoding import median_indices, median_margins, probabilities_of
 from edgeclf.runtime.fidelity import (clopper_pearson_lower, decided_agreement, images_to_show, margin_shift,
                                       margins, paired_accuracy_test)
@@ -57,11 +58,9 @@ def artifact_outputs(predictor, images: np.ndarray,
     The backend call the Predictor makes, in its own batch size; the ``label`` output
     (the graph's own decoding) is read too, to check it against ``labels[argmax]``.
     """
-    step = predictor.batch_size
     names = ("logits", "label", "embedding") if embedding else ("logits", "label")
-    parts = [predictor.backend.run(images[i:i + step], names) for i in range(0, len(images), step)]
-    return (np.concatenate([p["logits"] for p in parts]), np.concatenate([p["label"] for p in parts]),
-            np.concatenate([p["embedding"].reshape(len(p["embedding"]), -1) for p in parts]) if embedding else None)
+    out = run_in_chunks(predictor.backend, images, predictor.batch_size, names)
+    return out["logits"], out["label"], out.get("embedding")
 
 
 def tolerance_for(precision: str, record: dict[str, Any] | None = None, hint: str | None = None) -> Tolerance:

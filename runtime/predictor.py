@@ -19,6 +19,7 @@ from edgeclf.errors import IncompatibleArtifactError, InvalidInputError
 from edgeclf import limits
 from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend
+from edgeclf.runtime.backends.base import run_in_chunks
 from edgeclf.decoding import check_decoding, decode_indices, probabilities_of
 from edgeclf.runtime.hardware import detect
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -199,10 +200,8 @@ class Predictor:
             return self.infer(batch), None
         if self.backend is None:
             raise InvalidInputError("this Predictor is closed")
-        parts = [self.backend.run(batch[i:i + self.batch_size], ("logits", "embedding"))
-                 for i in range(0, len(batch), self.batch_size)] or [self.backend.run(batch, ("logits", "embedding"))]
-        return (np.concatenate([p["logits"] for p in parts]),
-                np.concatenate([p["embedding"].reshape(len(p["embedding"]), -1) for p in parts]))
+        out = run_in_chunks(self.backend, batch, self.batch_size, ("logits", "embedding"))
+        return out["logits"], out["embedding"]
 
     def probabilities(self, images: Any) -> np.ndarray:
         """Class probabilities [N, K] (temperature-calibrated where the bundle has a trust file);

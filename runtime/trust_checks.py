@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgeclf.probe import foreign_probe
+from edgeclf.runtime.backends.base import run_in_chunks
 from edgeclf.trust import DEFAULT_ALPHA, expected_calibration_error, p_values, scaled_probabilities
 from edgeclf.trust_file import Trust
 
@@ -22,12 +23,6 @@ MIN_DECISION_AGREEMENT = 0.99
 MIN_FLAGGED = 0.99
 #: Probe frames of each kind.
 PROBE_FRAMES = 64
-
-
-def embeddings(backend, images: np.ndarray, step: int) -> np.ndarray:
-    """The backend's ``embedding`` output [N, D] for uint8 ``images``, ``step`` images a call."""
-    parts = [backend.run(images[i:i + step], ("embedding",))["embedding"] for i in range(0, len(images), step)]
-    return np.concatenate([p.reshape(len(p), -1) for p in parts])
 
 
 def trust_checks(backend, step: int, trust: Trust, reference_images: np.ndarray, reference_logits: np.ndarray,
@@ -53,7 +48,7 @@ def trust_checks(backend, step: int, trust: Trust, reference_images: np.ndarray,
     height, width = reference_images.shape[1:3]
     keras_flagged = trust.record.get("probe_flagged_by_keras") or {}
     for kind, frames in foreign_probe(height, width, PROBE_FRAMES).items():
-        flagged = float(np.mean(familiarity.p_values(embeddings(backend, frames, step)) <= alpha))
+        flagged = float(np.mean(familiarity.p_values(run_in_chunks(backend, frames, step, ("embedding",))["embedding"]) <= alpha))
         figures[f"flagged {kind}"] = flagged
         check = {"check": f"{kind} flagged unfamiliar ({PROBE_FRAMES} frames)", "value": flagged,
                  "limit": MIN_FLAGGED, "passed": flagged >= MIN_FLAGGED}

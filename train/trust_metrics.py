@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edgeclf.trust import (DEFAULT_ALPHA, DEFAULT_COVERAGE, conformal_quantile, expected_calibration_error,
-                           intervals, scaled_probabilities)
+                           intervals, reliability, scaled_probabilities)
 from edgeclf.trust_file import Trust
 
 #: The false-alarm settings reported: the default and a looser one.
@@ -50,11 +50,8 @@ def save_reliability_png(logits: np.ndarray, true_index: np.ndarray, temperature
         for t, name, colour in ((1.0, "raw logits", "#c05050"), (temperature, f"temperature {temperature:.2f}",
                                                                    "#4a7ab5")):
             p = scaled_probabilities(logits, t)
-            confidence, correct = p.max(axis=1), p.argmax(axis=1) == true_index
-            which = np.clip(np.ceil(confidence * BINS).astype(int) - 1, 0, BINS - 1)
-            used = [b for b in range(BINS) if (which == b).any()]
-            ax.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used],
-                    marker="o", color=colour,
+            confidence, accuracy, _ = reliability(p, true_index, BINS)
+            ax.plot(confidence, accuracy, marker="o", color=colour,
                     label=f"{name}: ECE {expected_calibration_error(p, true_index, BINS):.3f}")
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")

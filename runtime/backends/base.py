@@ -46,3 +46,16 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
+
+
+def run_in_chunks(backend: Backend, images: np.ndarray, step: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named outputs of ``backend`` for uint8 ``images``, ``step`` images a call, joined.
+
+    The ``embedding`` comes back as [N, D] whatever shape a backend gives it; an empty batch is
+    one call, as :meth:`Backend.infer` takes it.
+    """
+    parts = [backend.run(images[i:i + step], names) for i in range(0, len(images), step)] or [backend.run(images, names)]
+    out = {name: np.concatenate([p[name] for p in parts]) for name in names}
+    if "embedding" in out:
+        out["embedding"] = out["embedding"].reshape(len(out["embedding"]), -1)
+    return out
