@@ -27,7 +27,7 @@ from tests.conftest import NONCONTIGUOUS, TINY_SIZE, run_cli
 
 #: Files a case's bundle holds (hard links: a case replaces a file, never edits it in place).
 LIGHT_FILES = ("bundle.json", "model.keras", "model.onnx", "model.int8.onnx", "model.openvino.xml",
-               "model.openvino.bin", "verification.npz")
+               "model.openvino.bin", "verification.npz", "trust.npz")
 
 
 def _sha(path: Path) -> str:

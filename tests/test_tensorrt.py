@@ -34,7 +34,7 @@ def test_exported_engine_describes_itself(exported):
     assert header["profile"] == {"input": "pixels", "min": [1, 75, 75, 3], "opt": [8, 75, 75, 3],
                                  "max": [32, 75, 75, 3]}
     assert {(t["name"], t["dtype"]) for t in header["io"]} == {("pixels", "UINT8"), ("logits", "FLOAT"),
-                                                              ("label", "INT64")}
+                                                              ("label", "INT64"), ("embedding", "FLOAT")}
     assert record["target"] == header["target"] and header["target"]["compute_capabilities"]
     # The plan holds the FP16 weights (InceptionV3: ~48 MB), not just a graph.
     assert len(plan) == header["plan_bytes"] > 0.8 * (bundle.path / "model.fp16.onnx").stat().st_size
