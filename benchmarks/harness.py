@@ -1,7 +1,8 @@
 """``edgeclf bench``: every backend side by side, with accuracy, in one run.
 
 For each batch size, every contestant is timed *interleaved* (one call each, in turn):
-each artifact's raw backend call and its whole ``Predictor`` call, and, where TensorFlow
+each artifact's raw backend call and its whole ``Predictor`` call, decoding an image file,
+scoring familiarity (:mod:`edgeclf.trust`) on a batch's embeddings, and, where TensorFlow
 is installed, the Keras baselines (``model.predict`` per call, as the seed article
 predicts, and the model under ``tf.function``). Interleaving keeps the ratios honest on a
 noisy machine. Accuracy and top-1 agreement with Keras come from the bundle's
@@ -35,6 +36,10 @@ from edgeclf.verification import VerificationSet, load_verification_set
 
 PREDICT = "keras model.predict"
 TF_FUNCTION = "keras tf.function"
+#: Rows that time a step beside the model rather than a model: decoding an image file with Pillow, and
+#: scoring the familiarity of a batch's embeddings (numpy). Each model row gives the latter as a share of itself.
+DECODE, FAMILIARITY = "decode", "familiarity"
+AUXILIARY = (DECODE, FAMILIARITY)
 
 
 @dataclass(frozen=True)
@@ -180,14 +185,19 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
             fns[f"{name}|raw"] = lambda f=fn: f(floats)
         if sample is not None:
             size = bundle.image_size
-            fns["decode|raw"] = lambda: [load_image(sample, size) for _ in range(batch_size)]
+            fns[f"{DECODE}|raw"] = lambda: [load_image(sample, size) for _ in range(batch_size)]
+        scorer = next((p for p in predictors.values() if p.scores_familiarity), None)
+        if scorer is not None:  # the same numpy work whichever artifact gave the embeddings
+            embedding = scorer.infer_outputs(batch)[1]
+            fns[f"{FAMILIARITY}|raw"] = lambda: scorer.trust.familiarity.p_values(embedding)
         log(f"timing batch {batch_size}: {len(fns)} calls interleaved for {config.duration_s:.0f} s")
         errors: dict[str, str] = {}
         timings = time_interleaved(fns, config.warmup_s, config.duration_s, config.min_runs, errors=errors,
                                    group=lambda key: key.split("|")[0])
-        for name in [*predictors, *baselines, *(["decode"] if sample is not None else [])]:
+        auxiliary = {DECODE: "Pillow", FAMILIARITY: "numpy"}
+        for name in [*predictors, *baselines, *(n for n in AUXILIARY if f"{n}|raw" in fns)]:
             row: dict[str, Any] = {"name": name, "batch": batch_size, "machine": machine,
-                                   **info.get(name, {"backend": "Pillow", "artifact": None})}
+                                   **info.get(name, {"backend": auxiliary.get(name), "artifact": None})}
             error = errors.get(f"{name}|raw") or errors.get(f"{name}|predictor")
             if error:
                 rows.append({**row, "status": "failed", "error": error})
@@ -205,6 +215,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
     for predictor in predictors.values():
         predictor.close()
     _speedups(rows)
+    _familiarity_shares(rows)
     macs = None
     onnx_record = bundle.meta.get("artifacts", {}).get("onnx")
     if onnx_record is not None:
@@ -259,7 +270,7 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
         fp32 = {r["backend"]: r["p50_ms"] for r in same
                 if r.get("precision") == "fp32" and r.get("artifact") == r["name"]}
         for row in same:
-            if row["name"] == "decode":
+            if row["name"] in AUXILIARY:
                 continue
             if row.get("precision") in ("int8", "fp16", "bf16") and row.get("backend") in fp32:
                 row["speedup_vs_backend_fp32"] = fp32[row["backend"]] / row["p50_ms"]
@@ -267,3 +278,14 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
                              ("onnx", "speedup_vs_onnx_fp32")):
                 if ref in refs:
                     row[key] = refs[ref] / row["p50_ms"]
+
+
+def _familiarity_shares(rows: list[dict[str, Any]]) -> None:
+    """Each artifact row's cost of scoring familiarity as a share of its own backend call (p50 against
+    p50, same batch size): what a reading's trust adds to the model."""
+    for batch_size in {r["batch"] for r in rows}:
+        same = [r for r in rows if r["batch"] == batch_size and r["status"] == "ok"]
+        score = next((r["p50_ms"] for r in same if r["name"] == FAMILIARITY), None)
+        for row in same:
+            if score is not None and row.get("artifact"):
+                row["familiarity_pct"] = 100.0 * score / row["p50_ms"]

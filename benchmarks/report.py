@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgeclf.benchmarks.harness import AUXILIARY
 from edgeclf.bundle import update_bundle
 from edgeclf.fsio import atomic_path, atomic_write_bytes, atomic_write_json
 
@@ -26,19 +27,20 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{'GPU ' + env['gpu_compute_capability'] if env['gpu_compute_capability'] else 'no GPU'}; "
         f"{h}x{w} input; accuracy on {result['heldout_images']} held-out images (the bundle's verification set).",
         "",
-        "| name | precision | batch | p50 ms | p99 ms | images/s | Predictor p50 ms | overhead | "
+        "| name | precision | batch | p50 ms | p99 ms | images/s | Predictor p50 ms | overhead | familiarity | "
         "x model.predict | x ORT FP32 | x own FP32 | FP32 layers | accuracy | agreement | MB | load s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | | {r['batch']} | failed: {r['error'][:80]} |" + " |" * 12)
+            lines.append(f"| {r['name']} | | {r['batch']} | failed: {r['error'][:80]} |" + " |" * 13)
             continue
         overhead = _f(r.get("overhead_pct"), "+.1f")
         lines.append(
             f"| {r['name']} | {r.get('precision') or ''} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['throughput_ips']:.1f} | {_f(r.get('predictor_p50_ms'), '.2f')} | "
-            f"{overhead + '%' if overhead else ''} | {_f(r.get('speedup_vs_predict'), '.1f')} | "
+            f"{overhead + '%' if overhead else ''} | {_f(r.get('familiarity_pct'), '.1f', '')}"
+            f"{'%' if r.get('familiarity_pct') is not None else ''} | {_f(r.get('speedup_vs_predict'), '.1f')} | "
             f"{_f(r.get('speedup_vs_onnx_fp32'), '.2f')} | {_f(r.get('speedup_vs_backend_fp32'), '.2f')} | "
             f"{_fp32_layers(r)} | {_f(r.get('accuracy'), '.4f')} | "
             f"{_f(r.get('agreement'), '.4f')} | {_f(r.get('size_mb'), '.1f')} | {_f(r.get('load_s'), '.2f')} |"
@@ -57,7 +59,7 @@ def save_chart(result: dict[str, Any], path: Path, batch: int = 1) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["batch"] == batch and r["status"] == "ok" and r["name"] != "decode"]
+    rows = [r for r in result["rows"] if r["batch"] == batch and r["status"] == "ok" and r["name"] not in AUXILIARY]
     rows.sort(key=lambda r: r["p50_ms"])
     names = [r["name"] for r in rows]
     fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True,

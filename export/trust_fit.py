@@ -142,9 +142,10 @@ def fit_trust(model, bundle, training, heldout, reference_index: np.ndarray, max
              for kind, frames in foreign_probe(*bundle.image_size, PROBE_FRAMES).items()}
     for kind, share in probe.items():
         if share < MIN_FLAGGED:
-            warnings.warn(f"the model's familiarity check flags only {share:.0%} of {PROBE_FRAMES} {kind} frames as "
-                          f"unfamiliar (at p <= {DEFAULT_ALPHA}): its embedding does not tell them from its images. "
-                          f"More training, a pretrained backbone or another familiarity block may", stacklevel=2)
+            warnings.warn(f"the model's familiarity check flags only {share:.0%} of {PROBE_FRAMES} probe frames "
+                          f"({kind}) as unfamiliar (at p <= {DEFAULT_ALPHA}): its embedding does not tell them from "
+                          f"its images. More training or a pretrained backbone may help; verify waives this probe "
+                          f"check for the artifacts", stacklevel=2)
     log(f"trust: temperature {temperature:.3g} (held-out ECE {ece['before']:.3f} -> {ece['after']:.3f} cross-fitted "
         f"on {ece['images']} images); familiarity from {len(keep)} training images' {train_embedding.shape[1]}-wide "
         f"embeddings, calibrated on {len(heldout)} held-out images")

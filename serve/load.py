@@ -4,7 +4,9 @@ Each client sends its requests one after another, half over HTTP and half over g
 (alternating by client), alternating the pixel model and the encoded-image model.
 Every ``malformed_every``-th request is malformed on purpose (float pixels, a wrong
 shape, bytes that are not an image, a truncated file): each must get an error, and
-every other request must still get the integer the Predictor gives for its image.
+every other request must still get the integer the Predictor gives for its image, and
+where the served bundle has a trust file the same interval and familiarity decision
+(:func:`probe_samples` adds frames that must come back unfamiliar).
 The run stops by itself after ``clients x requests`` requests.
 """
 
@@ -25,11 +27,22 @@ MALFORMED_KINDS = ("float32 pixels", "wrong shape", "not an image", "truncated f
 
 @dataclass(frozen=True)
 class Sample:
-    """One image as both request forms, and the integer the Predictor gives for it."""
+    """One image as both request forms, and what the Predictor answers for it."""
 
     encoded: bytes
     pixels: np.ndarray  # uint8 [H, W, 3] at the model's size
     expected: int
+    familiar: bool | None = None  # None: the Predictor does not score familiarity
+    interval: tuple[int, int] | None = None
+
+    def answer(self) -> dict[str, Any]:
+        """The outputs the server must give for this image, by name."""
+        out: dict[str, Any] = {"label": self.expected}
+        if self.familiar is not None:
+            out["familiar"] = self.familiar
+        if self.interval is not None:
+            out["interval"] = self.interval
+        return out
 
 
 @dataclass
@@ -81,13 +94,17 @@ class _Client:
             self.client = module.InferenceServerClient(url)
         self.module, self.protocol, self.timeout_s = module, protocol, timeout_s
 
-    def infer(self, model: str, name: str, data: np.ndarray, datatype: str) -> int:
+    def infer(self, model: str, name: str, data: np.ndarray, datatype: str,
+              outputs: tuple[str, ...] = ("label",)) -> dict[str, Any]:
+        """The first image's ``outputs``, by name, as the Sample holds them."""
         tensor = self.module.InferInput(name, list(data.shape), datatype)
         tensor.set_data_from_numpy(data)
-        outputs = [self.module.InferRequestedOutput("label")]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self.client.infer(model, [tensor], outputs=outputs, **kwargs)
-        return int(result.as_numpy("label").reshape(-1)[0])
+        result = self.client.infer(model, [tensor], outputs=[self.module.InferRequestedOutput(n) for n in outputs],
+                                   **kwargs)
+        first = {n: result.as_numpy(n)[0] for n in outputs}
+        return {n: (tuple(int(v) for v in value) if n == "interval" else
+                    bool(value[0]) if n == "familiar" else int(value[0])) for n, value in first.items()}
 
     def close(self) -> None:
         self.client.close()
@@ -145,7 +162,7 @@ def run_load(samples: list[Sample], *, http_url: str, grpc_url: str, name: str =
             kind = MALFORMED_KINDS[(k + j // malformed_every) % len(MALFORMED_KINDS)]
             input_name, data, datatype = _malformed(kind, sample)
             try:
-                label = client.infer(models[input_name], input_name, data, datatype)
+                label = client.infer(models[input_name], input_name, data, datatype)["label"]
             except Exception:  # an error response is what a malformed request must get
                 answered = None
             else:
@@ -160,9 +177,10 @@ def run_load(samples: list[Sample], *, http_url: str, grpc_url: str, name: str =
         input_name = "pixels" if j % 2 == 0 else "image"
         data, datatype = ((sample.pixels[None], "UINT8") if input_name == "pixels"
                           else (np.array([[sample.encoded]], dtype=np.object_), "BYTES"))
+        expected = sample.answer()
         started = time.perf_counter()
         try:
-            label = client.infer(models[input_name], input_name, data, datatype)
+            got = client.infer(models[input_name], input_name, data, datatype, tuple(expected))
         except Exception as exc:
             with lock:
                 report.unexpected_errors.append(f"{client.protocol} {input_name}: {str(exc)[-300:]}")
@@ -171,8 +189,8 @@ def run_load(samples: list[Sample], *, http_url: str, grpc_url: str, name: str =
         with lock:
             report.answered += 1
             report.latencies_ms.append(elapsed_ms)
-            if label != sample.expected:
-                report.wrong.append(f"{client.protocol} {input_name}: got {label}, expected {sample.expected}")
+            if got != expected:
+                report.wrong.append(f"{client.protocol} {input_name}: got {got}, expected {expected}")
 
     threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(clients)]
     for thread in threads:
@@ -186,10 +204,31 @@ def run_load(samples: list[Sample], *, http_url: str, grpc_url: str, name: str =
 
 
 def samples_from_files(paths: list, predictor) -> list[Sample]:
-    """Each file's bytes, its decoded pixels and the Predictor's integer for it."""
+    """Each file's bytes, its decoded pixels and the Predictor's answer for it."""
     from edgeclf.images import load_image
 
     encoded = [Path(p).read_bytes() for p in paths]
-    pixels = np.stack([load_image(data, predictor.image_size) for data in encoded])
-    labels = [p.label for p in predictor.predict_batch(pixels)]
-    return [Sample(e, px, int(label)) for e, px, label in zip(encoded, pixels, labels)]
+    return _samples(encoded, np.stack([load_image(data, predictor.image_size) for data in encoded]), predictor)
+
+
+def probe_samples(predictor, count: int = 2) -> list[Sample]:
+    """``count`` frames of each kind of the built-in probe (noise, constant frames) as PNG files at the
+    model's size, with the Predictor's answer: where it scores familiarity, unfamiliar is what verify checked."""
+    import io
+
+    from PIL import Image
+
+    from edgeclf.probe import foreign_probe
+
+    frames = np.concatenate(list(foreign_probe(*predictor.image_size, count=count).values()))
+    encoded = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return _samples(encoded, frames, predictor)
+
+
+def _samples(encoded: list[bytes], pixels: np.ndarray, predictor) -> list[Sample]:
+    return [Sample(e, px, int(p.label), p.familiar, p.interval)
+            for e, px, p in zip(encoded, pixels, predictor.predict_batch(pixels))]

@@ -1,7 +1,9 @@
 """``edgeclf serve``: the Predictor behind a real Triton Inference Server (PyTriton).
 
 Two models, both answering the integer label (decoded by argmax, or by median with
-``decoding``), its confidence and the logits:
+``decoding``), its confidence and the logits, and where the bundle has a trust file
+(:mod:`edgeclf.trust`) how far to trust it: ``interval`` (lowest, highest label at the
+``coverage`` asked for), ``familiar`` with its ``p_value``, and the ``embedding`` they come from:
 
     NAME        pixels  uint8 [N, H, W, 3]  RGB at the model's size. Triton checks dtype and
                                             shape per request, and its dynamic batcher groups
@@ -45,6 +47,7 @@ from edgeclf.serve.grpc_guard import grpc_guard
 from edgeclf.serve.guard import ConnectionLimits, Limits
 from edgeclf.serve.http_guard import HttpGuard
 from edgeclf.serve.triton_config import Batching, check_model_name
+from edgeclf.trust import DEFAULT_ALPHA, DEFAULT_COVERAGE
 
 # On shutdown Triton waits this long for the requests in flight, then as long again for
 # the models to unload. Inference takes well under a second on CPU; the bound matters
@@ -79,6 +82,8 @@ class ServeOptions:
     log_file: Path | None = None  # Triton's own log (default: a new file in the temp directory)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # NAME_image refuses larger images before decoding them
     decoding: str = "argmax"  # of the label output: argmax, or median (edgeclf.decoding)
+    alpha: float = DEFAULT_ALPHA  # an image is unfamiliar at or below this p-value (edgeclf.trust)
+    coverage: float | None = DEFAULT_COVERAGE  # of the interval output; None: no interval
     max_connections: int = 1024  # open connections per public endpoint; more are refused at once
     guard_threads: int = 64  # threads answering requests per public endpoint
     idle_timeout: float = 10.0  # seconds a kept-alive connection may wait for its next request
@@ -161,26 +166,33 @@ class _Models:
         self.grpc_url = grpc_url
         self._local = threading.local()  # one gRPC client per instance thread
 
-    def outputs(self, logits: np.ndarray) -> dict[str, np.ndarray]:
-        predictions = self.predictor.decode(logits)
-        return {
+    def outputs(self, logits: np.ndarray, embedding: np.ndarray | None) -> dict[str, np.ndarray]:
+        predictions = self.predictor.decode(logits, embedding=embedding)
+        out = {
             "label": np.array([[p.label] for p in predictions], dtype=np.int64),
             "confidence": np.array([[p.confidence] for p in predictions], dtype=np.float32),
             "logits": logits.astype(np.float32),
         }
+        if self.predictor.coverage is not None and self.predictor.trust is not None:
+            out["interval"] = np.array([p.interval for p in predictions], dtype=np.int64)
+        if embedding is not None:
+            out["familiar"] = np.array([[p.familiar] for p in predictions], dtype=np.bool_)
+            out["p_value"] = np.array([[p.p_value] for p in predictions], dtype=np.float32)
+            out["embedding"] = embedding.astype(np.float32)
+        return out
 
     def pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        return self.outputs(self.predictor.infer(np.ascontiguousarray(pixels, dtype=np.uint8)))
+        return self.outputs(*self.predictor.infer_outputs(np.ascontiguousarray(pixels, dtype=np.uint8)))
 
     def image(self, image: np.ndarray) -> dict[str, np.ndarray]:
         from edgeclf.images import load_image
 
         frames = np.stack([load_image(bytes(item), self.predictor.image_size, self.predictor.max_image_pixels)
                            for item in image.reshape(len(image), -1)[:, 0]])
-        return self.outputs(self._forward(frames))
+        return self.outputs(*self._forward(frames))
 
-    def _forward(self, frames: np.ndarray) -> np.ndarray:
-        """Send decoded pixels to the pixel model, where they join the dynamic batcher."""
+    def _forward(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Send decoded pixels to the pixel model, where they join the dynamic batcher: (logits, embedding)."""
         import tritonclient.grpc as grpcclient
 
         client = getattr(self._local, "client", None)
@@ -188,17 +200,28 @@ class _Models:
             client = self._local.client = grpcclient.InferenceServerClient(self.grpc_url)
         tensor = grpcclient.InferInput("pixels", list(frames.shape), "UINT8")
         tensor.set_data_from_numpy(frames)
-        result = client.infer(self.name, [tensor], outputs=[grpcclient.InferRequestedOutput("logits")])
-        return result.as_numpy("logits")
+        names = ["logits"] + (["embedding"] if self.predictor.scores_familiarity else [])
+        result = client.infer(self.name, [tensor], outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+        return result.as_numpy("logits"), (result.as_numpy("embedding") if len(names) > 1 else None)
 
 
-def _bind(triton, mc, models: _Models, options: ServeOptions, height: int, width: int, classes: int) -> None:
+def output_tensors(predictor) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """(name, dtype, shape per image) of what both served models answer for ``predictor``."""
+    out = [("label", np.int64, (1,)), ("confidence", np.float32, (1,)),
+           ("logits", np.float32, (len(predictor.labels),))]
+    if predictor.coverage is not None and predictor.trust is not None:
+        out.append(("interval", np.int64, (2,)))
+    if predictor.scores_familiarity:
+        out += [("familiar", np.bool_, (1,)), ("p_value", np.float32, (1,)),
+                ("embedding", np.float32, (predictor.trust.familiarity.dimension,))]
+    return out
+
+
+def _bind(triton, mc, models: _Models, options: ServeOptions, height: int, width: int) -> None:
     from pytriton.decorators import batch
 
     b = options.batching
-    outputs = [mc.Tensor(name="label", dtype=np.int64, shape=(1,)),
-               mc.Tensor(name="confidence", dtype=np.float32, shape=(1,)),
-               mc.Tensor(name="logits", dtype=np.float32, shape=(classes,))]
+    outputs = [mc.Tensor(name=name, dtype=dtype, shape=shape) for name, dtype, shape in output_tensors(models.predictor)]
     triton.bind(
         model_name=options.name,
         infer_func=[batch(models.pixels)] * b.instances,
@@ -247,7 +270,8 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
     mc, pytriton_triton = _pytriton()
     predictor = Predictor.load(bundle, options.backend, precision=options.precision,
                                batch_size=options.batching.max_batch, threads=options.threads,
-                               max_image_pixels=options.max_image_pixels, decoding=options.decoding)
+                               max_image_pixels=options.max_image_pixels, decoding=options.decoding,
+                               alpha=options.alpha, coverage=options.coverage)
     stop = stop or threading.Event()
     previous = None
     guards: list[Any] = []
@@ -268,7 +292,7 @@ def serve(bundle: str | Path, options: ServeOptions | None = None,
             try:
                 with pytriton_triton.Triton(config=config) as triton:
                     height, width = predictor.image_size
-                    _bind(triton, mc, models, options, height, width, len(predictor.labels))
+                    _bind(triton, mc, models, options, height, width)
                     triton.connect()  # returns once both models are loaded and ready
                     ready = True
                     _start_guards(options, private_http, private_grpc, guards)
@@ -367,7 +391,8 @@ def _endpoints(options: ServeOptions, predictor) -> dict[str, Any]:
         "metrics": f"http://{options.host}:{options.metrics_port}/metrics",
         "models": [options.name, f"{options.name}_image"],
         "artifact": described["artifact"], "backend": described.get("backend"),
-        "labels": predictor.labels, "input": described["input"],
+        "labels": predictor.labels, "input": described["input"], "trust": described["trust"],
+        "outputs": [name for name, _, _ in output_tensors(predictor)],
         "batching": {"max_batch": options.batching.max_batch,
                      "preferred": options.batching.preferred_sizes(),
                      "queue_delay_us": options.batching.queue_delay_us},
@@ -392,8 +417,9 @@ def print_ready(info: dict[str, Any]) -> None:
     size = info["input"]
     print(f"serving {info['artifact']} ({info['backend']}); labels {info['labels']}")
     print(f"  model {name!r}: pixels uint8 [N,{size['height']},{size['width']},3] -> label int64 [N,1], "
-          f"confidence, logits")
+          + ", ".join(info["outputs"][1:]))
     print(f"  model {image!r}: image bytes [N,1] (encoded image files) -> the same outputs")
+    print(f"  {info['trust']}")
     b = info["batching"]
     print(f"  dynamic batching: max {b['max_batch']}, preferred {b['preferred']}, "
           f"queue delay {b['queue_delay_us']} us")

@@ -88,8 +88,9 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
     assert saved["rows"] == result["rows"] and saved["environment"]["cores"] >= 1
     assert {"onnxruntime", "numpy"} <= set(saved["environment"]["versions"])
     names = {(r["name"], r["batch"]) for r in saved["rows"]}
-    assert names == {(n, b) for n in ("onnx", "onnx-int8", "openvino-int8", PREDICT, TF_FUNCTION, "decode")
-                     for b in (1, 4)}
+    p50_of = lambda name, batch: next(r["p50_ms"] for r in saved["rows"] if (r["name"], r["batch"]) == (name, batch))  # noqa: E731
+    assert names == {(n, b) for n in ("onnx", "onnx-int8", "openvino-int8", PREDICT, TF_FUNCTION, "decode",
+                                      "familiarity") for b in (1, 4)}
     for row in saved["rows"]:
         assert row["status"] == "ok" and row["runs"] >= 3
         assert row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] <= row["p99_ms"]
@@ -98,6 +99,9 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
         assert row["total_ms"] == pytest.approx(row["mean_ms"] * row["runs"])
         if row["artifact"]:
             assert 0.9 <= row["agreement"] <= 1.0 and row["predictor_p50_ms"] > 0 and "speedup_vs_predict" in row
+            # What scoring a reading's familiarity adds to this artifact's own call, at the same batch size.
+            assert row["familiarity_pct"] == pytest.approx(
+                100 * p50_of("familiarity", row["batch"]) / row["p50_ms"])
     # Each INT8 row: its speed-up over the FP32 artifact of its backend, and its layers kept in FP32.
     p50 = {(r["name"], r["batch"]): r["p50_ms"] for r in saved["rows"]}
     for row in (r for r in saved["rows"] if r["name"] == "onnx-int8"):
@@ -105,7 +109,7 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
         assert 0 <= row["fp32_layers"] <= 0.1 * row["quantizable_layers"]
     table = paths["markdown"].read_text()
     assert table.count("\n| onnx-int8 |") == 2 and "x model.predict" in table
-    assert "x own FP32 | FP32 layers" in table
+    assert "x own FP32 | FP32 layers" in table and "| overhead | familiarity |" in table
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from edgeclf.benchmarks.publish import render
 
@@ -237,7 +241,7 @@ def test_bench_command_prints_the_table_and_writes_the_files(bench_bundle, tmp_p
     from edgeclf.runtime.hardware import detect
 
     # On a CPU with BF16 arithmetic (AMX, AVX512_BF16) OpenVINO is also timed in BF16 (the README's promise).
-    names = ("onnx", "openvino", "decode") + (("openvino-bf16",) if detect().bf16 else ())
+    names = ("onnx", "openvino", "decode", "familiarity") + (("openvino-bf16",) if detect().bf16 else ())
     assert {(r["name"], r["batch"]) for r in saved["rows"]} == {(n, b) for n in names for b in (1, 2)}
     assert (tmp_path / "out" / "bench.md").is_file() and (tmp_path / "out" / "bench.png").is_file()
 

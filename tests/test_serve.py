@@ -211,19 +211,23 @@ def samples(tiny_exported, digits_dir):
         return samples_from_files(files, predictor)
 
 
+OUTPUTS = ("label", "confidence", "logits", "interval", "familiar", "p_value", "embedding")
+
+
 def _infer(module, url: str, model: str, name: str, data: np.ndarray, datatype: str) -> dict[str, np.ndarray]:
     client = module.InferenceServerClient(url)
     try:
         tensor = module.InferInput(name, list(data.shape), datatype)
         tensor.set_data_from_numpy(data)
         result = client.infer(model, [tensor])
-        return {k: result.as_numpy(k) for k in ("label", "confidence", "logits")}
+        return {k: result.as_numpy(k) for k in OUTPUTS}
     finally:
         client.close()
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_server_answers_the_predictors_integers(server, samples, protocol):
+def test_server_answers_the_predictors_integers(server, samples, tiny_exported, protocol):
+    tiny_dimension = tiny_exported[0].meta["trust"]["familiarity"]["dimension"]
     module, url = ((tritonclient_http, f"127.0.0.1:{server.http}") if protocol == "http"
                    else (tritonclient_grpc, f"127.0.0.1:{server.grpc}"))
     client = module.InferenceServerClient(url)
@@ -239,8 +243,14 @@ def test_server_answers_the_predictors_integers(server, samples, protocol):
         assert by_pixels["logits"].shape == (len(chunk), 3)
         assert np.all((by_pixels["confidence"] > 0) & (by_pixels["confidence"] <= 1))
         files = np.array([[s.encoded] for s in chunk], dtype=np.object_)
+        # How far to trust each reading: the Predictor's interval and familiarity decision, from the embedding.
+        assert [tuple(v) for v in by_pixels["interval"].tolist()] == [s.interval for s in chunk]
+        assert by_pixels["familiar"][:, 0].tolist() == [s.familiar for s in chunk]
+        assert np.all((by_pixels["p_value"] > 0) & (by_pixels["p_value"] <= 1))
+        assert by_pixels["embedding"].shape == (len(chunk), tiny_dimension)
         by_files = _infer(module, url, "edgeclf_image", "image", files, "BYTES")
-        assert by_files["label"][:, 0].tolist() == expected
+        for name in ("label", "interval", "familiar"):
+            assert by_files[name].tolist() == by_pixels[name].tolist(), name
         np.testing.assert_allclose(by_files["logits"], by_pixels["logits"], rtol=1e-5, atol=1e-5)
     # One image alone gets the same integer as in a batch.
     alone = _infer(module, url, "edgeclf_image", "image", np.array([[samples[5].encoded]], dtype=np.object_), "BYTES")
@@ -259,9 +269,14 @@ def test_each_malformed_request_gets_its_own_error(server, samples, kind, status
         _infer(tritonclient_grpc, f"127.0.0.1:{server.grpc}", model, name, data, datatype)
 
 
-def test_bounded_load_run_with_malformed_requests_interleaved(server, samples):
-    from edgeclf.serve.load import run_load
+def test_bounded_load_run_with_malformed_requests_interleaved(server, samples, tiny_exported):
+    from edgeclf.runtime import Predictor
+    from edgeclf.serve.load import probe_samples, run_load
 
+    with Predictor.load(tiny_exported[0].path, "onnx") as predictor:
+        probe = probe_samples(predictor)
+    assert len(probe) == 4 and set(probe[0].answer()) == {"label", "interval", "familiar"}
+    samples = samples[:36] + probe  # 40 distinct images, each checked for label, interval and familiarity
     report = run_load(samples, http_url=f"127.0.0.1:{server.http}", grpc_url=f"127.0.0.1:{server.grpc}",
                       clients=16, requests=50, malformed_every=5, timeout_s=HANG_S)
     summary = report.summary()
@@ -284,6 +299,7 @@ def test_loadtest_command_checks_every_answer_and_fails_on_a_wrong_model_name(se
     assert summary["clients"] == 4 and summary["requests"] == 40
     assert summary["answered"] == 4 * 8 and summary["malformed_rejected"] == 4 * 2
     assert summary["wrong"] == 0 and summary["unexpected_errors"] == 0
+    assert summary["checked"] == ["label", "familiar", "interval"] and summary["probe_images"] == 4
 
     out = run_cli("loadtest", str(bundle.path), str(folder), *urls, "--backend", "onnx", "--clients", "2",
                   "--requests", "2", "--max-images", "4", "--model-name", "no_such_model", "--timeout", str(HANG_S))

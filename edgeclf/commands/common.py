@@ -158,3 +158,24 @@ def batching(args: argparse.Namespace):
 
     return Batching(max_batch=args.max_batch, preferred=int_list(args.preferred_batch, "--preferred-batch"),
                     queue_delay_us=args.queue_delay_us, instances=args.instances)
+
+
+def _coverage(text: str) -> float:
+    """--coverage: 0 for no interval, else in the coverage range."""
+    return 0.0 if text.strip() in ("0", "0.0") else limits.option("coverage")(text)
+
+
+def add_trust_arguments(p) -> None:
+    """--alpha and --coverage: when a reading is unfamiliar, and how often its interval holds the true label."""
+    from edgeclf.trust import DEFAULT_ALPHA, DEFAULT_COVERAGE
+
+    p.add_argument("--alpha", type=limits.option("alpha"), default=DEFAULT_ALPHA,
+                   help="an image is unfamiliar when at most this share of held-out images look as strange "
+                        f"(default {DEFAULT_ALPHA}: the false-alarm rate on images like the training data)")
+    p.add_argument("--coverage", type=_coverage, default=DEFAULT_COVERAGE,
+                   help=f"how often the interval holds the true label (default {DEFAULT_COVERAGE}); 0: none")
+
+
+def trust_options(args: argparse.Namespace) -> dict:
+    """Predictor.load's alpha and coverage from add_trust_arguments' options."""
+    return {"alpha": args.alpha, "coverage": None if args.coverage == 0 else args.coverage}

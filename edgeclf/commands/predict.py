@@ -7,14 +7,8 @@ import json
 import sys
 
 from edgeclf import limits
-from edgeclf.commands.common import add_model_arguments, pixels_help
+from edgeclf.commands.common import add_model_arguments, add_trust_arguments, pixels_help, trust_options
 from edgeclf.decoding import DECODINGS
-from edgeclf.trust import DEFAULT_ALPHA, DEFAULT_COVERAGE
-
-
-def _coverage(text: str) -> float:
-    """--coverage: 0 for no interval, else in the coverage range."""
-    return 0.0 if text.strip() in ("0", "0.0") else limits.option("coverage")(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,8 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     with Predictor.load(args.model, args.backend, precision=args.precision, batch_size=args.batch_size,
                         threads=args.threads, allow_unvalidated=args.allow_unvalidated, decoding=args.decode,
-                        max_image_pixels=args.max_image_pixels, alpha=args.alpha,
-                        coverage=None if args.coverage == 0 else args.coverage) as predictor:
+                        max_image_pixels=args.max_image_pixels, **trust_options(args)) as predictor:
         described = predictor.describe()
         print(f"[edgeclf] {described['backend']} running {described['artifact']}: {described['reason']}",
               file=sys.stderr)
@@ -86,11 +79,7 @@ def register(sub) -> None:
     p.add_argument("--allow-unvalidated", action="store_true", help="also run artifacts export did not validate")
     p.add_argument("--json", action="store_true",
                    help="JSON lines: file, label, index, confidence[, interval, coverage][, familiar, p_value]")
-    p.add_argument("--alpha", type=limits.option("alpha"), default=DEFAULT_ALPHA,
-                   help="an image is unfamiliar when at most this share of held-out images look as strange "
-                        f"(default {DEFAULT_ALPHA}: the false-alarm rate on images like the training data)")
-    p.add_argument("--coverage", type=_coverage, default=DEFAULT_COVERAGE,
-                   help=f"how often the printed interval holds the true label (default {DEFAULT_COVERAGE}); 0: none")
+    add_trust_arguments(p)
     p.add_argument("--unfamiliar", choices=("report", "withhold"), default="report",
                    help="report (default): print the reading and flag it; withhold: print no label for an "
                         f"unfamiliar image and exit with status {UNFAMILIAR_STATUS} if there was one")

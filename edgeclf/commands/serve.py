@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from edgeclf import limits
-from edgeclf.commands.common import add_batching_arguments, add_model_arguments, batching, pixels_help
+from edgeclf.commands.common import (add_batching_arguments, add_model_arguments, add_trust_arguments, batching,
+                                     pixels_help, trust_options)
 from edgeclf.decoding import DECODINGS
 
 
@@ -19,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
                            image_instances=args.image_instances, max_request_mb=args.max_request_mb,
                            max_image_pixels=args.max_image_pixels, decoding=args.decode,
                            max_connections=args.max_connections, guard_threads=args.guard_threads,
-                           idle_timeout=args.idle_timeout, header_timeout=args.header_timeout)
+                           idle_timeout=args.idle_timeout, header_timeout=args.header_timeout,
+                           **trust_options(args))
     serve(args.bundle, options, on_ready=print_ready)
     print("[edgeclf] server stopped", file=sys.stderr)
     return 0
@@ -33,7 +35,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("serve", help="serve a bundle through a real Triton server (PyTriton), HTTP and gRPC",
                        description="Models NAME (pixels uint8 [N,H,W,3]) and NAME_image (encoded image "
-                                   "bytes [N,1]) answer label (the integer), confidence and logits. Dynamic "
+                                   "bytes [N,1]) answer label (the integer), confidence and logits, and with "
+                                   "the bundle's trust file interval, familiar, p_value and embedding. Dynamic "
                                    "batching; SIGTERM or Ctrl+C stops after the requests in flight.")
     p.add_argument("bundle", help="bundle directory (or one artifact) to serve")
     p.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s; 0.0.0.0: all)")
@@ -49,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--decode", choices=DECODINGS, default="argmax",
                    help="how both models' label output is decoded from the logits: argmax (default) or median "
                         "(of the predicted distribution over the ordered labels: the least expected |error|)")
+    add_trust_arguments(p)
     p.add_argument("--max-request-mb", type=limits.option("request_mb"), default=defaults.max_request_mb,
                    help="larger requests (body, or declared tensor size) are refused before they are read "
                         "(default %(default)g)")
