@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -111,16 +112,28 @@ class Familiarity:
         if x.ndim != 2 or x.shape[1] != self.dimension:
             raise InvalidInputError(f"embeddings must be [N, {self.dimension}] for this familiarity model. "
                                     f"Received: shape={tuple(x.shape)}")
-        # No copies where the arrays are float64 already (load_trust makes them so: a copy of the basis per
-        # call was most of the score's cost).
+        projection, rank, shrink, cross, constant = self._prepared
+        product = x @ projection  # [N, r + K]: coordinates in the basis, then dot products with the means
+        along, dots = product[:, :rank], product[:, rank:]
+        per_image = (along * along) @ shrink + (x * x).sum(1) / self.residual
+        scores = per_image[:, None] - 2.0 * (along @ cross + dots / self.residual) + constant[None, :]
+        return np.maximum(scores, 0.0).min(axis=1)
+
+    @cached_property
+    def _prepared(self) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
+        """What every call shares, computed once (most of the cost at batch 1 otherwise).
+
+        With a = x's coordinates in the basis, m = a mean's, s = 1/eigenvalues - 1/residual, the score
+        to that mean, sum s (a - m)^2 + ||x - mean||^2 / residual, expands into a part of x alone,
+        cross terms (one product of x with [basis | means^T]) and a constant per class.
+        """
         basis = np.asarray(self.basis, dtype=np.float64)
         means = np.asarray(self.means, dtype=np.float64)
-        along, along_means = x @ basis, means @ basis  # coordinates in the basis: [N, r], [K, r]
-        scale = 1.0 / np.sqrt(np.asarray(self.eigenvalues, dtype=np.float64))
-        weighted = _squared_distances(along * scale, along_means * scale)
-        # What lies outside the basis: the whole squared distance less the part inside it.
-        outside = np.maximum(_squared_distances(x, means) - _squared_distances(along, along_means), 0.0)
-        return (weighted + outside / self.residual).min(axis=1)
+        shrink = 1.0 / np.asarray(self.eigenvalues, dtype=np.float64) - 1.0 / self.residual
+        along_means = means @ basis  # [K, r]
+        cross = (along_means * shrink).T  # [r, K]
+        constant = (along_means ** 2) @ shrink + (means * means).sum(1) / self.residual
+        return np.concatenate([basis, means.T], axis=1), basis.shape[1], shrink, cross, constant
 
     def p_values(self, embedding: np.ndarray) -> np.ndarray:
         """Conformal p-values [N] of embeddings [N, D] against the held-out images' scores."""
@@ -128,11 +141,6 @@ class Familiarity:
 
     def p_values_of_scores(self, scores: np.ndarray) -> np.ndarray:
         return p_values(scores, self.calibration)
-
-
-def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """||a_i - b_j||^2 [N, K] by expanding the square (no [N, K, D] intermediate)."""
-    return np.maximum((a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :], 0.0)
 
 
 def expected_calibration_error(probabilities: np.ndarray, true_index: np.ndarray, bins: int = 15) -> float:
