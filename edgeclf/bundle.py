@@ -9,7 +9,6 @@ heavy, so the device runtime can use it too.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,13 +16,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from edgeclf.errors import BundleError
-from edgeclf.fsio import atomic_write_json, remove_stale_temporaries, sha256_file, storage_errors
+from edgeclf.fsio import atomic_write_json, read_json, remove_stale_temporaries, sha256_file, storage_errors
 
 BUNDLE_FORMAT = "edgeclf-bundle/1"
 BUNDLE_FILE = "bundle.json"
 #: bundle.json holds records of kilobytes each (artifacts, per-machine checks, benchmarks); far more is not one
 #: edgeclf wrote, and is refused before it is read.
-MAX_BUNDLE_JSON_BYTES = 64 << 20
+MAX_BUNDLE_JSON_BYTES = 16 << 20
 MODEL_FILE = "model.keras"
 CONFUSION_PNG = "confusion_matrix.png"
 
@@ -74,16 +73,10 @@ class Bundle:
                 f"not an edgeclf bundle: the directory has no {BUNDLE_FILE} "
                 f"(create one with `edgeclf train DATA --out DIR`). Received: {path}"
             )
-        size = meta_path.stat().st_size
-        if size > MAX_BUNDLE_JSON_BYTES:
-            raise BundleError(f"bundle.json is {size:,} bytes, over the {MAX_BUNDLE_JSON_BYTES:,} a bundle's record "
-                              f"may take: it is not one edgeclf wrote. Received: {meta_path}")
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"bundle.json is corrupt (not valid JSON: {exc}). Received: {meta_path}") from None
-        except RecursionError:
-            raise BundleError(f"bundle.json is corrupt (JSON nested too deeply). Received: {meta_path}") from None
+            meta = read_json(meta_path, MAX_BUNDLE_JSON_BYTES)
+        except ValueError as exc:  # too large, too many values, not JSON: not a record edgeclf wrote
+            raise BundleError(f"bundle.json is corrupt: {exc}. Received: {meta_path}") from None
         except OSError as exc:  # a directory named bundle.json, no permission, a symlink loop
             raise BundleError(f"cannot read {meta_path}: {exc.strerror or exc}") from None
         if not isinstance(meta, dict):

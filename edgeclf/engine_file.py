@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeclf.errors import BundleError, IncompatibleArtifactError
-from edgeclf.fsio import atomic_write_bytes
+from edgeclf.fsio import atomic_write_bytes, parse_json
 
 MAGIC = b"EDGECLF-TRT\n"
 FORMAT = "edgeclf-engine/1"
@@ -56,11 +56,9 @@ def _read_header(handle, path: Path) -> dict[str, Any]:
     if len(text) != length:
         raise BundleError(f"{path} is truncated: it ends inside the engine header")
     try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: the engine header is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise BundleError(f"{path}: the engine header is not valid JSON (nested too deeply)") from None
+        header = parse_json(text, "the engine header")
+    except ValueError as exc:
+        raise BundleError(f"{path}: {exc}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise BundleError(f"{path}: engine header format {found!r} is not supported; expected {FORMAT!r}")

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeclf.errors import EdgeclfError, OutputExistsError, StorageError
+from edgeclf.errors import EdgeclfError, InvalidInputError, OutputExistsError, StorageError
 
 #: OS errors of the storage itself (not of the caller's arguments): turned into StorageError.
 _STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -175,13 +175,26 @@ def atomic_write_json(final: str | os.PathLike, obj: Any) -> None:
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output directory that exists and is not empty unless ``overwrite``.
+    """Refuse an output directory that exists and is not empty unless ``overwrite``, and one that
+    cannot be replaced safely whatever ``overwrite`` says.
 
     Raises:
+        InvalidInputError: ``out`` is empty (the working directory), the working directory or one
+            holding it, or a symbolic link (the new directory would replace the link, after the work).
         OutputExistsError: ``out`` is a non-empty directory (or a file) and
             ``overwrite`` is false.
     """
-    out = Path(out)
+    if str(out) == "":
+        raise InvalidInputError("the output directory's name is empty, which would be the directory you are in; "
+                                "name a directory. Received: ''")
+    given, out = out, Path(out)
+    if out.is_symlink():
+        raise InvalidInputError(f"the output directory is a symbolic link (to {os.readlink(out)}); name the directory "
+                                f"itself or a new one. Received: {given}")
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        raise InvalidInputError(f"the output directory is the directory you are in, or holds it; writing there "
+                                f"would replace it. Name another directory. Received: {given}")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path exists and is a file, not a directory. Received: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -201,9 +214,10 @@ def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     earlier, killed run left beside ``out`` is cleaned up first (an old directory it had
     parked is put back).
     """
+    check_output_dir(out, overwrite)  # before anything beside it is touched
     out = Path(out).absolute()
     remove_stale_temporaries(out.parent)
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite)  # again: a killed run's directory may have been put back
     with storage_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
@@ -253,12 +267,43 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: str | os.PathLike, max_bytes: int) -> Any:
-    """The JSON in ``path``, refusing a file over ``max_bytes`` before reading it.
+#: The most values (objects, arrays and their items) edgeclf parses from one JSON text: a record
+#: it writes holds a few thousand. A size cap alone does not bound what ``json.loads`` allocates:
+#: 64 MiB of ``{},`` are 22 million dictionaries, 1.6 GB.
+MAX_JSON_VALUES = 500_000
+
+
+def parse_json(text: str | bytes, what: str, max_values: int = MAX_JSON_VALUES) -> Any:
+    """The JSON in ``text``, refusing one that would make more than ``max_values`` values.
+
+    Every value after the first is preceded by a comma or opens a container, so counting those
+    characters (inside strings too: an over-count, never an under-count) bounds the parse before
+    it allocates.
 
     Raises:
-        ValueError: not a regular file, too large, not UTF-8, not JSON, or nested too deeply for the parser (a
-            RecursionError otherwise); the message says which.
+        ValueError: too many values, not UTF-8, not JSON, or nested too deeply for the parser (a
+            RecursionError otherwise); the message names ``what`` and says which.
+    """
+    marks = (b",", b"[", b"{") if isinstance(text, bytes) else (",", "[", "{")
+    count = sum(text.count(mark) for mark in marks)
+    if count > max_values:
+        raise ValueError(f"{what} holds about {count:,} JSON values, over the {max_values:,} edgeclf reads: "
+                         f"it is not a record edgeclf wrote")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} holds JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{what} is not valid JSON ({str(exc)[:200]})") from None
+
+
+def read_json(path: str | os.PathLike, max_bytes: int, max_values: int = MAX_JSON_VALUES) -> Any:
+    """The JSON in ``path``, refusing a file over ``max_bytes`` before reading it and one of more
+    than ``max_values`` values before parsing it (:func:`parse_json`).
+
+    Raises:
+        ValueError: not a regular file, too large, too many values, not UTF-8, not JSON, or nested too
+            deeply; the message says which.
         OSError: the file cannot be read.
     """
     path = Path(path)
@@ -267,7 +312,8 @@ def read_json(path: str | os.PathLike, max_bytes: int) -> Any:
         raise ValueError(f"{path.name} is not a regular file")
     if info.st_size > max_bytes:
         raise ValueError(f"{path.name} is {info.st_size:,} bytes, over the {max_bytes:,} it may take")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except RecursionError:
-        raise ValueError(f"{path.name} holds JSON nested too deeply") from None
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)  # the file may have grown since stat
+    if len(data) > max_bytes:
+        raise ValueError(f"{path.name} is over the {max_bytes:,} bytes it may take")
+    return parse_json(data, path.name, max_values)

@@ -7,22 +7,21 @@ TensorRT engine: the JSON header of :mod:`edgeclf.engine_file`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from edgeclf.errors import BundleError
+from edgeclf.fsio import parse_json
 
 TFLITE_METADATA_NAME = "edgeclf"
 
 
 def _json(text: str | bytes, where: str) -> Any:
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise BundleError(f"{where}: edgeclf metadata is not valid JSON ({reason})") from None
+        return parse_json(text, "edgeclf metadata")
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from None
 
 
 def read_onnx_metadata(model) -> dict[str, Any]:
