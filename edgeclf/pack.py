@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from edgeclf import __version__
+from edgeclf.archive import MAX_MEMBERS, ArchiveRefused, Inflation, Member, open_members
 from edgeclf.bundle import BUNDLE_FILE, MAX_BUNDLE_JSON_BYTES, Bundle, artifact_files
 from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError
 from edgeclf.formats import FORMATS, entries
@@ -42,7 +43,6 @@ PACKAGE_FORMAT = "edgeclf-package/1"
 ARCHIVES = (".tar.gz", ".tgz", ".zip")
 #: A package's files are a few artifacts and a verification set (at most 1 GiB); far more is not a package.
 MAX_PACKAGE_BYTES = 16 << 30
-MAX_MEMBERS = 64
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # used with fullmatch
 
 
@@ -121,6 +121,7 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
     """
     bundle = Bundle.load(bundle_path)
+    _check_apart(bundle.path, Path(out), "pack's output", "the bundle it packs")
     chosen = _chosen_formats(bundle, formats, allow_unvalidated)
     files: dict[str, Path] = {}
     for fmt in chosen:
@@ -165,6 +166,20 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
     return PackReport(out, chosen, sizes, source)
 
 
+def _check_apart(source: Path, out: Path, what: str, source_what: str) -> None:
+    """Refuse an output that is the source, lies inside it or holds it: writing it would change or
+    replace the source (a package packed onto itself lost its other artifacts).
+
+    Raises:
+        InvalidInputError: naming both paths.
+    """
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        relation = "is" if dst == src else "lies inside" if src in dst.parents else "holds"
+        raise InvalidInputError(f"{what} {relation} {source_what}, which writing it would change; choose an output "
+                                f"apart from it. Received: {out} for {source}")
+
+
 def _write_archive(out: Path, kind: str, files: dict[str, Path], data: bytes) -> None:
     """``data`` (the package's bundle.json) first, as unpack reads it, then ``files`` (name -> path)."""
     with atomic_path(out, suffix=".tar.gz" if kind == "tar.gz" else ".zip") as tmp:
@@ -191,43 +206,8 @@ def _write_archive(out: Path, kind: str, files: dict[str, Path], data: bytes) ->
 
 # --- unpacking ---------------------------------------------------------------------------------
 
-class _Member:
-    """One archive member, its kind already read from the header: a name, a size and an opener."""
-
-    def __init__(self, name: str, size: int, regular: bool, what: str, opener) -> None:
-        self.name, self.size, self.regular, self.what, self.open = name, size, regular, what, opener
-
-
 def _refuse(archive: Path, why: str) -> BundleError:
     return BundleError(f"{archive} is not a package edgeclf wrote: {why}; nothing was unpacked")
-
-
-def _tar_members(tar: tarfile.TarFile) -> Iterator[_Member]:
-    """Members in stream order: each header read as it comes, nothing read twice."""
-    for m in tar:
-        what = "a symbolic link" if m.issym() else "a hard link" if m.islnk() else "not a regular file"
-        yield _Member(m.name, m.size, m.isreg(), what, lambda m=m: tar.extractfile(m))
-
-
-def _zip_members(archive: Path, zf: zipfile.ZipFile) -> Iterator[_Member]:
-    for info in zf.infolist():
-        kind = stat.S_IFMT(info.external_attr >> 16)  # 0: a writer that records no file type
-        regular = not info.is_dir() and kind in (0, stat.S_IFREG)
-        if regular and (info.flag_bits & 0x61 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)):
-            raise _refuse(archive, f"member {info.filename[:200]!r} is encrypted or compressed in a way pack "
-                                   f"never writes")
-        yield _Member(info.filename, info.file_size, regular,
-                      "a symbolic link" if kind == stat.S_IFLNK else "not a regular file",
-                      lambda info=info: zf.open(info))
-
-
-def _open_members(archive: Path, kind: str) -> Iterator[_Member]:
-    if kind == "tar.gz":
-        with tarfile.open(archive, "r|gz") as tar:  # a stream: headers are read once, in order
-            yield from _tar_members(tar)
-    else:
-        with zipfile.ZipFile(archive) as zf:
-            yield from _zip_members(archive, zf)
 
 
 def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -248,15 +228,21 @@ def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
     kind = archive_kind(archive)
     if kind is None:
         raise InvalidInputError(f"unpack takes a .tar.gz, .tgz or .zip file written by edgeclf pack. Received: {archive}")
-    if not archive.is_file():
+    if not archive.exists():
         raise InvalidInputError(f"no such package file. Received: {archive}")
+    if not archive.is_file():
+        raise InvalidInputError(f"a package file must be a regular file, not a FIFO, device or folder. "
+                                f"Received: {archive}")
+    _check_apart(archive, Path(out), "unpack's output folder", "the archive it unpacks")
     if archive.stat().st_size > MAX_PACKAGE_BYTES:
         raise _refuse(archive, f"{archive.stat().st_size:,} bytes, over the {MAX_PACKAGE_BYTES >> 30} GiB a package "
                                f"may take")
     with staged_directory(out, overwrite) as stage:
         try:
-            _unpack_members(archive, _open_members(archive, kind), stage)
-        except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            _unpack_members(archive, open_members(archive, kind), stage)
+        except ArchiveRefused as exc:
+            raise _refuse(archive, str(exc)) from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
             raise _refuse(archive, f"it is damaged ({type(exc).__name__}: {str(exc)[:200]})") from None
         except OSError as exc:
             if exc.errno is not None:  # the disk, not the archive
@@ -268,10 +254,10 @@ def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
     return Path(out)
 
 
-def _unpack_members(archive: Path, members: Iterator[_Member], stage: Path) -> None:
+def _unpack_members(archive: Path, members: Iterator[tuple[Member, Inflation]], stage: Path) -> None:
     listed: dict[str, Any] | None = None
     seen: set[str] = set()
-    for count, member in enumerate(members, 1):
+    for count, (member, inflation) in enumerate(members, 1):
         if count > MAX_MEMBERS:
             raise _refuse(archive, f"over {MAX_MEMBERS} members")
         if not _PLAIN_NAME.fullmatch(member.name):
@@ -286,7 +272,7 @@ def _unpack_members(archive: Path, members: Iterator[_Member], stage: Path) -> N
             if member.name != BUNDLE_FILE or member.size > MAX_BUNDLE_JSON_BYTES:
                 raise _refuse(archive, f"its first member is {member.name!r}, not {BUNDLE_FILE} of at most "
                                        f"{MAX_BUNDLE_JSON_BYTES >> 20} MiB")
-            _copy_bounded(archive, member.open(), stage / BUNDLE_FILE, member.size)
+            _copy_bounded(archive, member.open(), stage / BUNDLE_FILE, member.size, inflation)
             listed = _listed_sizes(archive, stage / BUNDLE_FILE)
             continue
         expected = listed.get(member.name)
@@ -295,7 +281,7 @@ def _unpack_members(archive: Path, members: Iterator[_Member], stage: Path) -> N
         if member.size != expected:
             raise _refuse(archive, f"member {member.name!r} declares {member.size} bytes, the package record "
                                    f"says {expected}")
-        _copy_bounded(archive, member.open(), stage / member.name, member.size)
+        _copy_bounded(archive, member.open(), stage / member.name, member.size, inflation)
     if listed is None:
         raise _refuse(archive, "it is empty")
 
@@ -335,14 +321,16 @@ def _listed_sizes(archive: Path, meta_path: Path) -> dict[str, int]:
     return sizes
 
 
-def _copy_bounded(archive: Path, source, target: Path, size: int) -> None:
-    """Copy at most ``size`` bytes (what the member declares) and refuse a member that holds more or less."""
+def _copy_bounded(archive: Path, source, target: Path, size: int, inflation: Inflation) -> None:
+    """Copy at most ``size`` bytes (what the member declares) and refuse a member that holds more or less,
+    or that expands far beyond the archive bytes read (``inflation``)."""
     written = 0
     with source, open(target, "wb") as fh:
         while chunk := source.read(min(1 << 20, size - written + 1)):
             written += len(chunk)
             if written > size:
                 raise _refuse(archive, f"member {target.name!r} holds more than the {size} bytes it declares")
+            inflation.add(len(chunk))
             fh.write(chunk)
     if written != size:
         raise _refuse(archive, f"member {target.name!r} holds {written} bytes, not the {size} it declares")
