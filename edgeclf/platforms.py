@@ -10,6 +10,11 @@ wheels exist there. Prints the README's platform table (``--json``: the versions
 pip matches platform tags exactly, so a glibc version is given as every ``manylinux_2_N``
 tag up to it, as the device's own pip would accept.
 
+It asks the index first whether it answers at all (:func:`index_reachable`, within
+:data:`REACHABLE_S`), every pip call is bounded (:data:`PIP_TIMEOUT_S` per connection, one
+retry, :data:`RESOLVE_S` in all), and a resolution that failed for want of the network is an
+error, never a "no wheels" cell: offline it exits 1 with one line and prints no table.
+
 The ``gpu`` extra's ``tensorrt`` is a source package that fetches NVIDIA's wheels when it
 builds, so it cannot be resolved for another platform; TensorRT comes with the driver
 stack (JetPack on a Jetson), and ``onnxruntime-gpu`` and ``cuda-python`` are checked.
@@ -33,6 +38,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVICE_EXTRAS = ("cpu", "openvino", "tflite", "gpu")
 #: Requirements that cannot be resolved for another platform (source packages that download at build time).
 UNRESOLVABLE = {"tensorrt"}
+#: Seconds pip waits on one connection; the reachability check's whole budget; one resolution's.
+PIP_TIMEOUT_S, REACHABLE_S, RESOLVE_S = 10, 25, 300
+#: What pip prints when the index, not the platform, is the problem.
+_NETWORK_FAILURES = ("Retrying (", "NewConnectionError", "Could not fetch URL", "ConnectTimeout", "ReadTimeout",
+                     "Max retries exceeded", "Network is unreachable", "Temporary failure in name resolution",
+                     "Connection refused", "ProxyError", "SSLError")
+
+
+class IndexUnreachable(Exception):
+    """The package index could not be asked; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +117,17 @@ def resolve(platform: Platform, requirements: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                   "--timeout", str(PIP_TIMEOUT_S), "--retries", "1",
                    "--only-binary=:all:", "--python-version", platform.python, "--implementation", "cp",
                    "--target", str(Path(tmp) / "target"), "--report", str(report),
                    *[arg for tag in platform.tags() for arg in ("--platform", tag)], *wanted]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=RESOLVE_S)
+        except subprocess.TimeoutExpired:
+            raise IndexUnreachable(f"pip did not finish resolving for {platform.name} within {RESOLVE_S} s") from None
+        if done.returncode != 0 and any(sign in done.stderr for sign in _NETWORK_FAILURES):
+            raise IndexUnreachable(f"the package index failed while resolving for {platform.name}: "
+                                   f"{_last_line(done.stderr)}")
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
             return {"ok": False, "error": (errors or done.stderr.strip().splitlines() or ["pip failed"])[-1]}
@@ -115,15 +137,21 @@ def resolve(platform: Platform, requirements: list[str]) -> dict[str, Any]:
 
 
 def index_reachable() -> str | None:
-    """None, or why the package index cannot be asked (resolving numpy for this machine fails)."""
+    """None, or why the package index cannot be asked (downloading one small wheel fails)."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
             done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
+                                   "--timeout", str(PIP_TIMEOUT_S), "--retries", "0",
                                    "--only-binary=:all:", "--no-cache-dir", "filelock"],
-                                  capture_output=True, text=True, timeout=120)
+                                  capture_output=True, text=True, timeout=REACHABLE_S)
     except subprocess.TimeoutExpired:
-        return "the package index did not answer within 120 s"
-    return None if done.returncode == 0 else f"the package index cannot be reached: {done.stderr.strip()[-300:]}"
+        return f"the package index did not answer within {REACHABLE_S} s"
+    return None if done.returncode == 0 else f"the package index cannot be reached: {_last_line(done.stderr)}"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines or ["pip failed without a message"])[-1][:300]
 
 
 def check() -> dict[str, dict[str, Any]]:
@@ -158,7 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print every resolution (versions, errors) as JSON")
     args = parser.parse_args(argv)
-    results = check()
+    try:
+        problem = index_reachable()
+        if problem:
+            raise IndexUnreachable(problem)
+        results = check()
+    except IndexUnreachable as exc:  # a table it could not establish is never printed
+        print(f"error: {exc}; no table was written", file=sys.stderr)
+        return 1
     print(json.dumps(results, indent=1) if args.json else table(results))
     return 0
 
