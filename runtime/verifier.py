@@ -189,48 +189,62 @@ def keras_accuracy(reference: VerificationSet, labels: list[int]) -> float:
 
 
 def check_labels_against_export(bundle: Bundle, reference: VerificationSet) -> None:
-    """Refuse a verification set whose labels no longer give the Keras accuracy export measured on it.
+    """Refuse a verification set whose labels cannot give the Keras accuracy export measured on it.
 
-    Every artifact export validated records ``accuracy_keras``, the stored logits' accuracy against
-    the stored labels on the images it was validated on. Recomputed here on a set of that size it
-    is the same number exactly, unless the labels (or logits) were changed after export: shifted
-    labels make Keras and the artifact equally wrong, so the accuracy checks would pass with
-    "drop 0" while meaning nothing. Records of another size (a set since re-drawn) are not compared;
-    with none left, the set's Keras accuracy is compared with training's held-out accuracy and an
-    implausible gap (outside the 99.9% Clopper-Pearson interval) is warned about: the set is a
-    sample, so that comparison can only be statistical.
+    Every artifact export validated records ``accuracy_keras`` on the ``images`` it was validated
+    on: the stored logits' accuracy against the stored labels. Shifted labels make Keras and the
+    artifact equally wrong, so the accuracy checks would pass with "drop 0" while meaning nothing.
+    Export draws the set as a prefix of one seeded permutation of the held-out split
+    (:func:`~edgeclf.verification.sample_indices`), so sets of two sizes are nested, and the number
+    the Keras model gets right on one bounds it on the other: on a set of that size it is the same
+    number; on a subset of n of N images with R right, between n - (N - R) and R (and the other way
+    round for a superset). With no record to compare, the set's Keras accuracy is compared with
+    training's held-out accuracy and an implausible gap (outside the 99.9% Clopper-Pearson
+    interval) is warned about: that comparison can only be statistical.
 
     Raises:
-        BundleError: export recorded a different Keras accuracy on a set of this size.
+        BundleError: the set's Keras accuracy lies outside what a record of export allows.
     """
     n, here = len(reference), keras_accuracy(reference, bundle.labels)
-    recorded = {}
+    right = int(round(here * n))
+    file = (bundle.meta.get("verification_set") or {}).get("file", "the verification set")
+    recorded = 0
     for fmt, artifact in (bundle.meta.get("artifacts") or {}).items():
         validation = artifact.get("validation") if isinstance(artifact, dict) else None
         value = validation.get("accuracy_keras") if isinstance(validation, dict) else None
-        if validation and validation.get("images") == n and isinstance(value, (int, float)) \
-                and not isinstance(value, bool):
-            recorded[fmt] = float(value)
-    file = (bundle.meta.get("verification_set") or {}).get("file", "the verification set")
+        size = validation.get("images") if isinstance(validation, dict) else None
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(size, int)
+                and not isinstance(size, bool) and size >= 1):
+            continue
+        recorded += 1
+        low, high = nested_right_bounds(int(round(value * size)), size, n)
+        if not low <= right <= high:
+            allowed = f"exactly {low}" if low == high else f"{low}..{high}"
+            raise BundleError(f"{file}'s labels disagree with export: the Keras logits stored with them are right on "
+                              f"{right} of its {n} images, but export measured {value:.4f} on {size} images drawn the "
+                              f"same way (artifacts.{fmt}.validation.accuracy_keras), which allows {allowed} here: "
+                              f"the labels or logits were changed after export, and accuracy checks against them "
+                              f"would mean nothing; re-export the bundle. Received: Keras accuracy {here:.4f} on "
+                              f"{n} images")
     if recorded:
-        if any(abs(value - here) <= 1e-9 for value in recorded.values()):
-            return
-        fmt, value = next(iter(recorded.items()))
-        raise BundleError(f"{file}'s labels disagree with export: the Keras logits stored with them are right on "
-                          f"{here:.4f} of its {n} images, but export measured {value:.4f} on a set of this size "
-                          f"(artifacts.{fmt}.validation.accuracy_keras): the labels or logits were changed after "
-                          f"export, and accuracy checks against them would mean nothing; re-export the bundle. "
-                          f"Received: Keras accuracy {here:.4f} on {n} images, recorded {value:.4f}")
+        return
     heldout = ((bundle.meta.get("metrics") or {}).get("validation") or {}).get("accuracy")
     drawn = (bundle.meta.get("verification_set") or {}).get("drawn") or {}
     if isinstance(heldout, (int, float)) and str(drawn.get("from", "")).startswith("the held-out split"):
-        right = int(round(here * n))
         low, high = clopper_pearson_lower(right, n, 0.9995), 1.0 - clopper_pearson_lower(n - right, n, 0.9995)
         if not low <= heldout <= high:
             warnings.warn(f"{file}'s labels give the Keras model {here:.4f} accuracy on its {n} images, but training "
                           f"measured {heldout:.4f} on the held-out split they were drawn from (99.9% interval of "
                           f"this set: {low:.4f}..{high:.4f}): its labels may have been changed; re-export the "
                           f"bundle if so", stacklevel=3)
+
+
+def nested_right_bounds(right: int, size: int, n: int) -> tuple[int, int]:
+    """How many of ``n`` images can be right when ``right`` of ``size`` nested with them are:
+    a subset (n <= size) loses at most the size - n images it leaves out; a superset adds n - size."""
+    if n <= size:
+        return max(0, n - (size - right)), min(n, right)
+    return right, right + (n - size)
 
 
 def verify(path: str | Path, backend: str = "all", precision: str | None = None, *,
