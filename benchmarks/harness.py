@@ -27,6 +27,7 @@ from edgeclf.benchmarks.timing import time_interleaved
 from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.errors import BackendUnavailableError, BundleError, InvalidInputError
 from edgeclf.images import IMAGE_EXTENSIONS, load_image
+from edgeclf.pack import check_package
 from edgeclf.progress import log
 from edgeclf.runtime import Predictor
 from edgeclf.runtime.backends import BACKENDS, runs_here
@@ -115,6 +116,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
     """Benchmark the bundle's artifacts; returns {"environment", "config", "rows", "created"}."""
     config = config or BenchConfig()
     bundle = Bundle.load(bundle_path)
+    check_package(bundle)  # a device package: every file as packed, as verify checks it
     entries = contestants(bundle, config)
     # By default where TensorFlow is installed and the model is there (a device package has no model.keras).
     baselines_wanted = _tensorflow_here() and bundle.model_path.is_file() if config.baselines is None \

@@ -211,8 +211,10 @@ def load_image(source: ImageSource, size: tuple[int, int] | None = None,
                 path = Path(source)
                 if path.is_dir():
                     raise ImageDecodeError(f"expected an image file, got a directory. Received: {path}")
-                if not path.is_file():
+                if not path.exists():
                     raise ImageDecodeError(f"image file not found. Received: {path}")
+                if not path.is_file():  # a FIFO would block the read; a device never ends
+                    raise ImageDecodeError(f"expected a regular image file, not a FIFO or device. Received: {path}")
                 if path.stat().st_size == 0:
                     raise ImageDecodeError(f"image file is empty (0 bytes). Received: {path}")
                 fh = open(path, "rb")

@@ -109,6 +109,12 @@ RANGES: dict[str, Range] = {
     "per_class": Range(2, 100_000, integer=True),
 }
 
+#: What one dataset command may write, images times pixels each: 11 gauge readings x 200 at 1024 px, or
+#: the 1,797 digits at 386 px. 2 gauges per reading at 4096 px would be 369 million.
+MAX_DATASET_PIXELS = 1 << 28
+#: Gauges are drawn at 4 times their side, then reduced: one canvas of at most this many pixels (192 MB in RGB).
+MAX_CANVAS_PIXELS = 1 << 26
+
 #: At most this many classes: a label range's size is checked against it before it is expanded.
 MAX_CLASSES = 10_000
 #: Labels are int64 in every graph's output; this keeps them (and their differences) exact.
@@ -132,6 +138,19 @@ def option(kind: str) -> Callable[[str], int | float]:
 
     parse.__name__ = kind  # argparse names the type in some messages
     return parse
+
+
+def check_dataset_pixels(images: int, side: int, what: str, canvas_scale: int = 1) -> None:
+    """Refuse a dataset whose images together (or whose drawing canvas, ``canvas_scale`` times the side)
+    exceed MAX_DATASET_PIXELS (MAX_CANVAS_PIXELS), before the first image is made."""
+    total, canvas = images * side * side, (canvas_scale * side) ** 2
+    if total > MAX_DATASET_PIXELS:
+        raise InvalidInputError(f"{what}: {images:,} images of {side}x{side} are {total:,} pixels, over the "
+                                f"{MAX_DATASET_PIXELS:,} a dataset command writes; ask for fewer or smaller images")
+    if canvas > MAX_CANVAS_PIXELS:
+        raise InvalidInputError(f"{what}: each {side}x{side} image is drawn on a canvas of {canvas:,} pixels, over "
+                                f"the {MAX_CANVAS_PIXELS:,} allowed; the largest side is "
+                                f"{int(MAX_CANVAS_PIXELS ** 0.5) // canvas_scale}")
 
 
 def check_label_count(count: int, text: object) -> None:

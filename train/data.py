@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from edgeclf import limits
 from edgeclf.errors import DataError, ImageDecodeError
 from edgeclf.images import IMAGE_EXTENSIONS, load_image
 from edgeclf.progress import progress
@@ -445,6 +446,7 @@ def write_digits_folder(
     if size < 8:
         raise DataError(f"size must be at least 8 pixels (the scans are 8x8). Received: {size}")
     gray, values = _digits_raw()
+    limits.check_dataset_pixels(len(values), size, "dataset digits")
     idx = np.arange(len(values))
     train_idx, test_idx = train_test_split(idx, test_size=holdout, random_state=seed, stratify=values)
     counts = {}

@@ -22,6 +22,8 @@ from edgeclf.errors import DataError
 
 #: The readings, one class each.
 READINGS = tuple(range(11))
+#: Each gauge is drawn at this many times its side, then reduced with LANCZOS (anti-aliased).
+DRAWN_AT = 4
 #: The scale's arc, in degrees clockwise from straight up: the reading 0 at START (lower left),
 #: each step STEP further, 10 at +135 (lower right).
 START, STEP = -135.0, 27.0
@@ -29,7 +31,7 @@ START, STEP = -135.0, 27.0
 
 def gauge_image(reading: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """One gauge showing ``reading``, drawn at 4x and reduced to ``size`` (anti-aliased)."""
-    big = size * 4
+    big = size * DRAWN_AT
     background = tuple(int(v) for v in rng.integers(40, 220, 3))
     img = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(img)
@@ -84,6 +86,7 @@ def write_gauges_folder(out: str | Path, per_class: int = 200, holdout: float = 
     if not 0.0 < holdout < 1.0:
         raise DataError(f"holdout must be between 0 and 1 (exclusive). Received: {holdout}")
     limits.check("per_class", per_class, "per_class")
+    limits.check_dataset_pixels(per_class * len(READINGS), size, "dataset gauges", canvas_scale=DRAWN_AT)
     test_count = max(1, round(per_class * holdout))
     counts = {"train": 0, "test": 0}
     with staged_directory(out, overwrite=overwrite) as stage:
