@@ -27,10 +27,10 @@ from edgeclf.fsio import sha256_file
 from edgeclf.runtime.fingerprint import fingerprint, machine_key
 from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.runtime.selection import choose
-from edgeclf.runtime.verifier import store_results, verify
+from edgeclf.runtime.verifier import check_labels_against_export, store_results, verify
 from edgeclf.runtime.checks import measurable_check
 from edgeclf.runtime.fidelity import clopper_pearson_lower, images_to_show
-from edgeclf.verification import load_verification_set
+from edgeclf.verification import VerificationSet, load_verification_set
 from tests.conftest import CPU_ARTIFACTS, HANG_S, engine_left_out, has_gpu, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,14 +329,24 @@ def test_verify_refuses_labels_changed_after_export(bundle_copy):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     recorded = bundle.meta["artifacts"]["onnx"]["validation"]["accuracy_keras"]
     assert len(errors) == 1 and "verification.npz's labels disagree with export" in errors[0], out.stderr
-    assert f"recorded {recorded:.4f}" in errors[0] and "re-export the bundle" in errors[0]
+    assert f"export measured {recorded:.4f}" in errors[0] and "re-export the bundle" in errors[0]
     assert out.stdout == ""  # refused before anything ran or was recorded
-    # A set of another size has no export record to compare with: training's held-out accuracy is
-    # the yardstick then, statistically (the set is a sample of it), and a gap is warned about.
+    # A set of another size: export drew it nested with the recorded one (a prefix of one permutation), so
+    # the images Keras gets right are bounded by export's count, at any size. Shifted labels fall outside.
     _replace_set(bundle_copy, reference.images[:-1], shifted[:-1], reference.logits[:-1])
+    out = run_cli("verify", str(bundle_copy), "--backend", "onnx", "--allow-small-set")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and len(errors) == 1 and "labels disagree with export" in errors[0], out.stderr
+    assert f"on {len(reference) - 1} images" in errors[0] and "which allows" in errors[0]
+    # The same subset with its own labels is within the bounds.
+    subset = load_verification_set(Bundle.load(bundle_copy))
+    check_labels_against_export(bundle, VerificationSet(subset.images, reference.values[:-1], subset.logits))
+    # With no export record to compare, training's held-out accuracy is the yardstick, statistically
+    # (the set is a sample of that split), and a gap is warned about.
+    unrecorded = Bundle(bundle.path, {**bundle.meta, "artifacts": {}})
     with pytest.warns(UserWarning, match=r"labels give the Keras model 0\.\d+ accuracy on its \d+ images, but "
                                          r"training measured [01]\.\d+ on the held-out split"):
-        verify(bundle_copy, "onnx", record=False, allow_small_set=True)
+        check_labels_against_export(unrecorded, VerificationSet(subset.images, shifted[:-1], subset.logits))
     # Untouched, the set agrees with its records: no error, no warning about its labels.
     _replace_set(bundle_copy, reference.images, reference.values, reference.logits)
     with warnings.catch_warnings(record=True) as caught:
