@@ -28,7 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
+from edgeclf.compat import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

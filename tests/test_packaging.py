@@ -87,3 +87,25 @@ def test_a_device_install_runs_the_cli_and_names_what_needs_tensorflow(installed
         assert out.stderr.strip().splitlines() == [
             f"error: edgeclf {command} needs TensorFlow and Keras, which are not installed here (tensorflow, keras "
             f"missing): pip install 'edgeclf[{extra}]'"]
+
+
+#: The folders that become the package (pyproject.toml's package-dir).
+PACKAGE_DIRS = ("edgeclf", "train", "export", "runtime", "serve", "benchmarks")
+
+
+def _vermin(*paths: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", "-t=3.10-", "--no-tips", "--violations",
+                           "--eval-annotations", *map(str, paths)], capture_output=True, text=True, timeout=HANG_S,
+                          cwd=ROOT)
+
+
+def test_the_package_keeps_to_python_3_10_and_the_check_sees_a_3_11_call(tmp_path):
+    """Jetson's JetPack 6 Python is 3.10 (requires-python >= 3.10): vermin, a static checker,
+    stands in for a 3.10 interpreter this machine cannot install."""
+    pytest.importorskip("vermin")
+    done = _vermin(*PACKAGE_DIRS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    planted = tmp_path / "planted.py"
+    planted.write_text("import datetime\n\nprint(datetime.UTC)\n")  # datetime.UTC is new in 3.11
+    done = _vermin(planted)
+    assert done.returncode != 0 and "'datetime.UTC' member requires !2, 3.11" in done.stdout, done.stdout

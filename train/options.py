@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import stat
-import tomllib
+from edgeclf.compat import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
