@@ -2,10 +2,14 @@
 
     python -m edgeclf.benchmarks.familiarity_study runs/demo/bundle --out runs/demo/familiarity_study.json
     python -m edgeclf.benchmarks.familiarity_study runs/demo/bundle --report runs/demo/data/test
+    python -m edgeclf.benchmarks.familiarity_study runs/gauges/bundle --report runs/gauges/data/test \
+        --no-gauges --foreign runs/demo/data/test
 
 The second form reports what the shipped check does on the device: each exported artifact run by
 the Predictor with the bundle's trust file, on the test images (never used to fit or choose
-anything), gauges drawn with seed 2, crops of real photographs and the probe frames.
+anything), gauges drawn with seed 2, crops of real photographs and the probe frames. For a
+model of gauges, ``--no-gauges`` leaves the drawn gauges out and ``--foreign DIR`` adds the
+image files under DIR (e.g. the digits' test images) as a foreign set.
 
 For each candidate (the shared-covariance Mahalanobis score on the pooled features at several ranks;
 the relative score of Ren et al. 2021; pooled features of earlier inception blocks) it reports the
@@ -151,9 +155,12 @@ def _judge_arrays(base: np.ndarray, s: np.ndarray) -> dict[str, float]:
             "flagged_at_99": float(np.mean(s > np.quantile(base, 0.99)))}
 
 
-def report(bundle_path: Path, test: Path, foreign_count: int = 440, formats: list[str] | None = None) -> dict:
+def report(bundle_path: Path, test: Path, foreign_count: int = 440, formats: list[str] | None = None,
+           drawn_gauges: bool = True, folders: tuple[Path, ...] = ()) -> dict:
     """The shipped familiarity check per artifact: AUROC of the score (test images against each foreign
-    set), the share flagged and the test images' false-alarm rate at alpha 0.05 and 0.01."""
+    set), the share flagged and the test images' false-alarm rate at alpha 0.05 and 0.01.
+    ``drawn_gauges``: gauges drawn with seed 2 are a foreign set; ``folders``: each a foreign set of
+    its image files (at most ``foreign_count``, in sorted order)."""
     from sklearn.metrics import roc_auc_score
 
     from edgeclf.runtime import Predictor
@@ -161,11 +168,16 @@ def report(bundle_path: Path, test: Path, foreign_count: int = 440, formats: lis
 
     bundle = Bundle.load(bundle_path)
     size = bundle.image_size
-    digits = load_dataset(test, size).images
-    foreign = {"gauges (seed 2)": gauges(foreign_count, size, seed=2),
+    own = load_dataset(test, size).images  # the test images: what must not be flagged
+    from edgeclf.runtime.files import image_paths
+    from edgeclf.runtime.inputs import to_batch
+
+    foreign = {**({"gauges (seed 2)": gauges(foreign_count, size, seed=2)} if drawn_gauges else {}),
+               **{str(folder): to_batch([p for p, problem in image_paths([folder]) if problem is None][:foreign_count],
+                                        size) for folder in folders},
                "photo crops (seed 2)": photo_crops(foreign_count, size, seed=2),
                **foreign_probe(*size, count=64, seed=2)}
-    out = {"bundle": str(bundle_path), "test_images": len(digits), "foreign_images": {k: len(v) for k, v in
+    out = {"bundle": str(bundle_path), "test_images": len(own), "foreign_images": {k: len(v) for k, v in
                                                                                       foreign.items()}, "artifacts": {}}
     validated = [f for f, r in bundle.meta.get("artifacts", {}).items() if r.get("status") == "validated"]
     for fmt in formats or validated:
@@ -180,7 +192,7 @@ def report(bundle_path: Path, test: Path, foreign_count: int = 440, formats: lis
             def scores(images):
                 return familiarity.scores(predictor.infer_outputs(images)[1])
 
-            base = scores(digits)
+            base = scores(own)
             row = {"false_alarms": {f"{a:g}": float(np.mean(familiarity.p_values_of_scores(base) <= a))
                                     for a in (0.05, 0.01)}}
             for name, images in foreign.items():
@@ -199,9 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--report", type=Path, metavar="TEST_DATA", help="report the shipped check on these images")
     parser.add_argument("--formats", help="comma-separated artifacts to report (default: every validated one)")
+    parser.add_argument("--no-gauges", action="store_true", help="report: no drawn gauges (a model of gauges)")
+    parser.add_argument("--foreign", type=Path, action="append", default=[], metavar="DIR",
+                        help="report: the image files under DIR are a foreign set (repeatable)")
     args = parser.parse_args(argv)
     formats = args.formats.split(",") if args.formats else None
-    result = report(args.bundle, args.report, formats=formats) if args.report else study(args.bundle)
+    result = (report(args.bundle, args.report, formats=formats, drawn_gauges=not args.no_gauges,
+                     folders=tuple(args.foreign)) if args.report else study(args.bundle))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

@@ -28,7 +28,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -52,6 +52,7 @@ class PackReport:
     formats: list[str]
     files: dict[str, int]  # name -> bytes
     source_bytes: int  # the whole source bundle directory
+    build_on_device: list[str] = field(default_factory=list)  # formats `edgeclf engine` builds there
 
     @property
     def bytes(self) -> int:
@@ -66,9 +67,17 @@ def archive_kind(path: str | os.PathLike) -> str | None:
     return "zip" if name.endswith(".zip") else None
 
 
-def _chosen_formats(bundle: Bundle, formats: Sequence[str], allow_unvalidated: bool) -> list[str]:
+#: Formats a device builds itself (``edgeclf engine``): a TensorRT engine runs only on the GPU and TensorRT
+#: it was built with, so pack ships the artifact it is built from instead, and says so in the record.
+BUILT_ON_DEVICE = {"tensorrt": FORMATS["tensorrt"].source}
+
+
+def _chosen_formats(bundle: Bundle, formats: Sequence[str], allow_unvalidated: bool) -> tuple[list[str], list[str]]:
+    """(artifacts to pack, formats the device builds from them)."""
     artifacts = bundle.meta.get("artifacts") or {}
     names = [n.strip().lower() for n in formats if n.strip()]
+    to_build = [n for n in names if n in BUILT_ON_DEVICE]
+    names = [BUILT_ON_DEVICE.get(n, n) for n in names]
     if not names:
         raise InvalidInputError(f"pack needs at least one artifact format (--for), one of {list(FORMATS)}")
     for name in names:
@@ -84,10 +93,10 @@ def _chosen_formats(bundle: Bundle, formats: Sequence[str], allow_unvalidated: b
         if record.get("status") != "validated" and not allow_unvalidated:
             raise InvalidInputError(f"the {name} artifact of {bundle.path} is {record.get('status')!r}, not validated "
                                     f"against Keras; pack it anyway with --allow-unvalidated")
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(names)), to_build
 
 
-def _package_meta(bundle: Bundle, formats: list[str], files: dict[str, Path]) -> dict[str, Any]:
+def _package_meta(bundle: Bundle, formats: list[str], files: dict[str, Path], to_build: list[str]) -> dict[str, Any]:
     """bundle.json of the package: the source's, cut down to ``formats``, with the package record."""
     meta = json.loads(json.dumps(bundle.meta))  # a deep copy of plain JSON
     meta["artifacts"] = {f: meta["artifacts"][f] for f in formats}
@@ -107,6 +116,8 @@ def _package_meta(bundle: Bundle, formats: list[str], files: dict[str, Path]) ->
         "files": {name: {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
                   for name, path in sorted(files.items())},
     }
+    if to_build:  # `edgeclf engine PACKAGE` builds them, where they will run
+        meta["package"]["build_on_device"] = {name: BUILT_ON_DEVICE[name] for name in to_build}
     return meta
 
 
@@ -122,7 +133,7 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
     """
     bundle = Bundle.load(bundle_path)
     _check_apart(bundle.path, Path(out), "pack's output", "the bundle it packs")
-    chosen = _chosen_formats(bundle, formats, allow_unvalidated)
+    chosen, to_build = _chosen_formats(bundle, formats, allow_unvalidated)
     files: dict[str, Path] = {}
     for fmt in chosen:
         parts = artifact_files(bundle, bundle.meta["artifacts"][fmt])  # sha256 and size checked here
@@ -146,7 +157,7 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
     odd = [name for name in files if not _PLAIN_NAME.fullmatch(name) or name == BUNDLE_FILE]
     if odd:  # unpack accepts plain names only: refuse here what could not come back
         raise BundleError(f"{bundle.path}: a package holds files by plain names, but bundle.json names {odd}")
-    data = (json.dumps(_package_meta(bundle, chosen, files), indent=2) + "\n").encode("utf-8")
+    data = (json.dumps(_package_meta(bundle, chosen, files, to_build), indent=2) + "\n").encode("utf-8")
     out = Path(out)
     kind = archive_kind(out)
     if kind is None:
@@ -163,7 +174,7 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
     source = sum(p.stat().st_size for p in bundle.path.rglob("*") if p.is_file())
     sizes = {n: p.stat().st_size for n, p in files.items()}
     sizes[BUNDLE_FILE] = len(data)
-    return PackReport(out, chosen, sizes, source)
+    return PackReport(out, chosen, sizes, source, to_build)
 
 
 def _check_apart(source: Path, out: Path, what: str, source_what: str) -> None:

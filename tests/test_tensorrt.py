@@ -140,3 +140,46 @@ def test_cli_rejects_a_bad_batch_profile(tmp_path):
     out = run_cli("export", str(tmp_path), "--format", "tensorrt", "--batch-profile", "1,8")
     assert out.returncode == 1
     assert "--batch-profile expects three integers MIN,OPT,MAX such as 1,8,32. Received: '1,8'" in out.stderr
+
+
+def test_engine_is_built_on_the_device_from_a_package_without_tensorflow(tiny_exported, tmp_path):
+    """pack --for tensorrt ships the FP16 ONNX; `edgeclf engine` builds the engine where it runs (here with
+    TensorRT-RTX, which needs no GPU), records it in the package and never imports TensorFlow."""
+    import json
+    import subprocess
+    import sys
+
+    from edgeclf.bundle import Bundle
+    from edgeclf.pack import pack
+    from tests.conftest import HANG_S
+
+    package = tmp_path / "pkg"
+    report = pack(tiny_exported[0].path, ["tensorrt"], package)
+    assert report.formats == ["onnx-fp16"] and report.build_on_device == ["tensorrt"]
+    assert not (package / "model.fp16.engine").exists()
+    assert Bundle.load(package).meta["package"]["build_on_device"] == {"tensorrt": "onnx-fp16"}
+
+    code = ("import sys; from edgeclf.cli import main; status = main(sys.argv[1:]); "
+            "print('tensorflow imported:', 'tensorflow' in sys.modules); sys.exit(status)")
+    target = ["--trt-compute-capability", "8.6"] if FLAVOUR == "tensorrt-rtx" else []
+    done = subprocess.run([sys.executable, "-c", code, "engine", str(package), *target], capture_output=True,
+                          text=True, timeout=HANG_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "tensorflow imported: False"
+    meta = Bundle.load(package).meta
+    record = meta["artifacts"]["tensorrt"]
+    assert record["built_by"] == "edgeclf engine" and record["source_sha256"] == sha256_file(package / "model.fp16.onnx")
+    assert meta["package"]["files"]["model.fp16.engine"]["sha256"] == sha256_file(package / "model.fp16.engine")
+    assert meta["package"]["formats"] == ["onnx-fp16", "tensorrt"] and "build_on_device" not in meta["package"]
+    if record["target"]["built_on_gpu"] is None:  # no GPU: unvalidated, with the reason
+        assert record["status"] == "unvalidated" and "edgeclf verify" in record["validation"]["skipped"]
+        assert "not verified here" in done.stdout
+
+    again = run_cli("engine", str(package), *target)
+    assert again.returncode == 0 and "(reused)" in again.stdout, again.stderr[-2000:]
+    verified = run_cli("verify", str(package), "--allow-small-set", "--json")
+    assert verified.returncode == 0, verified.stderr[-2000:]  # the package as packed, plus its engine
+    assert json.loads(verified.stdout)["results"]["onnx-fp16"]["passed"]
+
+    missing = run_cli("engine", str(tiny_exported[0].path / "nowhere"))
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr

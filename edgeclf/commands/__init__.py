@@ -7,4 +7,4 @@ TensorFlow.
 """
 
 #: In the order ``edgeclf --help`` lists them.
-COMMANDS = ("train", "evaluate", "export", "predict", "bench", "serve", "loadtest", "verify", "pack", "unpack", "doctor", "dataset")
+COMMANDS = ("train", "evaluate", "export", "predict", "bench", "serve", "loadtest", "verify", "pack", "unpack", "engine", "doctor", "dataset")

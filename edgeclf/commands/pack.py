@@ -14,6 +14,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<28} {size / 1e6:>9.1f} MB")
     print(f"package {report.path}: {', '.join(report.formats)}, {report.bytes / 1e6:.1f} MB in "
           f"{len(report.files)} files (the bundle: {report.source_bytes / 1e6:.1f} MB)")
+    for name in report.build_on_device:
+        print(f"{name}: an engine runs only on the GPU and TensorRT it was built with; on the device, after "
+              f"unpacking: edgeclf engine PACKAGE")
     return 0
 
 
@@ -27,7 +30,8 @@ def register(sub) -> None:
     p.add_argument("bundle", help="bundle directory with exported artifacts")
     p.add_argument("--for", dest="formats", required=True, metavar="FORMAT[,FORMAT...]",
                    help="artifact formats to ship, e.g. onnx-int8 or openvino-int8,onnx (openvino-bf16 runs the "
-                        "openvino artifact)")
+                        "openvino artifact; tensorrt ships the FP16 ONNX, and 'edgeclf engine' builds the engine on "
+                        "the device)")
     p.add_argument("--out", required=True, metavar="PATH",
                    help="a folder, or one file when PATH ends in .tar.gz, .tgz or .zip")
     p.add_argument("--allow-unvalidated", action="store_true",
