@@ -31,7 +31,7 @@ DEMO_TRAIN_ARGS ?= --epochs-frozen 10 --epochs-finetune 4 --unfreeze-at 0 --trai
 # AVX2-only EPYC, before the INT8 gate, 28.5 and 43 min (two INT8 searches used their 15-min bound).
 BENCH_DIR ?= runs/bench
 
-.PHONY: demo test test-fast test-loaded test-gpu install clean benchmarks serve-loadtest
+.PHONY: demo test test-fast test-loaded test-arm test-gpu install clean benchmarks serve-loadtest
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -99,6 +99,14 @@ test-fast: install
 LOADED_RUNS ?= 1
 test-loaded: install
 	$(PY) -m tests.under_load --runs $(LOADED_RUNS) -- $(MAKE) --no-print-directory test
+
+# The ARM leg, emulated (tests/arm_leg.py): a package of a small model unpacked, verified, predicted,
+# benchmarked and doctor run on Debian 12 arm64 as a Raspberry Pi 5 (cortex-a76) and a Pi 4 (cortex-a72),
+# under qemu-user-static. Needs root and Debian's archive once (the root file system is cached in
+# runs/arm); where the machine cannot emulate it says why and is skipped. ARM_PACKAGE=pkg.tar.gz runs another.
+ARM_PACKAGE ?=
+test-arm: install
+	$(PY) -m tests.arm_leg $(if $(ARM_PACKAGE),--package $(ARM_PACKAGE)) --json runs/arm/leg.json
 
 # The tests that need an NVIDIA GPU, alone (each says why where it is skipped):
 #   make test-gpu            on a machine with a GPU and TensorRT or TensorRT-RTX

@@ -233,3 +233,15 @@ def test_an_int8_record_exported_without_validation_is_verified_by_the_gate_its_
     assert tolerance_for("int8", record) == _gate(1.5)
     assert tolerance_for("int8", {"quantization": {"target": {"min_agreement": "x"}, "decided": {"margin": 1}}}) \
         == Tolerance(None, 0.0, 0.95, 0.02)  # a malformed record: the defaults
+
+
+def test_an_arm_board_is_named_by_its_core_and_an_emulated_one_says_so():
+    """On ARM the flags come from the auxiliary vector (what QEMU sets for the CPU it emulates); the name
+    from /proc/cpuinfo, which under QEMU's user mode is the x86 host's and must not pass for a board's."""
+    from edgeclf.runtime.hardware import _arm_model
+
+    pi4 = {"processor": "0", "Features": "fp asimd evtstrm crc32 cpuid", "CPU implementer": "0x41",
+           "CPU part": "0xd08", "Model": "Raspberry Pi 4 Model B Rev 1.4"}
+    assert _arm_model(pi4) == "Raspberry Pi 4 Model B Rev 1.4: Cortex-A72 (Raspberry Pi 4)"
+    host = {"vendor_id": "AuthenticAMD", "model name": "AMD EPYC", "flags": "avx2 avx512_vnni"}
+    assert _arm_model(host).startswith("AArch64 under emulation (QEMU; /proc/cpuinfo is the host's: AMD EPYC")
