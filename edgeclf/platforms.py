@@ -69,11 +69,9 @@ class Platform:
 
 PLATFORMS = (
     Platform("x86-64 Linux (AVX2, VNNI or AMX; Ubuntu 22.04+)", "x86_64", (2, 35), "3.11", nvidia=True),
-    Platform("Raspberry Pi 5 (Raspberry Pi OS 12, 64-bit)", "aarch64", (2, 36), "3.11"),
-    Platform("Jetson, JetPack 6 (Ubuntu 22.04), its Python", "aarch64", (2, 35), "3.10",
-             "edgeclf needs Python 3.11+", nvidia=True),
-    Platform("Jetson, JetPack 6, Python 3.11 (uv or deadsnakes)", "aarch64", (2, 35), "3.11", nvidia=True),
-    Platform("Jetson, JetPack 5 (Ubuntu 20.04), its Python", "aarch64", (2, 31), "3.8", "edgeclf needs Python 3.11+",
+    Platform("Raspberry Pi 4 and 5 (Raspberry Pi OS 12, 64-bit)", "aarch64", (2, 36), "3.11"),
+    Platform("Jetson, JetPack 6 (Ubuntu 22.04), its Python", "aarch64", (2, 35), "3.10", nvidia=True),
+    Platform("Jetson, JetPack 5 (Ubuntu 20.04), its Python", "aarch64", (2, 31), "3.8", "edgeclf needs Python 3.10+",
              nvidia=True),
     Platform("32-bit Raspberry Pi OS (armv7l)", "armv7l", (2, 36), "3.11"),
 )
@@ -93,7 +91,10 @@ def _declared() -> tuple[list[str], dict[str, list[str]]]:
     for line in requires("edgeclf") or []:
         requirement, _, marker = (part.strip() for part in line.partition(";"))
         extra = re.search(r"""extra\s*==\s*["']([\w-]+)["']""", marker)
-        (optional.setdefault(extra.group(1), []) if extra else core).append(requirement.replace(" ", ""))
+        if extra:  # edgeclf's extras carry no other marker
+            optional.setdefault(extra.group(1), []).append(requirement.replace(" ", ""))
+        else:  # a core requirement keeps its own marker (tomli on Python 3.10)
+            core.append(requirement.replace(" ", "") + (f"; {marker}" if marker else ""))
     return core, optional
 
 

@@ -151,7 +151,8 @@ class Chroot:
         env = {"PATH": "/opt/edgeclf/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
         if cpu:
             env["QEMU_CPU"] = cpu  # read by the binfmt interpreter, qemu-aarch64-static
-        return subprocess.run(["chroot", str(self.rootfs), "/bin/sh", "-c", script], capture_output=True, text=True,
+        chroot = shutil.which("chroot") or "/usr/sbin/chroot"  # found on the host's PATH, not the guest's
+        return subprocess.run([chroot, str(self.rootfs), "/bin/sh", "-c", script], capture_output=True, text=True,
                               env=env, timeout=timeout)
 
 
