@@ -276,9 +276,9 @@ MAX_JSON_VALUES = 500_000
 def parse_json(text: str | bytes, what: str, max_values: int = MAX_JSON_VALUES) -> Any:
     """The JSON in ``text``, refusing one that would make more than ``max_values`` values.
 
-    Every value after the first is preceded by a comma or opens a container, so counting those
-    characters (inside strings too: an over-count, never an under-count) bounds the parse before
-    it allocates.
+    Every array item and object member follows a comma or its container's opening bracket, so
+    counting those characters (inside strings too: an over-count, never an under-count) bounds
+    the items, and what the parse allocates (a member is a key and a value), before it starts.
 
     Raises:
         ValueError: too many values, not UTF-8, not JSON, or nested too deeply for the parser (a
