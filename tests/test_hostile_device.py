@@ -1,10 +1,12 @@
 """The hostile corpus of the device surfaces: pack, unpack, platforms, dataset, verify and bench
 given what a careless or hostile user would give them (issue 34, cases numbered as there).
 
-Each case runs the real CLI in a subprocess, measured by a small parent that reports the
-child's peak RSS, and must end in one ``error:`` line with a non-zero exit, within
-:data:`PEAK_RSS_MB`, leaving the source and every folder outside its target as they were.
-Nothing here is timed: a run that hung would meet the suite's hang bound.
+The cases that could make a reader hang or allocate (archives, JSON floods, an index that never
+answers) run the real CLI in a subprocess, measured by a small parent that reports the child's peak
+RSS: one ``error:`` line, a non-zero exit, within :data:`PEAK_RSS_MB`. The others call the API in
+this process (the CLI turns the same typed errors into one line) and check that the source and
+every folder outside the target are as they were. Nothing here is timed: a run that hung would
+meet the suite's hang bound.
 """
 
 from __future__ import annotations
@@ -91,26 +93,33 @@ def _package_members(packages) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("where", ["onto itself", "inside itself", "its parent", "archive inside itself"])
 def test_1_pack_never_writes_onto_into_or_above_its_source(packages, tmp_path, where):
+    from edgeclf.errors import InvalidInputError
+    from edgeclf.runtime import verify
+
     source = tmp_path / "parent" / "src"
     source.parent.mkdir()
     subprocess.run(["cp", "-r", str(packages["folder"]), str(source)], check=True)
     before, parent_before = _tree(source), _tree(source.parent)
     out = {"onto itself": source, "inside itself": source / "small", "its parent": source.parent,
            "archive inside itself": source / "small.tar.gz"}[where]
-    error = _refused(["pack", source, "--for", "onnx-int8", "--out", out, "--overwrite"], "choose an output apart")
-    assert str(source) in error
+    with pytest.raises(InvalidInputError, match="choose an output apart") as caught:
+        pack(source, ["onnx-int8"], out, overwrite=True)
+    assert str(source) in str(caught.value) and "\n" not in str(caught.value)
     assert _tree(source) == before and _tree(source.parent) == parent_before
-    status, _, stderr, _ = run_measured("verify", str(source), "--allow-small-set")
-    assert status == 0, stderr  # the source still passes its own package check
+    assert verify(source, "onnx-int8", record=False, allow_small_set=True).passed  # still its own package
 
 
 def test_1_unpack_never_replaces_the_folder_holding_its_archive(packages, tmp_path):
+    from edgeclf.errors import InvalidInputError
+    from edgeclf.pack import unpack
+
     folder = tmp_path / "device"
     folder.mkdir()
     archive = folder / "pkg.tar.gz"
     archive.write_bytes(packages["archive"].read_bytes())
     before = _tree(folder)
-    _refused(["unpack", archive, folder, "--overwrite"], "holds the archive it unpacks")
+    with pytest.raises(InvalidInputError, match="holds the archive it unpacks"):
+        unpack(archive, folder, overwrite=True)
     assert _tree(folder) == before
 
 
@@ -253,7 +262,12 @@ def test_4_platforms_offline_exits_with_one_line_and_writes_no_table(index, requ
 
 @pytest.mark.parametrize("command", ["unpack", "dataset gauges"])
 @pytest.mark.parametrize("target", ["empty", "symlink", "working directory"])
-def test_5_6_an_empty_symlinked_or_working_directory_target_is_refused_up_front(packages, tmp_path, command, target):
+def test_5_6_an_empty_symlinked_or_working_directory_target_is_refused_up_front(packages, tmp_path, monkeypatch,
+                                                                                  command, target):
+    from edgeclf.errors import InvalidInputError
+    from edgeclf.pack import unpack
+    from edgeclf.train.gauges import write_gauges_folder
+
     here = tmp_path / "here"
     here.mkdir()
     (here / "mine.txt").write_text("keep")
@@ -262,12 +276,15 @@ def test_5_6_an_empty_symlinked_or_working_directory_target_is_refused_up_front(
     (elsewhere / "theirs.txt").write_text("keep")
     if target == "symlink":
         (here / "link").symlink_to(elsewhere)
+    monkeypatch.chdir(here)
     out = {"empty": "", "symlink": "link", "working directory": "."}[target]
-    args = (["unpack", packages["archive"], out] if command == "unpack"
-            else ["dataset", "gauges", out, "--per-class", "2"]) + ["--overwrite"]
     before = _tree(tmp_path)
-    _refused(args, {"empty": "name is empty", "symlink": "symbolic link",
-                    "working directory": "directory you are in"}[target], cwd=here)
+    fragment = {"empty": "name is empty", "symlink": "symbolic link", "working directory": "directory you are in"}
+    with pytest.raises(InvalidInputError, match=fragment[target]):
+        if command == "unpack":
+            unpack(packages["archive"], out, overwrite=True)
+        else:
+            write_gauges_folder(out, per_class=2, overwrite=True)
     assert _tree(tmp_path) == before  # nothing written, nothing left beside the target
 
 
@@ -294,36 +311,50 @@ def test_7_verify_fails_a_package_whose_relabelled_subset_was_resigned(packages,
     meta["verification_set"].update(sha256=digest, size_bytes=size, images=keep)  # re-signed in both records
     meta["package"]["files"]["verification.npz"].update(sha256=digest, size_bytes=size)
     (folder / "bundle.json").write_text(json.dumps(meta))
-    _refused(["verify", folder, "--allow-small-set"], "labels disagree with export")
+    from edgeclf.errors import BundleError
+    from edgeclf.runtime import verify
+
+    with pytest.raises(BundleError, match="labels disagree with export"):
+        verify(folder, "all", allow_small_set=True)
     assert json.loads((folder / "bundle.json").read_text()) == meta  # no result stored
 
 
 # -- 8. dataset options whose product is not bounded --------------------------------------------------
 
-@pytest.mark.parametrize("args, fragment", [
-    (["gauges", "--per-class", "2", "--size", "4096"], "369,098,752 pixels"),
-    (["gauges", "--per-class", "2", "--size", "3000"], "canvas of 144,000,000 pixels"),
-])
-def test_8_dataset_refuses_what_its_options_produce_together(tmp_path, args, fragment):
-    _refused(["dataset", args[0], tmp_path / "out", *args[1:]], fragment)
-    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("size, fragment", [(4096, "369,098,752 pixels"), (3000, "canvas of 144,000,000 pixels")])
+def test_8_dataset_refuses_what_its_options_produce_together(tmp_path, size, fragment):
+    from edgeclf.errors import InvalidInputError
+    from edgeclf.train.gauges import write_gauges_folder
+
+    with pytest.raises(InvalidInputError, match=fragment):
+        write_gauges_folder(tmp_path / "out", per_class=2, size=size)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- 9. bench on an altered package, a FIFO for a file -----------------------------------------------
 
 def test_9_bench_runs_the_package_check_first(packages, tmp_path):
+    from edgeclf.benchmarks.harness import BenchConfig, run_bench
+    from edgeclf.errors import BundleError
+
     folder = tmp_path / "pkg"
     subprocess.run(["cp", "-r", str(packages["folder"]), str(folder)], check=True)
     os.replace(folder / "model.int8.openvino.xml", tmp_path / "x")
     (folder / "model.int8.openvino.xml").write_bytes((tmp_path / "x").read_bytes().replace(b"<net", b"<net ", 1))
-    _refused(["bench", folder, "--duration", "0.5", "--no-baselines"], "is not as packed")
+    with pytest.raises(BundleError, match="is not as packed"):
+        run_bench(folder, BenchConfig(duration_s=0.5, baselines=False))
 
 
-def test_9_a_fifo_given_as_archive_or_image_is_named_for_what_it_is(packages, tmp_path):
+def test_9_a_fifo_given_as_archive_or_image_is_named_for_what_it_is(tmp_path):
+    from edgeclf.errors import ImageDecodeError, InvalidInputError
+    from edgeclf.images import load_image
+    from edgeclf.pack import unpack
+
     fifo = tmp_path / "pipe.tar.gz"
     os.mkfifo(fifo)
-    _refused(["unpack", fifo, tmp_path / "out"], "must be a regular file")
+    with pytest.raises(InvalidInputError, match="must be a regular file"):
+        unpack(fifo, tmp_path / "out")
     image = tmp_path / "pipe.png"
     os.mkfifo(image)
-    status, stdout, stderr, _ = run_measured("predict", str(packages["folder"]), str(image))
-    assert status == 1 and "not a FIFO or device" in stderr and "Traceback" not in stderr, stderr
+    with pytest.raises(ImageDecodeError, match="not a FIFO or device"):
+        load_image(image, (32, 32))
