@@ -313,7 +313,7 @@ def read_json(path: str | os.PathLike, max_bytes: int, max_values: int = MAX_JSO
     if info.st_size > max_bytes:
         raise ValueError(f"{path.name} is {info.st_size:,} bytes, over the {max_bytes:,} it may take")
     with open(path, "rb") as fh:
-        data = fh.read(max_bytes + 1)  # the file may have grown since stat
+        data = fh.read(info.st_size + 1)  # the file may have grown since stat (read(n) allocates n bytes)
     if len(data) > max_bytes:
         raise ValueError(f"{path.name} is over the {max_bytes:,} bytes it may take")
     return parse_json(data, path.name, max_values)

@@ -166,7 +166,7 @@ class _Models:
         self.grpc_url = grpc_url
         self._local = threading.local()  # one gRPC client per instance thread
 
-    def outputs(self, logits: np.ndarray, embedding: np.ndarray | None) -> dict[str, np.ndarray]:
+    def outputs(self, logits: np.ndarray, embedding: np.ndarray | None = None) -> dict[str, np.ndarray]:
         predictions = self.predictor.decode(logits, embedding=embedding)
         out = {
             "label": np.array([[p.label] for p in predictions], dtype=np.int64),
