@@ -153,9 +153,9 @@ class Predictor:
         check_model_path(path)
         hardware = detect()
         choice = choose(path, backend, precision, hardware, allow_unvalidated)
-        if choice.record is not None and needs_int8_dot_product(choice.record) and not hardware.vnni:
-            warnings.warn(f"{choice.format} has full-range 8-bit INT8 weights, made for CPUs with VNNI, AMX or ARM "
-                          f"dot product; this CPU has none, so its answers may differ from the model's. "
+        if choice.record is not None and needs_int8_dot_product(choice.record) and hardware.int8_saturates:
+            warnings.warn(f"{choice.format} has full-range 8-bit INT8 weights, which saturate on x86 CPUs without "
+                          f"VNNI or AMX, as this one; its answers may differ from the model's. "
                           f"`edgeclf verify {path} --backend {choice.format}` measures by how much here",
                           stacklevel=2)
         bundle = Bundle.load(path) if choice.record is not None else None

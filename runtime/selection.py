@@ -9,8 +9,9 @@ CPUs with VNNI, ONNX Runtime FP32 otherwise.
 
 "auto" never runs what was not checked for this machine: a run-time precision (OpenVINO
 BF16) only once export or ``edgeclf verify`` passed it on a machine like this one, and
-an INT8 artifact with full-range 8-bit weights only on CPUs with INT8 dot products
-(VNNI, AMX, ARM dot product), since AVX2 alone saturates on them.
+an INT8 artifact with full-range 8-bit weights never on x86 CPUs without VNNI or AMX,
+since AVX2 alone saturates on them (ARM does not, with or without dot product: measured on
+an emulated Raspberry Pi 4, see ``Hardware.int8_saturates``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _usable(bundle: Bundle, fmt: str, allow_unvalidated: bool, hardware: Hardwar
     if not allow_unvalidated and not trusted_here(bundle, fmt, hardware):
         return None
     if auto:
-        if needs_int8_dot_product(record) and not hardware.vnni:
+        if needs_int8_dot_product(record) and hardware.int8_saturates:
             return None
         if hint is not None and not passed_here(bundle, entry_name(fmt, hint), hardware):
             return None
@@ -156,14 +157,30 @@ def _held_back(bundle: Bundle, hardware: Hardware) -> list[str]:
     for fmt, record in bundle.meta.get("artifacts", {}).items():
         if record.get("status") != "validated":
             continue
-        if needs_int8_dot_product(record) and not hardware.vnni:
-            notes.append(f"{fmt} left out: its full-range INT8 weights need a CPU with VNNI/AMX/ARM dot product "
+        if needs_int8_dot_product(record) and hardware.int8_saturates:
+            notes.append(f"{fmt} left out: its full-range INT8 weights saturate on x86 without VNNI or AMX "
                          f"(`edgeclf verify {bundle.path} --backend {fmt}` shows how far it drifts here)")
     if hardware.bf16 and "openvino" in bundle.meta.get("artifacts", {}) \
             and not passed_here(bundle, "openvino-bf16", hardware):
         notes.append(f"OpenVINO BF16 left out until it passes here: `edgeclf verify {bundle.path} "
                      f"--backend openvino --precision bf16`")
     return notes
+
+
+def _nothing_to_run(bundle: Bundle, hardware: Hardware) -> str:
+    """Why "auto" found nothing here, and what to do: on a workstation, export; on a device (a package,
+    which has no model to export from), what it can do itself, or what to pack instead."""
+    path = bundle.path
+    if "package" not in bundle.meta:
+        return (f"{path} has no validated artifact a backend installed here can run; export one with "
+                f"`edgeclf export {path}` and see `edgeclf doctor`")
+    held = _held_back(bundle, hardware)
+    formats = list(bundle.meta.get("artifacts") or {})
+    here = (f"; here: {'; '.join(held)}, and `--backend NAME` runs it once verify passed it" if held else
+            f"; see `edgeclf doctor` for the backends installed here")
+    return (f"the package {path} has no artifact `auto` may run on this machine (it holds {formats or 'none'})"
+            f"{here}; or, on the workstation, pack an artifact this CPU runs exactly (an INT8 one exported with "
+            f"`--int8-cpu avx2`, or an FP32 one)")
 
 
 def choose(path: Path, backend: str, precision: str | None, hardware: Hardware,
@@ -190,8 +207,7 @@ def choose(path: Path, backend: str, precision: str | None, hardware: Hardware,
     if backend == "auto":
         choice = _from_benchmarks(bundle, hardware) or _by_hardware(bundle, hardware)
         if choice is None:
-            raise BundleError(f"{path} has no validated artifact a backend installed here can run; "
-                              f"export one with `edgeclf export {path}` and see `edgeclf doctor`")
+            raise BundleError(_nothing_to_run(bundle, hardware))
         return choice
     formats = (backend,) if backend not in BACKENDS else BACKENDS[backend].formats
     name = backend if backend in BACKENDS else _backend_of(backend)

@@ -156,7 +156,7 @@ class Chroot:
                               env=env, timeout=timeout)
 
 
-def leg(package: Path, cpus: list[str], cache: Path, bench_s: float) -> dict:
+def leg(package: Path, cpus: list[str], cache: Path, bench_s: float, artifacts: str | None = None) -> dict:
     rootfs = root_filesystem(cache)
     folder = wheels(cache)
     inside = rootfs / "leg"
@@ -176,11 +176,12 @@ def leg(package: Path, cpus: list[str], cache: Path, bench_s: float) -> dict:
             board, expected_flags = BOARDS[cpu]
             steps = {
                 "unpack": "edgeclf unpack /leg/package.tar.gz /leg/pkg --overwrite",
-                "verify": "edgeclf verify /leg/pkg --allow-small-set --no-record --backend all",
+                "verify": f"edgeclf verify /leg/pkg --allow-small-set --no-record --backend {artifacts or 'all'}",
                 "predict": "edgeclf predict /leg/pkg $(python3 -c \"import numpy as n, PIL.Image as I; "
                            "I.fromarray(n.full((32, 32, 3), 200, n.uint8)).save('/leg/x.png')\" && echo /leg/x.png)",
                 "doctor": "edgeclf doctor --json",
-                "bench": f"edgeclf bench /leg/pkg --batch 1 --duration {bench_s} --warmup 0.5 --out /leg/bench",
+                "bench": f"edgeclf bench /leg/pkg --batch 1 --duration {bench_s} --warmup 0.5 --out /leg/bench"
+                         + (f" --backends {artifacts}" if artifacts else ""),
             }
             results["cpus"][cpu] = {"board": board}
             for name, script in steps.items():
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", default="cortex-a76,cortex-a72", help="QEMU CPUs to emulate (default %(default)s)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "arm")
     parser.add_argument("--bench-seconds", type=float, default=2.0)
+    parser.add_argument("--artifact", help="verify and bench this artifact only (e.g. onnx-int8; default: all)")
     parser.add_argument("--json", type=Path, help="write every step's output here")
     parser.add_argument("--strict-skip", action="store_true", help=f"exit {SKIPPED} when the leg is skipped")
     args = parser.parse_args(argv)
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_host()
         package = args.package or small_package(args.cache)
-        results = leg(package, cpus, args.cache, args.bench_seconds)
+        results = leg(package, cpus, args.cache, args.bench_seconds, args.artifact)
     except Skip as exc:
         print(f"[arm] skipped: {exc}", flush=True)
         return SKIPPED if args.strict_skip else 0

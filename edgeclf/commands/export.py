@@ -159,7 +159,7 @@ def register(sub) -> None:
                         "INT8 misses the target)")
     p.add_argument("--int8-cpu", choices=["auto", "avx2", "vnni"], default="auto",
                    help="CPUs the INT8 artifacts are quantized for: avx2 (no VNNI: 7-bit weights, exact where u8 x s8 "
-                        "pairs are summed in int16), vnni (VNNI, AMX or ARM dot product: full 8-bit weights); auto "
+                        "pairs are summed in int16), vnni (VNNI, AMX or any ARM: full 8-bit weights); auto "
                         "(default): this machine's class. Other machines check them with 'edgeclf verify'")
     p.add_argument("--full-range-int8", action="store_true", help=argparse.SUPPRESS)  # the old name of --int8-cpu vnni
     p.add_argument("--data", default=None,
