@@ -9,7 +9,7 @@ packages (``mmdebstrap``; run under ``qemu-user-static`` through binfmt_misc), a
 In the root file system it makes a venv (Debian 12 refuses pip outside one: PEP 668), installs the
 wheels offline, and for each CPU runs on the package: ``unpack``, ``verify`` (its table kept),
 ``predict``, ``doctor`` and a short ``bench``; every command must exit 0. Without a package given it
-makes one from a small model (MobileNetV3-Small at 32 px, ONNX FP32 and INT8) on this machine.
+makes one from a small model (MobileNetV3-Small at 32 px, ONNX FP32) on this machine.
 
 QEMU's user mode shows the guest the host's ``/proc/cpuinfo`` (an x86 CPU) but gives it an auxiliary
 vector of the emulated CPU's features; ``edgeclf doctor`` must report the latter (its output is checked).
@@ -111,7 +111,7 @@ def wheels(cache: Path) -> Path:
 
 
 def small_package(cache: Path) -> Path:
-    """A package of a small model made here: MobileNetV3-Small at 32 px on the digits, ONNX FP32 and INT8."""
+    """A package of a small model made here: MobileNetV3-Small at 32 px on the digits, ONNX FP32."""
     archive = cache / "small.tar.gz"
     if archive.is_file():
         return archive
@@ -121,8 +121,9 @@ def small_package(cache: Path) -> Path:
              [*edgeclf, "train", str(work / "data/train"), "--out", str(work / "bundle"), "--overwrite",
               "--backbone", "mobilenet_v3_small", "--image-size", "32", "--weights", "none", "--epochs-frozen", "0",
               "--epochs-finetune", "6", "--unfreeze-at", "0", "--train-batchnorm", "--lr-finetune", "3e-3"],
-             [*edgeclf, "export", str(work / "bundle"), "--format", "onnx,onnx-int8"],
-             [*edgeclf, "pack", str(work / "bundle"), "--for", "onnx-int8,onnx", "--out", str(archive)]]
+             # FP32 only: this small a model's INT8 does not pass export's gate (--package takes an INT8 one)
+             [*edgeclf, "export", str(work / "bundle"), "--format", "onnx"],
+             [*edgeclf, "pack", str(work / "bundle"), "--for", "onnx", "--out", str(archive)]]
     for step in steps:
         print("[arm] " + " ".join(step[2:]), flush=True)
         done = _run(step, timeout=3600)
