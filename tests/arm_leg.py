@@ -47,13 +47,23 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, **kwargs)
 
 
+def _setup(command: list[str], why: str, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """A step of setting up the emulation (apt, mmdebstrap, pip download): one that cannot finish in
+    ``timeout`` means this machine cannot emulate in reasonable time, a skip, not a failure."""
+    try:
+        return _run(command, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired:
+        raise Skip(f"{why} did not finish within {timeout:.0f} s") from None
+
+
 def check_host() -> None:
     """Root, binfmt_misc with an aarch64 interpreter, mmdebstrap: installed with apt where missing."""
     if os.geteuid() != 0:
         raise Skip("emulating a board needs root (chroot, mounting /proc and binfmt_misc)")
     if not (shutil.which("qemu-aarch64-static") and shutil.which("mmdebstrap")):
-        done = _run(["apt-get", "install", "-y", "-q", "qemu-user-static", "mmdebstrap", "binfmt-support"],
-                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=900)
+        done = _setup(["apt-get", "install", "-y", "-q", "qemu-user-static", "mmdebstrap", "binfmt-support"],
+                      "installing qemu-user-static and mmdebstrap", 900,
+                      env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         if done.returncode != 0:
             raise Skip(f"qemu-user-static and mmdebstrap are missing and apt could not install them: "
                        f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
@@ -74,8 +84,8 @@ def root_filesystem(cache: Path) -> Path:
         return rootfs
     tarball = cache / "rootfs.tar"
     print(f"[arm] building a Debian 12 arm64 root file system from {DEBIAN_MIRROR} (a few minutes, once)", flush=True)
-    done = _run(["mmdebstrap", "--arch=arm64", "--variant=apt", "--include=python3,python3-venv,ca-certificates",
-                 "bookworm", str(tarball), DEBIAN_MIRROR], timeout=3600)
+    done = _setup(["mmdebstrap", "--arch=arm64", "--variant=apt", "--include=python3,python3-venv,ca-certificates",
+                   "bookworm", str(tarball), DEBIAN_MIRROR], "building the root file system", 1200)
     if done.returncode != 0:
         raise Skip(f"mmdebstrap could not build the root file system (no network to Debian's archive?): "
                    f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
@@ -100,10 +110,11 @@ def wheels(cache: Path) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"building the edgeclf wheel failed: {done.stderr[-1000:]}")
     if not list(folder.glob("onnxruntime-*.whl")):
-        done = _run([sys.executable, "-m", "pip", "download", "-q", "--dest", str(folder), "--only-binary=:all:",
-                     "--python-version", "3.11", "--implementation", "cp",
-                     *[a for tag in PLATFORMS for a in ("--platform", tag)],
-                     "numpy>=1.26", "Pillow>=10.0", "filelock>=3.12", "onnxruntime>=1.17"], timeout=900)
+        done = _setup([sys.executable, "-m", "pip", "download", "-q", "--dest", str(folder), "--only-binary=:all:",
+                       "--python-version", "3.11", "--implementation", "cp",
+                       *[a for tag in PLATFORMS for a in ("--platform", tag)],
+                       "numpy>=1.26", "Pillow>=10.0", "filelock>=3.12", "onnxruntime>=1.17"],
+                      "downloading aarch64 wheels", 900)
         if done.returncode != 0:
             raise Skip(f"aarch64 wheels could not be downloaded (no package index?): "
                        f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
