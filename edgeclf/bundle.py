@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from edgeclf.errors import BundleError
+from edgeclf.limits import is_int
 from edgeclf.fsio import atomic_write_json, read_json, remove_stale_temporaries, sha256_file, storage_errors
 
 BUNDLE_FORMAT = "edgeclf-bundle/1"
@@ -93,7 +94,7 @@ class Bundle:
         if (
             not isinstance(labels, list)
             or len(labels) < 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
+            or not all(is_int(v) for v in labels)
             or labels != sorted(set(labels))
         ):
             raise BundleError(
@@ -149,10 +150,6 @@ def _expect(ok: bool, meta_path: Path, name: str, expected: str, value: Any) -> 
         raise BundleError(f"{meta_path}: field {name!r} must be {expected}. Received: {_short(value)}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -186,7 +183,7 @@ def check_schema(meta: dict[str, Any], meta_path: Path) -> None:
                         f"{where}.{key}", "a sha256 (64 lower-case hex digits)", record[key])
         for key in ("size_bytes", "weights_size_bytes"):
             if key in record:
-                _expect(_is_int(record[key]) and record[key] >= 0, meta_path, f"{where}.{key}",
+                _expect(is_int(record[key]) and record[key] >= 0, meta_path, f"{where}.{key}",
                         "a non-negative integer", record[key])
         _expect(("weights_file" in record) == ("weights_sha256" in record), meta_path, f"{where}.weights_sha256",
                 "given together with weights_file", record.get("weights_sha256"))
@@ -223,7 +220,7 @@ def _check_verification(meta: dict[str, Any], meta_path: Path) -> None:
                 "a file name", vset.get("file"))
         _expect(isinstance(vset.get("sha256"), str) and bool(_SHA256.match(vset["sha256"])), meta_path,
                 "verification_set.sha256", "a sha256 (64 lower-case hex digits)", vset.get("sha256"))
-        _expect(_is_int(vset.get("size_bytes")) and vset["size_bytes"] >= 0, meta_path,
+        _expect(is_int(vset.get("size_bytes")) and vset["size_bytes"] >= 0, meta_path,
                 "verification_set.size_bytes", "a non-negative integer", vset.get("size_bytes"))
     verified = meta.get("verified")
     if verified is None:
@@ -247,7 +244,7 @@ def _check_rows(rows: Any, meta_path: Path, where_rows: str) -> None:
     """The benchmark row fields ``auto`` reads."""
     _expect(isinstance(rows, list), meta_path, where_rows, "a list", rows)
     fields = (("artifact", lambda v: v is None or isinstance(v, str), "a string or null"),
-              ("batch", _is_int, "an integer"),
+              ("batch", is_int, "an integer"),
               ("p50_ms", lambda v: v is None or _is_number(v), "a number or null"),
               ("agreement", lambda v: v is None or _is_number(v), "a number or null"),
               ("status", lambda v: isinstance(v, str), "a string"),

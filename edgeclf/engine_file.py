@@ -20,6 +20,7 @@ from typing import Any
 
 from edgeclf.errors import BundleError, IncompatibleArtifactError
 from edgeclf.fsio import atomic_write_bytes, parse_json
+from edgeclf.limits import is_int
 
 MAGIC = b"EDGECLF-TRT\n"
 FORMAT = "edgeclf-engine/1"
@@ -66,19 +67,15 @@ def _read_header(handle, path: Path) -> dict[str, Any]:
     return header
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 #: (key path, check, what it must be): what readers of a header rely on.
 _HEADER_FIELDS = (
     ("tensorrt.flavour", lambda v: isinstance(v, str), "a string"),
     ("tensorrt.version", lambda v: isinstance(v, str), "a string"),
     ("target.compute_capabilities", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
      "a list of strings such as ['8.6']"),
-    ("profile.max", lambda v: isinstance(v, list) and bool(v) and _is_int(v[0]) and v[0] > 0,
+    ("profile.max", lambda v: isinstance(v, list) and bool(v) and is_int(v[0]) and v[0] > 0,
      "a list beginning with a positive batch size"),
-    ("plan_bytes", lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    ("plan_bytes", lambda v: is_int(v) and v >= 0, "a non-negative integer"),
     ("plan_sha256", lambda v: isinstance(v, str), "a string"),
 )
 

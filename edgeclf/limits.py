@@ -121,6 +121,11 @@ MAX_CLASSES = 10_000
 MAX_LABEL = 2**53
 
 
+def is_int(value: object) -> bool:
+    """An integer as JSON and the records hold it: an ``int`` that is not a ``bool`` (True is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check(kind: str, value: object, name: str) -> int | float:
     """``value`` checked against ``RANGES[kind]``; ``name`` is what the user called it."""
     return RANGES[kind].check(value, name)

@@ -37,6 +37,7 @@ from edgeclf.archive import MAX_MEMBERS, ArchiveRefused, Inflation, Member, open
 from edgeclf.bundle import BUNDLE_FILE, MAX_BUNDLE_JSON_BYTES, Bundle, artifact_files
 from edgeclf.errors import BundleError, InvalidInputError, OutputExistsError
 from edgeclf.formats import FORMATS, entries
+from edgeclf.limits import is_int
 from edgeclf.fsio import atomic_path, read_json, sha256_file, staged_directory, storage_error, storage_errors
 
 PACKAGE_FORMAT = "edgeclf-package/1"
@@ -137,9 +138,9 @@ def pack(bundle_path: str | os.PathLike, formats: Sequence[str], out: str | os.P
     files: dict[str, Path] = {}
     for fmt in chosen:
         parts = artifact_files(bundle, bundle.meta["artifacts"][fmt])  # sha256 and size checked here
-        for part, field in ((parts.entry, "file"), (parts.weights, "weights_file")):
+        for part, key in ((parts.entry, "file"), (parts.weights, "weights_file")):
             if part is not None:  # named as recorded (an interrupted re-export's pending copy included)
-                files[bundle.meta["artifacts"][fmt][field]] = part
+                files[bundle.meta["artifacts"][fmt][key]] = part
     record = bundle.meta.get("verification_set")
     if not isinstance(record, dict):
         raise BundleError(f"{bundle.path} has no verification set, which verify needs on the device; export the "
@@ -314,8 +315,8 @@ def read_record(meta_path: Path) -> dict[str, dict[str, Any]]:
         raise ValueError(f"its {BUNDLE_FILE} has no package record of format {PACKAGE_FORMAT!r}")
     for name, entry in files.items():
         size = entry.get("size_bytes") if isinstance(entry, dict) else None
-        if not (_PLAIN_NAME.fullmatch(name) and name != BUNDLE_FILE and isinstance(size, int)
-                and not isinstance(size, bool) and size >= 0 and isinstance(entry.get("sha256"), str)):
+        if not (_PLAIN_NAME.fullmatch(name) and name != BUNDLE_FILE and is_int(size) and size >= 0
+                and isinstance(entry.get("sha256"), str)):
             raise ValueError(f"the package record lists {name[:200]!r}, not a plain file name with its size and "
                              f"sha256")
     return files

@@ -23,6 +23,7 @@ from numpy.lib import format as npformat
 from edgeclf.bundle import Bundle, update_bundle
 from edgeclf.errors import BundleError, InvalidInputError
 from edgeclf.fsio import atomic_write_bytes, sha256_file, storage_errors
+from edgeclf.limits import is_int
 
 VERIFICATION_FILE = "verification.npz"
 #: Held-out images kept by default: every one up to 2,000. 256 cannot show 0.99 agreement even
@@ -134,7 +135,7 @@ def load_verification_set(bundle: Bundle, max_bytes: int | None = None) -> Verif
     classes = len(bundle.labels)
     recorded = record.get("images")
     arrays = read_npz(path, MEMBERS, limit, lambda headers: _check_shapes(
-        headers, path, height, width, classes, recorded if _is_count(recorded) else None))
+        headers, path, height, width, classes, recorded if is_int(recorded) and recorded >= 1 else None))
     images, values, logits = (arrays[name] for name in MEMBERS)
     if not np.isfinite(logits).all():
         raise BundleError(f"{path.name} holds Keras logits that are NaN or infinite: it is not one export wrote; "
@@ -165,10 +166,6 @@ def read_npz(path: Path, members: tuple[str, ...], limit: int, check,
         raise
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
         raise BundleError(f"cannot read {what} {path}: {exc}") from None
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _members(archive: zipfile.ZipFile, path: Path, limit: int,

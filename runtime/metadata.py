@@ -13,6 +13,7 @@ from typing import Any
 
 from edgeclf.errors import BundleError
 from edgeclf.fsio import parse_json
+from edgeclf.limits import is_int
 
 TFLITE_METADATA_NAME = "edgeclf"
 
@@ -87,11 +88,10 @@ def check_artifact_metadata(runner, path: Path) -> tuple[list[int], tuple[int, i
         raise BundleError(f"{path.name} carries no edgeclf metadata (labels, input size); was it exported by edgeclf?")
     labels, spec = meta["labels"], meta["input"]
     if (not isinstance(labels, list) or len(labels) < 2 or len(set(map(repr, labels))) != len(labels)
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels)):
+            or not all(is_int(v) for v in labels)):
         raise BundleError(f"{path.name}: edgeclf metadata 'labels' must be a list of at least two distinct "
                           f"integers. Received: {str(labels)[:80]}")
-    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) and not isinstance(spec.get(k), bool)
-                                             and spec[k] > 0 for k in ("height", "width")):
+    if not isinstance(spec, dict) or not all(is_int(spec.get(k)) and spec[k] > 0 for k in ("height", "width")):
         raise BundleError(f"{path.name}: edgeclf metadata 'input' must give positive integer height and width. "
                           f"Received: {str(spec)[:80]}")
     size = (spec["height"], spec["width"])

@@ -177,7 +177,7 @@ def _nothing_to_run(bundle: Bundle, hardware: Hardware) -> str:
     held = _held_back(bundle, hardware)
     formats = list(bundle.meta.get("artifacts") or {})
     here = (f"; here: {'; '.join(held)}, and `--backend NAME` runs it once verify passed it" if held else
-            f"; see `edgeclf doctor` for the backends installed here")
+            "; see `edgeclf doctor` for the backends installed here")
     return (f"the package {path} has no artifact `auto` may run on this machine (it holds {formats or 'none'})"
             f"{here}; or, on the workstation, pack an artifact this CPU runs exactly (an INT8 one exported with "
             f"`--int8-cpu avx2`, or an FP32 one)")

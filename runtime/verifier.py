@@ -29,6 +29,7 @@ from edgeclf.decoding import check_decoding
 from edgeclf.pack import check_package
 from edgeclf.errors import BackendUnavailableError, BundleError, EdgeclfError, InvalidInputError
 from edgeclf.formats import FORMATS, entries, entry_name
+from edgeclf.limits import is_int
 from edgeclf.progress import log
 from edgeclf.runtime.backends import BACKENDS, runs_here
 from edgeclf.runtime.trust_checks import trust_checks
@@ -213,8 +214,7 @@ def check_labels_against_export(bundle: Bundle, reference: VerificationSet) -> N
         validation = artifact.get("validation") if isinstance(artifact, dict) else None
         value = validation.get("accuracy_keras") if isinstance(validation, dict) else None
         size = validation.get("images") if isinstance(validation, dict) else None
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(size, int)
-                and not isinstance(size, bool) and size >= 1):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and is_int(size) and size >= 1):
             continue
         recorded += 1
         low, high = nested_right_bounds(int(round(value * size)), size, n)

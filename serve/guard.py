@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeclf import limits
+from edgeclf.limits import is_int
 
 #: Bytes per element of each KServe v2 datatype (BYTES: variable, at least a 4-byte length).
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
@@ -95,7 +96,7 @@ def check_input(name: Any, datatype: Any, shape: Any, limits: Limits, data: Any 
     if datatype not in DTYPE_BYTES:
         raise RequestRefused(f"{label}: unknown datatype {str(datatype)[:20]!r}; expected one of {sorted(DTYPE_BYTES)}")
     if (not isinstance(shape, (list, tuple)) or not shape
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            or not all(is_int(d) and d >= 0 for d in shape)):
         raise RequestRefused(f"{label}: shape must be a non-empty list of non-negative integers. "
                              f"Received: {str(shape)[:80]}")
     if shape[0] > limits.max_batch:

@@ -22,6 +22,7 @@ from edgeclf.engine_file import read_engine
 from edgeclf.errors import BundleError
 from edgeclf.formats import FORMATS
 from edgeclf.fsio import atomic_write_bytes, staged_directory
+from edgeclf.limits import is_int
 from edgeclf.serve.triton_config import (LABELS_FILE, PLATFORMS, Batching, build_config, check_model_name,
                                          config_text, labels_text, parse_config)
 
@@ -131,4 +132,4 @@ def write_repository(bundle_path: str | Path, out: str | Path, *, name: str = "e
 def _embedding_width(bundle: Bundle) -> int | None:
     """The width of the graphs' ``embedding`` output, where the bundle's trust file says they have one."""
     width = ((bundle.meta.get("trust") or {}).get("familiarity") or {}).get("dimension")
-    return width if isinstance(width, int) and not isinstance(width, bool) and width > 0 else None
+    return width if is_int(width) and width > 0 else None

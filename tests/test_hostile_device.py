@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import socket
 import struct
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import zipfile

@@ -62,7 +62,7 @@ def _flag(value: Any) -> bool:
 def _labels(value: Any) -> list[int]:
     from edgeclf.commands.common import parse_labels
 
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if isinstance(value, list) and all(limits.is_int(v) for v in value):
         limits.check_label_count(len(value), f"a list of {len(value)} labels")
         return value
     if isinstance(value, str):
@@ -73,10 +73,9 @@ def _labels(value: Any) -> list[int]:
 def _image_size(value: Any) -> tuple[int, int]:
     from edgeclf.commands.common import parse_image_size
 
-    if isinstance(value, int) and not isinstance(value, bool):
+    if limits.is_int(value):
         value = [value, value]
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                           for v in value):
+    if isinstance(value, list) and len(value) == 2 and all(limits.is_int(v) for v in value):
         return (limits.check("image_side", value[0], "the height"), limits.check("image_side", value[1], "the width"))
     if isinstance(value, str):
         return parse_image_size(value)
