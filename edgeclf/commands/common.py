@@ -179,3 +179,33 @@ def add_trust_arguments(p) -> None:
 def trust_options(args: argparse.Namespace) -> dict:
     """Predictor.load's alpha and coverage from add_trust_arguments' options."""
     return {"alpha": args.alpha, "coverage": None if args.coverage == 0 else args.coverage}
+
+
+def add_engine_arguments(group) -> None:
+    """The TensorRT builder's options, for export and for ``edgeclf engine`` on the device."""
+    from edgeclf.export.tensorrt_engine import EngineOptions
+
+    defaults = EngineOptions()
+    group.add_argument("--batch-profile", default=",".join(map(str, defaults.batch_profile)), metavar="MIN,OPT,MAX",
+                       help="batch sizes of the optimisation profile (default %(default)s)")
+    group.add_argument("--workspace-mib", type=limits.option("workspace_mib"), default=defaults.workspace_mib,
+                       help="builder workspace limit (default %(default)s)")
+    group.add_argument("--trt-compute-capability", default=None, metavar="CC[,CC...]",
+                       help="GPUs to build for, e.g. 8.6,8.9 (TensorRT-RTX; default: this GPU, or without one "
+                            "every capability TensorRT-RTX supports)")
+    group.add_argument("--timing-cache", default=None,
+                       help="tensorrt timing cache file, reused across builds "
+                            "(default ~/.cache/edgeclf/tensorrt-VERSION.timing-cache)")
+
+
+def engine_options(args: argparse.Namespace):
+    """EngineOptions from add_engine_arguments' options."""
+    from pathlib import Path
+
+    from edgeclf.export.tensorrt_engine import EngineOptions
+
+    return EngineOptions(batch_profile=int_triple(args.batch_profile, "--batch-profile"),
+                         workspace_mib=args.workspace_mib,
+                         compute_capabilities=tuple(args.trt_compute_capability.split(","))
+                         if args.trt_compute_capability else None,
+                         timing_cache=Path(args.timing_cache) if args.timing_cache else None)

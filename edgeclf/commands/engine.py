@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from edgeclf import limits
-from edgeclf.commands.common import int_triple
+from edgeclf.commands.common import add_engine_arguments, engine_options
 
 
 def run(args: argparse.Namespace) -> int:
     from edgeclf.export.engine_here import build_engine_here
-    from edgeclf.export.tensorrt_engine import EngineOptions
 
-    options = EngineOptions(batch_profile=int_triple(args.batch_profile, "--batch-profile"),
-                            workspace_mib=args.workspace_mib,
-                            compute_capabilities=tuple(args.trt_compute_capability.split(","))
-                            if args.trt_compute_capability else None)
-    report = build_engine_here(args.bundle, options, force=args.force, check=not args.no_verify)
+    report = build_engine_here(args.bundle, engine_options(args), force=args.force, check=not args.no_verify)
     record = report.record
     print(f"engine {report.path}: {record['tensorrt']['flavour']} {record['tensorrt']['version']}, compute capability "
           f"{', '.join(record['target']['compute_capabilities'])}, {record['size_bytes'] / 1e6:.1f} MB"
@@ -29,9 +23,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from edgeclf.export.tensorrt_engine import EngineOptions
-
-    defaults = EngineOptions()
     p = sub.add_parser("engine", help="build the TensorRT FP16 engine on this device from the bundle's or "
                                       "package's FP16 ONNX (no TensorFlow)",
                        description="A TensorRT engine runs only on the GPU and TensorRT it was built with: ship the "
@@ -41,13 +32,7 @@ def register(sub) -> None:
                                    "with a GPU, verify then checks it on the verification set. An engine built as "
                                    "asked is reused.")
     p.add_argument("bundle", help="bundle or package folder holding the validated FP16 ONNX (model.fp16.onnx)")
-    p.add_argument("--batch-profile", default=",".join(map(str, defaults.batch_profile)), metavar="MIN,OPT,MAX",
-                   help="batch sizes of the optimisation profile (default %(default)s)")
-    p.add_argument("--workspace-mib", type=limits.option("workspace_mib"), default=defaults.workspace_mib,
-                   help="builder workspace limit (default %(default)s)")
-    p.add_argument("--trt-compute-capability", default=None, metavar="CC[,CC...]",
-                   help="GPUs to build for (TensorRT-RTX; default: this GPU, or without one every capability "
-                        "TensorRT-RTX supports)")
+    add_engine_arguments(p)
     p.add_argument("--force", action="store_true", help="build even where an engine built as asked is there")
     p.add_argument("--no-verify", action="store_true", help="do not run verify on the engine after building it")
     p.set_defaults(func=run)

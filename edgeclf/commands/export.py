@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from edgeclf import limits
-from edgeclf.commands.common import (add_batching_arguments, batching, int_triple, quiet_tensorflow,
-                                     require_training_stack, tf_logs)
+from edgeclf.commands.common import (add_batching_arguments, add_engine_arguments, batching, engine_options,
+                                     quiet_tensorflow, require_training_stack, tf_logs)
 from edgeclf.errors import InvalidInputError, ValidationError
 
 
@@ -59,13 +59,8 @@ def export_formats(args: argparse.Namespace, formats: str) -> None:
     from edgeclf.export import ExportOptions, export_bundle
     from edgeclf.export.int8_gate import MarginRule
     from edgeclf.export.int8_search import Int8Target
-    from edgeclf.export.tensorrt_engine import EngineOptions
 
-    engine = EngineOptions(batch_profile=int_triple(args.batch_profile, "--batch-profile"),
-                           workspace_mib=args.workspace_mib,
-                           compute_capabilities=tuple(args.trt_compute_capability.split(","))
-                           if args.trt_compute_capability else None,
-                           timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+    engine = engine_options(args)
     if args.full_range_int8 and args.int8_cpu not in ("auto", "vnni"):
         raise InvalidInputError(f"--full-range-int8 (the old name of --int8-cpu vnni) contradicts --int8-cpu "
                                 f"{args.int8_cpu}. Received both; give one")
@@ -136,11 +131,10 @@ def register(sub) -> None:
     from edgeclf.export.int8_gate import MarginRule
     from edgeclf.export.int8_search import Int8Target
     from edgeclf.export.onnx_int8 import CALIBRATION_METHODS  # numpy only at import
-    from edgeclf.export.tensorrt_engine import EngineOptions
     from edgeclf.formats import FORMATS  # plain data
 
     # The defaults are the library's own, so the command line and the Python API cannot drift apart.
-    options, target, rule, engine = ExportOptions(), Int8Target(), MarginRule(), EngineOptions()
+    options, target, rule = ExportOptions(), Int8Target(), MarginRule()
     p = sub.add_parser("export", parents=[tf_logs()], help="export a bundle to ONNX, TensorRT, OpenVINO and TFLite, each validated against Keras",
                        description="Writes each artifact into the bundle directory, validates it on the images "
                                    "training held out and records it in bundle.json.")
@@ -193,17 +187,7 @@ def register(sub) -> None:
                    help="held-out images kept in the bundle as its verification set, with the Keras logits; "
                         "validation here and 'edgeclf verify' on the device run on them (default: all held-out "
                         "images up to %(default)s)")
-    trt = p.add_argument_group("TensorRT engine")
-    trt.add_argument("--batch-profile", default=",".join(map(str, engine.batch_profile)), metavar="MIN,OPT,MAX",
-                     help="batch sizes of the optimisation profile (default %(default)s)")
-    trt.add_argument("--workspace-mib", type=limits.option("workspace_mib"), default=engine.workspace_mib,
-                     help="builder workspace limit (default %(default)s)")
-    trt.add_argument("--trt-compute-capability", default=None, metavar="CC[,CC...]",
-                     help="GPUs to build for, e.g. 8.6,8.9 (TensorRT-RTX; default: this GPU, or without one "
-                          "every capability TensorRT-RTX supports)")
-    trt.add_argument("--timing-cache", default=None,
-                     help="tensorrt timing cache file, reused across builds "
-                          "(default ~/.cache/edgeclf/tensorrt-VERSION.timing-cache)")
+    add_engine_arguments(p.add_argument_group("TensorRT engine"))
     triton = p.add_argument_group("Triton model repository (--format triton)")
     triton.add_argument("--out", default=None, metavar="REPO", help="repository directory to write")
     triton.add_argument("--overwrite", action="store_true", help="replace a non-empty REPO")
