@@ -24,7 +24,7 @@ from edgeclf.bundle import Bundle, artifact_files, update_bundle
 from edgeclf.engine_file import read_engine_header
 from edgeclf.errors import BundleError, EdgeclfError
 from edgeclf.export.metadata import artifact_metadata
-from edgeclf.export.tensorrt_engine import EngineOptions, engine_targets, onnx_to_engine
+from edgeclf.export.tensorrt_engine import EngineOptions, engine_targets, header_record, onnx_to_engine
 from edgeclf.formats import FORMATS
 from edgeclf.fsio import atomic_path, sha256_file
 from edgeclf.gpu import local_compute_capability
@@ -118,8 +118,7 @@ def _record(out: Path, header: dict[str, Any], seconds: float) -> dict[str, Any]
         "file": ENGINE.filename, "format": ENGINE.name, "precision": ENGINE.precision,
         "size_bytes": out.stat().st_size, "sha256": sha256_file(out), "build_seconds": round(seconds, 2),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "built_by": "edgeclf engine", "tensorrt": header["tensorrt"], "target": header["target"],
-        "profile": header["profile"], "source_sha256": header["onnx_sha256"],
+        "built_by": "edgeclf engine", **header_record(header),
         "status": "unvalidated",
         "validation": {"skipped": (f"built on this device ({'GPU ' + gpu if gpu else 'no GPU'}) from the validated "
                                    f"{SOURCE}, where no Keras model is: `edgeclf verify` checks it on the "

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 from edgeclf.export.int8_gate import MarginRule
 from edgeclf.export.int8_search import Int8Target
-from edgeclf.export.tensorrt_engine import EngineOptions
+from edgeclf.export.tensorrt_engine import EngineOptions, header_record
 from edgeclf.export.tflite import ServingSavedModel
 
 from edgeclf.bundle import Bundle, commit_artifact, recover_bundle
@@ -474,11 +474,7 @@ def _new_record(run: _Run, fmt: Format, out: Path, seconds: float, source: dict 
         # NNCF's default overflow fix covers only the first layer.
         record["needs_int8_dot_product"] = options.int8_class(run.hardware) == "vnni"
     if fmt.backend == "tensorrt":
-        header = read_engine_header(out)
-        record["tensorrt"] = header["tensorrt"]
-        record["target"] = header["target"]
-        record["profile"] = header["profile"]
-        record["source_sha256"] = header["onnx_sha256"]
+        record.update(header_record(read_engine_header(out)))
     return record
 
 

@@ -187,6 +187,12 @@ def onnx_to_engine(src: Path, out: Path, meta: dict[str, Any], options: EngineOp
     return write_engine(out, header, bytes(plan))
 
 
+def header_record(header: dict[str, Any]) -> dict[str, Any]:
+    """What bundle.json records of an engine from its header: TensorRT, targets, profile, source ONNX."""
+    return {"tensorrt": header["tensorrt"], "target": header["target"], "profile": header["profile"],
+            "source_sha256": header["onnx_sha256"]}
+
+
 def onnx_to_int8_engine(src: Path, out: Path, calibration, method: str, meta: dict[str, Any],
                         options: EngineOptions) -> tuple[dict[str, Any], Path]:
     """Quantize the FP32 ONNX ``src`` in TensorRT's QDQ layout and build an INT8 engine from it.
