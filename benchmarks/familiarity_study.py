@@ -11,12 +11,14 @@ anything), gauges drawn with seed 2, crops of real photographs and the probe fra
 model of gauges, ``--no-gauges`` leaves the drawn gauges out and ``--foreign DIR`` adds the
 image files under DIR (e.g. the digits' test images) as a foreign set.
 
-For each candidate (the shared-covariance Mahalanobis score on the pooled features at several ranks;
-the relative score of Ren et al. 2021; pooled features of earlier inception blocks) it reports the
-AUROC of "foreign" against the bundle's held-out images and the share of foreign images flagged
-at the held-out images' 95th and 99th percentiles. Foreign here: gauges drawn with seed 1 (the
-report uses another seed), uniform noise and constant frames. The training images fit every
-candidate; the held-out images only judge them.
+The first form weighs candidates beyond those export chooses among (export/familiarity_choice.py):
+the shared-covariance Mahalanobis score on the pooled features at several ranks, the relative
+score of Ren et al. 2021, the pooled features of every inception block and sums of two blocks'
+scores. For each it reports the AUROC of "foreign" against the bundle's held-out images and the
+share of foreign images flagged at the held-out images' 95th and 99th percentiles. Foreign here:
+gauges drawn with seed 1 (the report uses another seed; ``--no-gauges`` drops them), the folders
+of ``--foreign``, photo crops (seed 1), uniform noise and constant frames. The training images
+fit every candidate; the held-out images only judge them.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeclf.bundle import Bundle
+from edgeclf.export.familiarity_choice import photo_crops
 from edgeclf.probe import foreign_probe
 
-#: Inception blocks whose pooled outputs are tried beside the head's input (mixed10).
-BLOCKS = ("mixed7", "mixed8", "mixed9", "mixed10")
+#: Inception blocks whose pooled outputs are tried; the last is the head's input.
+BLOCKS = tuple(f"mixed{i}" for i in range(11))
 
 
 def gauges(count: int, size: tuple[int, int], seed: int) -> np.ndarray:
@@ -43,50 +46,12 @@ def gauges(count: int, size: tuple[int, int], seed: int) -> np.ndarray:
     return to_batch([gauge_image(READINGS[i % len(READINGS)], rng) for i in range(count)], size)
 
 
-def photo_crops(count: int, size: tuple[int, int], seed: int) -> np.ndarray:
-    """Square crops (10-60% of the short side, anywhere) of the real photographs that ship in
-    scikit-learn (china.jpg, flower.jpg) and matplotlib (grace_hopper.jpg), at the model's size."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    from edgeclf.runtime.inputs import to_batch
-
-    photos = list(load_sample_images().images)
-    try:
-        from matplotlib import cbook
-
-        with cbook.get_sample_data("grace_hopper.jpg") as fh:
-            photos.append(np.asarray(Image.open(fh).convert("RGB")))
-    except ImportError:
-        pass
-    rng = np.random.default_rng(seed)
-    crops = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        side = int(rng.uniform(0.1, 0.6) * min(h, w))
-        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crops.append(np.ascontiguousarray(photo[y:y + side, x:x + side]))
-    return to_batch(crops, size)
-
-
 def block_features(model, images: np.ndarray, blocks=BLOCKS, batch: int = 64) -> dict[str, np.ndarray]:
     """Global-average-pooled outputs of the backbone's ``blocks`` for uint8 ``images``."""
-    import keras
+    from edgeclf.export.trust_fit import keras_outputs
+    from edgeclf.train.model import tapped_model
 
-    from edgeclf.train.model import backbone_of
-
-    base = backbone_of(model)
-    tapped = keras.Model(base.input, [base.get_layer(name).output for name in blocks])
-    preprocess = [layer for layer in model.layers if layer.name == "preprocess"]
-    out: dict[str, list] = {name: [] for name in blocks}
-    for start in range(0, len(images), batch):
-        x = keras.ops.convert_to_tensor(images[start:start + batch], dtype="float32")
-        if preprocess:
-            x = preprocess[0](x)
-        for name, y in zip(blocks, tapped(x, training=False)):
-            out[name].append(np.asarray(keras.ops.mean(y, axis=(1, 2))))
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+    return dict(zip(blocks, keras_outputs(tapped_model(model, blocks), images, batch)[1:]))
 
 
 def relative_scores(train: np.ndarray, index: np.ndarray, classes: int, rank: int):
@@ -103,7 +68,8 @@ def judge(score, heldout: np.ndarray, foreign: dict[str, np.ndarray]) -> dict[st
     return {name: _judge_arrays(base, score(x)) for name, x in foreign.items()}
 
 
-def study(bundle_path: Path, foreign_count: int = 200) -> dict:
+def study(bundle_path: Path, foreign_count: int = 200, drawn_gauges: bool = True,
+          folders: tuple[Path, ...] = ()) -> dict:
     from edgeclf.export.reference import reference_sets
     from edgeclf.export.trust_fit import fit_familiarity
     from edgeclf.train.data import LabelMap
@@ -116,7 +82,9 @@ def study(bundle_path: Path, foreign_count: int = 200) -> dict:
     index, classes = labels.encode(train.values), len(bundle.labels)
     size = bundle.image_size
     probe = foreign_probe(*size, count=foreign_count // 4)
-    foreign_images = {"gauges (seed 1)": gauges(foreign_count, size, seed=1), **probe}
+    foreign_images = {**({"gauges (seed 1)": gauges(foreign_count, size, seed=1)} if drawn_gauges else {}),
+                      **_folder_sets(folders, size, foreign_count),
+                      "photo crops (seed 1)": photo_crops(foreign_count, size, seed=1), **probe}
     feats = {name: block_features(model, images) for name, images in
              [("train", train.images), ("heldout", heldout.images), *foreign_images.items()]}
     candidates = {}
@@ -147,6 +115,15 @@ def study(bundle_path: Path, foreign_count: int = 200) -> dict:
             "foreign_images": {k: len(v) for k, v in foreign_images.items()}, "candidates": results}
 
 
+def _folder_sets(folders, size: tuple[int, int], count: int) -> dict[str, np.ndarray]:
+    """Each folder's image files (at most ``count``, in sorted order) as one foreign set."""
+    from edgeclf.runtime.files import image_paths
+    from edgeclf.runtime.inputs import to_batch
+
+    return {str(folder): to_batch([p for p, problem in image_paths([folder]) if problem is None][:count], size)
+            for folder in folders}
+
+
 def _judge_arrays(base: np.ndarray, s: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
@@ -169,12 +146,8 @@ def report(bundle_path: Path, test: Path, foreign_count: int = 440, formats: lis
     bundle = Bundle.load(bundle_path)
     size = bundle.image_size
     own = load_dataset(test, size).images  # the test images: what must not be flagged
-    from edgeclf.runtime.files import image_paths
-    from edgeclf.runtime.inputs import to_batch
-
     foreign = {**({"gauges (seed 2)": gauges(foreign_count, size, seed=2)} if drawn_gauges else {}),
-               **{str(folder): to_batch([p for p, problem in image_paths([folder]) if problem is None][:foreign_count],
-                                        size) for folder in folders},
+               **_folder_sets(folders, size, foreign_count),
                "photo crops (seed 2)": photo_crops(foreign_count, size, seed=2),
                **foreign_probe(*size, count=64, seed=2)}
     out = {"bundle": str(bundle_path), "test_images": len(own), "foreign_images": {k: len(v) for k, v in
@@ -217,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     formats = args.formats.split(",") if args.formats else None
     result = (report(args.bundle, args.report, formats=formats, drawn_gauges=not args.no_gauges,
-                     folders=tuple(args.foreign)) if args.report else study(args.bundle))
+                     folders=tuple(args.foreign)) if args.report
+              else study(args.bundle, drawn_gauges=not args.no_gauges, folders=tuple(args.foreign)))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

@@ -14,14 +14,14 @@ numpy only: export fits what is here (:mod:`edgeclf.export.trust_fit`), the devi
   held-out images (plus one) at least as strange. An image is *unfamiliar* when its p-value
   is at most ``alpha``; on images like the training data that happens with probability at
   most ``alpha``, by construction (the guarantee is marginal and needs exchangeable images).
-- **Interval**: split conformal prediction (Sadinle et al. 2019): the set of labels whose
-  calibrated probability is at least ``1 - q``, ``q`` the conformal quantile of one minus the
-  held-out images' true-label probabilities. The labels are ordered integers, so the device
-  reports the range from the set's lowest to its highest label (with the decoded label always
-  in it): on data like the held-out images the true label lies inside with probability at
-  least the coverage asked for. (Growing a contiguous interval by probability mass, the
-  ordinal form of adaptive sets, was tried first: with confidences near 1 its deterministic
-  form spanned every label on most images of the main job.)
+- **Interval**: split conformal prediction (Sadinle et al. 2019) on ranges: the labels are
+  ordered integers, so the device reports the range from the lowest to the highest label whose
+  calibrated probability is at least ``1 - q`` (with the decoded label always in it), ``q`` the
+  conformal quantile of the held-out images' scores for exactly such ranges
+  (:func:`interval_scores`): on data like the held-out images the true label lies inside with
+  probability at least the coverage asked for, and not far above it. (Growing a contiguous
+  interval by probability mass, the ordinal form of adaptive sets, was tried first: with
+  confidences near 1 its deterministic form spanned every label on most images of the main job.)
 """
 
 from __future__ import annotations
@@ -65,22 +65,36 @@ def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
 
 
 def interval_scores(probabilities: np.ndarray, true_index: np.ndarray) -> np.ndarray:
-    """The nonconformity of each row's true class: one minus its probability."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    return 1.0 - p[np.arange(len(p)), np.asarray(true_index)]
+    """The nonconformity of each row's true class for the ranges :func:`intervals` reports.
+
+    The range at bar ``b`` runs over the classes with probability >= b and the most probable
+    class; it holds class y when a kept class lies at or below y and one at or above. So y is
+    held for every bar up to min(best probability at or below y, best at or above y), the most
+    probable class counting as 1, and the score is one minus that: the conformal quantile of
+    these scores then calibrates the ranges themselves, not the sets they are drawn around
+    (which left the ranges over-covering wherever the set had a gap).
+    """
+    p = np.array(probabilities, dtype=np.float64)
+    rows = np.arange(len(p))
+    p[rows, np.argmax(p, axis=1)] = 1.0  # always in the range
+    below = np.maximum.accumulate(p, axis=1)  # best probability of the classes at or below each
+    above = np.maximum.accumulate(p[:, ::-1], axis=1)[:, ::-1]
+    y = np.asarray(true_index)
+    return 1.0 - np.minimum(below[rows, y], above[rows, y])
 
 
 def intervals(probabilities: np.ndarray, threshold: float, chosen: np.ndarray | None = None) -> np.ndarray:
     """[N, 2] (lowest, highest) class index of the classes whose probability is at least
-    ``1 - threshold``, together with the ``chosen`` class (default: the most probable), as one range.
-
-    The classes are ordered, so the range also takes in whatever lies between them: it holds
-    the true class at least as often as the set does.
+    ``1 - threshold``, together with the most probable class and the ``chosen`` one (the decoded
+    label, when the decoding is not argmax), as one range: with ``threshold`` the conformal
+    quantile of :func:`interval_scores`, the range holds the true class with the coverage asked.
     """
     p = np.asarray(probabilities, dtype=np.float64)
-    chosen = np.argmax(p, axis=1) if chosen is None else np.asarray(chosen)
+    rows = np.arange(len(p))
     kept = p >= 1.0 - threshold - 1e-12
-    kept[np.arange(len(p)), chosen] = True
+    kept[rows, np.argmax(p, axis=1)] = True
+    if chosen is not None:
+        kept[rows, np.asarray(chosen)] = True
     columns = np.arange(p.shape[1])[None, :]
     lowest = np.where(kept, columns, p.shape[1]).min(axis=1)
     highest = np.where(kept, columns, -1).max(axis=1)

@@ -28,6 +28,8 @@ TRUST_FORMAT = "edgeclf-trust/1"
 #: held-out interval scores [n], the Keras model's familiarity scores of the verification images [V].
 MEMBERS = ("means.npy", "basis.npy", "eigenvalues.npy", "residual.npy", "familiarity_calibration.npy",
            "interval_calibration.npy", "reference_scores.npy")
+#: How trust records written before ``familiarity.block`` existed named an inner block.
+LEGACY_BLOCK_TEXT = "global average pool of "
 #: A 2048-wide embedding at rank 256 takes about 2 MB; a full-rank 4096-wide one 64 MB.
 MAX_TRUST_BYTES = 96 << 20
 
@@ -100,6 +102,19 @@ def load_trust(bundle: Bundle) -> Trust | None:
                               np.sort(arrays["familiarity_calibration.npy"]))
     return Trust(float(temperature), familiarity, np.sort(arrays["interval_calibration.npy"]),
                  arrays["reference_scores.npy"], record)
+
+
+def embedding_block(record: Any) -> str | None:
+    """The backbone block whose pooled output is the graphs' ``embedding``, from a trust record
+    (``bundle.json["trust"]``); None: the head's input, or a bundle with no trust record yet."""
+    familiarity = record.get("familiarity") if isinstance(record, dict) else None
+    if not isinstance(familiarity, dict):
+        return None
+    if "block" in familiarity:
+        return familiarity["block"]
+    # Exported before export chose the block: the record only described it.
+    described = str(familiarity.get("embedding", ""))
+    return described.removeprefix(LEGACY_BLOCK_TEXT) if described.startswith(LEGACY_BLOCK_TEXT) else None
 
 
 def _positive(value: Any) -> bool:

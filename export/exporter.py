@@ -46,7 +46,7 @@ from edgeclf.runtime.backends import BACKENDS, missing_modules
 from edgeclf.runtime.checks import TOLERANCES, Tolerance, format_check
 from edgeclf.runtime.hardware import Hardware, detect
 from edgeclf.runtime.verifier import check_entry, store_results
-from edgeclf.trust_file import Trust, write_trust
+from edgeclf.trust_file import Trust, embedding_block, write_trust
 from edgeclf.verification import DEFAULT_IMAGES, VerificationSet, sample_indices, write_verification_set
 from edgeclf.versions import installed_versions
 
@@ -176,6 +176,7 @@ class TrainingSide:
 
 def _builders(model, bundle: Bundle, options: ExportOptions, side: TrainingSide,
               reference: VerificationSet, serving: ServingSavedModel, stage: Path) -> dict[str, Callable]:
+    """Each format's builder. ``model`` gives [logits, embedding] (:func:`edgeclf.train.model.embedding_model`)."""
     from edgeclf.export.int8_search import (LayerRanking, figures_of, litert_quantizer, nncf_quantizer,
                                             qdq_quantizer, quantize_to_target)
     from edgeclf.export.onnx_fp16 import onnx_to_fp16
@@ -336,6 +337,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     from edgeclf.export.reference import reference_sets
     from edgeclf.export.trust_fit import fit_trust
     from edgeclf.train.evaluate import load_keras_model
+    from edgeclf.train.model import embedding_model
 
     options = options or ExportOptions()
     wanted = parse_formats(formats)
@@ -375,8 +377,10 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     needed = bundle.model_path.stat().st_size  # about what one FP32 artifact takes
     records, failures = [], []
     built: dict[str, tuple[Path, dict[str, Any]]] = {}  # format -> its file and record, for those made from it
-    with staging_directory(bundle.path, "export") as stage, ServingSavedModel(model, bundle, stage) as serving:
-        builders = _builders(model, bundle, options, side, reference, serving, stage)
+    # Every graph gives the embedding of the block the familiarity check was fitted on.
+    served = embedding_model(model, embedding_block(trust.record))
+    with staging_directory(bundle.path, "export") as stage, ServingSavedModel(served, bundle, stage) as serving:
+        builders = _builders(served, bundle, options, side, reference, serving, stage)
         run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed, detect(), side, trust)
         for fmt in wanted:
             record, kept = _export_one(run, fmt, built)

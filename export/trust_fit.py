@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 
 from edgeclf.errors import DataError
+from edgeclf.probe import KINDS as PROBE_KINDS
 from edgeclf.trust import Familiarity, expected_calibration_error, interval_scores, scaled_probabilities
 from edgeclf.trust_file import Trust
 
@@ -100,55 +101,60 @@ def interval_calibration(logits: np.ndarray, true_index: np.ndarray, temperature
     return np.sort(interval_scores(scaled_probabilities(logits, temperature), true_index)).astype(np.float32)
 
 
-def keras_outputs(both, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, embedding) for uint8 ``images`` of ``both``, an :func:`edgeclf.train.model.embedding_model`."""
+def keras_outputs(tapped, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
+    """[logits, *embeddings] for uint8 ``images`` of ``tapped``, a :func:`edgeclf.train.model.tapped_model`."""
     from edgeclf.train.pipeline import pixel_batches
 
-    logits, embedding = both.predict(pixel_batches(images, batch_size), verbose=0)
-    return np.asarray(logits), np.asarray(embedding)
+    return [np.asarray(a) for a in tapped.predict(pixel_batches(images, batch_size), verbose=0)]
 
 
 def fit_trust(model, bundle, training, heldout, reference_index: np.ndarray, max_training: int = 5000) -> Trust:
-    """Fit the temperature, the familiarity model and the conformal calibration of ``bundle``'s model.
+    """Fit the temperature, the familiarity model (on the block chosen for it) and the conformal
+    calibration of ``bundle``'s model.
 
     Args:
         training: the training images (an ImageSet): the familiarity model's Gaussian (at most
             ``max_training`` of them, a reproducible sample).
         heldout: the images training held out: the temperature, the p-values' and the intervals'
-            calibration scores.
+            calibration scores, and the judges (with foreign frames) of the familiarity block.
         reference_index: which held-out images are the verification set's, whose Keras familiarity
             scores the device's are checked against.
     """
-    from edgeclf.train.model import embedding_model
-    from edgeclf.probe import foreign_probe
+    from edgeclf.export.familiarity_choice import choose_block, foreign_frames
     from edgeclf.progress import log
     from edgeclf.runtime.trust_checks import MIN_FLAGGED, PROBE_FRAMES
+    from edgeclf.train.backbones import get_backbone
     from edgeclf.train.data import LabelMap
+    from edgeclf.train.model import HEAD_INPUT, tapped_model
     from edgeclf.trust import DEFAULT_ALPHA
     from edgeclf.verification import sample_indices
 
     labels = LabelMap(tuple(bundle.labels))
-    backbone = bundle.meta["backbone"]["name"]
-    both = embedding_model(model, backbone)
+    blocks = (*get_backbone(bundle.meta["backbone"]["name"]).familiarity_candidates, HEAD_INPUT)
+    tapped = tapped_model(model, blocks)
     keep = sample_indices(len(training), max_training)
-    _, train_embedding = keras_outputs(both, training.images[keep])
+    train_embedding = dict(zip(blocks, keras_outputs(tapped, training.images[keep])[1:]))
     train_index = labels.encode(np.asarray(training.values)[keep])
-    held_logits, held_embedding = keras_outputs(both, heldout.images)
+    held_logits, *held = keras_outputs(tapped, heldout.images)
+    held_embedding = dict(zip(blocks, held))
     held_index = labels.encode(heldout.values)
+    foreign = {kind: dict(zip(blocks, keras_outputs(tapped, frames)[1:]))
+               for kind, frames in foreign_frames(bundle.image_size, PROBE_FRAMES).items()}
+    block, familiarity, candidates = choose_block(blocks, train_embedding, train_index, len(labels.labels),
+                                                  held_embedding, foreign)
     temperature = fit_temperature(held_logits, held_index)
-    familiarity = with_calibration(fit_familiarity(train_embedding, train_index, len(labels.labels)), held_embedding)
     ece = crossfit_ece(held_logits, held_index)
-    probe = {kind: float(np.mean(familiarity.p_values(keras_outputs(both, frames)[1]) <= DEFAULT_ALPHA))
-             for kind, frames in foreign_probe(*bundle.image_size, PROBE_FRAMES).items()}
+    probe = {kind: judged["flagged"] for kind, judged in candidates[block]["foreign"].items() if kind in PROBE_KINDS}
     for kind, share in probe.items():
         if share < MIN_FLAGGED:
             warnings.warn(f"the model's familiarity check flags only {share:.0%} of {PROBE_FRAMES} probe frames "
-                          f"({kind}) as unfamiliar (at p <= {DEFAULT_ALPHA}): its embedding does not tell them from "
-                          f"its images. More training or a pretrained backbone may help; verify waives this probe "
-                          f"check for the artifacts", stacklevel=2)
+                          f"({kind}) as unfamiliar (at p <= {DEFAULT_ALPHA}), on the best of its backbone's blocks: "
+                          f"its features do not tell them from its images. More training or a pretrained backbone "
+                          f"may help; verify waives this probe check for the artifacts", stacklevel=2)
+    dimension = familiarity.dimension
     log(f"trust: temperature {temperature:.3g} (held-out ECE {ece['before']:.3f} -> {ece['after']:.3f} cross-fitted "
-        f"on {ece['images']} images); familiarity from {len(keep)} training images' {train_embedding.shape[1]}-wide "
-        f"embeddings, calibrated on {len(heldout)} held-out images")
+        f"on {ece['images']} images); familiarity on {block} ({dimension} wide) from {len(keep)} training images, "
+        f"calibrated on {len(heldout)} held-out images")
     record = {
         "temperature": temperature,
         "temperature_fitted_on": f"the {len(heldout)} held-out images' Keras logits (minimum NLL)",
@@ -156,22 +162,22 @@ def fit_trust(model, bundle, training, heldout, reference_index: np.ndarray, max
         "familiarity": {
             "score": "squared Mahalanobis distance of the embedding to the nearest class mean, one shared "
                      "Ledoit-Wolf covariance (top eigenpairs kept, one variance for the rest)",
-            "embedding": get_embedding_source(backbone), "dimension": int(train_embedding.shape[1]),
-            "rank": int(familiarity.basis.shape[1]), "training_images": int(len(keep)),
+            "block": block,
+            "embedding": "the head's input (global average pool of the backbone)" if block == HEAD_INPUT
+            else f"global average pool of {block}",
+            "dimension": dimension, "rank": int(familiarity.basis.shape[1]), "training_images": int(len(keep)),
             "calibration_images": int(len(heldout)),
-            "p_value": "(1 + held-out images scoring at least as high) / (held-out images + 1)"},
+            "p_value": "(1 + held-out images scoring at least as high) / (held-out images + 1)",
+            "chosen_by": f"of the candidates, the block flagging most of its worst-flagged foreign kind at p <= "
+                         f"{DEFAULT_ALPHA}, then the larger mean AUROC against the held-out images, then the earlier "
+                         f"block; judged on {', '.join(f'{len(v[block])} {k}' for k, v in foreign.items())}",
+            "candidates": candidates},
         "interval": {"calibration_images": int(len(heldout)),
-                     "score": "1 - the temperature-scaled probability of the true label; the device reports "
-                              "the range of labels at or above 1 - the conformal quantile"},
+                     "score": "1 - the largest bar at which the range of the labels whose temperature-scaled "
+                              "probability reaches it (with the most probable) holds the true label; the device "
+                              "reports that range at the bar 1 - the conformal quantile"},
         "reference_images": int(len(reference_index)),
         "probe_flagged_by_keras": probe,
     }
     return Trust(temperature, familiarity, interval_calibration(held_logits, held_index, temperature),
-                 familiarity.scores(held_embedding[reference_index]).astype(np.float32), record)
-
-
-def get_embedding_source(backbone: str) -> str:
-    from edgeclf.train.backbones import get_backbone
-
-    block = get_backbone(backbone).familiarity_block
-    return f"global average pool of {block}" if block else "the head's input (global average pool of the backbone)"
+                 familiarity.scores(held_embedding[block][reference_index]).astype(np.float32), record)

@@ -77,15 +77,20 @@ def test_every_format_is_produced_validated_and_recorded(exported):
 
 def test_graph_takes_uint8_pixels_and_gives_logits_label_and_embedding(exported):
     bundle, _ = exported
+    familiarity = bundle.meta["trust"]["familiarity"]
+    candidates = familiarity["candidates"]
+    assert list(candidates) == [f"mixed{i}" for i in range(10)] + ["avg_pool"]
+    assert familiarity["dimension"] == candidates[familiarity["block"]]["dimension"]
     for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
         session = ort.InferenceSession(str(bundle.path / name), providers=["CPUExecutionProvider"])
         (inp,) = session.get_inputs()
         assert (inp.name, inp.type) == ("pixels", "tensor(uint8)")
         assert inp.shape[1:] == [75, 75, 3] and not isinstance(inp.shape[0], int)  # dynamic batch
         outs = [(o.name, o.type) for o in session.get_outputs()]
-        # logits first (whatever reads the first output still gets them); InceptionV3's embedding is mixed7 pooled.
+        # logits first (whatever reads the first output still gets them); the embedding is the pooled
+        # output of the block export chose for the familiarity check.
         assert outs == [("logits", "tensor(float)"), ("label", "tensor(int64)"), ("embedding", "tensor(float)")]
-        assert session.get_outputs()[2].shape[1] == 768
+        assert session.get_outputs()[2].shape[1] == familiarity["dimension"]
 
 
 def test_label_output_is_labels_of_argmax_and_uint8_matches_keras(exported):

@@ -107,6 +107,22 @@ def test_batchnorm_calibration_only_changes_statistics(digits_dir):
     assert features.std() > 0.05  # before calibration random features collapse to ~1e-3
 
 
+def test_tapped_model_gives_the_logits_and_each_block_pooled(model):
+    x = np.random.default_rng(0).uniform(0, 255, (2, *SIZE, 3)).astype(np.float32)
+    logits, mixed0, head_input = (np.asarray(a) for a in model_lib.tapped_model(model, ("mixed0", "avg_pool"))(x))
+    np.testing.assert_allclose(logits, np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head_input, np.asarray(model_lib.feature_extractor(model)(x)), rtol=1e-5, atol=1e-6)
+    base = model_lib.backbone_of(model)
+    inner = keras.Model(base.input, base.get_layer("mixed0").output)(model.get_layer("preprocess")(x))
+    np.testing.assert_allclose(mixed0, np.asarray(inner).mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    assert mixed0.shape == (2, 256)
+    # One block: what the exported graphs' embedding is.
+    both = model_lib.embedding_model(model, None)
+    assert [tuple(o.shape) for o in both.outputs] == [(None, 3), (None, 2048)]
+    with pytest.raises(InvalidInputError, match=r"no layers named \['mixed99'\]"):
+        model_lib.tapped_model(model, ("mixed99",))
+
+
 def test_image_size_below_75_is_refused():
     with pytest.raises(InvalidInputError, match=r"at least 75x75.*\(74, 74\)"):
         model_lib.build_model(3, (74, 74), weights=None)
@@ -120,6 +136,9 @@ def test_other_backbones_build():
         base = model_lib.backbone_of(model)
         index = model_lib.resolve_unfreeze_index(base, spec, None)
         assert 0 < index < len(base.layers)
+        # Every familiarity candidate is a layer of this Keras version's backbone, and tappable.
+        tapped = model_lib.tapped_model(model, (*spec.familiarity_candidates, model_lib.HEAD_INPUT))
+        assert len(tapped.outputs) == len(spec.familiarity_candidates) + 2
     with pytest.raises(InvalidInputError, match="unknown backbone 'vgg'"):
         model_lib.build_model(3, SIZE, backbone="vgg", weights=None)
 

@@ -28,11 +28,10 @@ class BackboneSpec:
     unfreeze_after: str
     #: Filename Keras caches ImageNet "notop" weights under, to help air-gapped users.
     imagenet_file: str
-    #: The block whose pooled output is the graphs' ``embedding`` (the familiarity check reads it);
-    #: None: the head's input. InceptionV3's mixed7 separated foreign images far better than the
-    #: head's input (mixed10) on the main job's bundle: gauges AUROC 0.999 against 0.956, constant
-    #: frames 1.000 against 0.994 (benchmarks/familiarity_study.py). The others are unmeasured.
-    familiarity_block: str | None = None
+    #: Blocks whose pooled outputs export tries as the familiarity check's embedding, earliest
+    #: first; the head's input (the pooled last block) is always tried after them. Export keeps
+    #: the one that best tells foreign frames from held-out images (export/familiarity_choice.py).
+    familiarity_candidates: tuple[str, ...] = ()
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -42,19 +41,24 @@ BACKBONES: dict[str, BackboneSpec] = {
         # blocks, mixed9 and mixed10, as the Keras fine-tuning guide does.
         BackboneSpec(
             "inception_v3", "InceptionV3", "scale_-1_1", 75, "mixed8",
-            "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", familiarity_block="mixed7",
+            "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            familiarity_candidates=tuple(f"mixed{i}" for i in range(10)),
         ),
         BackboneSpec(
             "mobilenet_v2", "MobileNetV2", "scale_-1_1", 32, "block_12_add",
             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+            familiarity_candidates=("block_2_add", "block_5_add", "block_9_add", "block_12_add", "block_15_add"),
         ),
         BackboneSpec(
             "mobilenet_v3_small", "MobileNetV3Small", "builtin", 32,
             "expanded_conv_8_project_bn", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+            familiarity_candidates=("expanded_conv_2_add", "expanded_conv_5_add", "expanded_conv_7_add",
+                                    "expanded_conv_10_add"),
         ),
         BackboneSpec(
             "efficientnet_b0", "EfficientNetB0", "builtin", 32, "block5c_add",
             "efficientnetb0_notop.h5",
+            familiarity_candidates=("block2b_add", "block3b_add", "block4c_add", "block5c_add", "block6d_add"),
         ),
     )
 }

@@ -14,7 +14,7 @@ from edgeclf.train.data import LabelMap, load_dataset
 from edgeclf.decoding import check_decoding, decode_indices, probabilities_of
 from edgeclf.train.metrics import classification_metrics, save_confusion_png, save_error_png
 from edgeclf.train.trust_metrics import save_reliability_png, trust_metrics
-from edgeclf.trust_file import load_trust
+from edgeclf.trust_file import embedding_block, load_trust
 
 
 def predict_logits(model, images, batch_size: int = 64) -> np.ndarray:
@@ -69,7 +69,7 @@ def evaluate_bundle(
     if trust is None:
         logits, embedding = predict_logits(model, images, batch_size), None
     else:
-        both = embedding_model(model, bundle.meta["backbone"]["name"])
+        both = embedding_model(model, embedding_block(trust.record))
         logits, embedding = (np.asarray(a) for a in both.predict(pixel_batches(images, batch_size), verbose=0))
     predicted = label_map.decode(decode_indices(probabilities_of(logits), decoding))
     metrics = classification_metrics(images.values, predicted, label_map.labels)

@@ -149,28 +149,39 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, model.get_layer("avg_pool").output, name="features")
 
 
-#: The head's input (build_model names it): the embedding where the backbone names no familiarity block.
+#: The head's input (build_model names it): the pooled last block, always a familiarity candidate.
 HEAD_INPUT = "avg_pool"
 
 
-def embedding_model(model, backbone: str):
-    """pixels (float32 0..255) -> [logits, embedding], sharing ``model``'s layers and weights.
-
-    With a familiarity block, the graph is rebuilt from ``model``'s own layers so that the nested
-    backbone also gives that block's output (pooled by a global average)."""
-    block = get_backbone(backbone).familiarity_block
-    if block is None:
-        return keras.Model(model.input, [model.output, model.get_layer(HEAD_INPUT).output], name="with_embedding")
+def tapped_model(model, blocks) -> keras.Model:
+    """pixels (float32 0..255) -> [logits, pooled output of each of ``blocks``], sharing ``model``'s
+    layers and weights. A block is a backbone layer's name (its output pooled by a global average)
+    or HEAD_INPUT; the graph is rebuilt from ``model``'s own layers so that the nested backbone
+    also gives the inner blocks' outputs."""
+    inner = [b for b in blocks if b != HEAD_INPUT]
+    if not inner:
+        return keras.Model(model.input, [model.output, *(model.get_layer(HEAD_INPUT).output for _ in blocks)],
+                           name="tapped")
     base = backbone_of(model)
-    tapped = keras.Model(base.input, [base.get_layer(block).output, base.output], name=f"{base.name}_tapped")
+    missing = [b for b in inner if b not in {layer.name for layer in base.layers}]
+    if missing:
+        raise InvalidInputError(f"the backbone {base.name!r} has no layers named {missing}. Received: blocks={list(blocks)}")
+    taps = keras.Model(base.input, [*(base.get_layer(b).output for b in inner), base.output], name=f"{base.name}_tapped")
     pixels = keras.Input(shape=model.input.shape[1:], dtype="float32", name="pixels")
-    x = model.get_layer("preprocess")(pixels) if any(l.name == "preprocess" for l in model.layers) else pixels
-    inner, top = tapped(x, training=False)
-    x = model.get_layer(HEAD_INPUT)(top)
+    x = model.get_layer("preprocess")(pixels) if any(layer.name == "preprocess" for layer in model.layers) else pixels
+    *middles, top = taps(x, training=False)
+    pooled_top = model.get_layer(HEAD_INPUT)(top)
+    x = pooled_top
     for name in ("head_dense", "head_dropout", "logits"):
         x = model.get_layer(name)(x)
-    embedding = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(inner)
-    return keras.Model(pixels, [x, embedding], name="with_embedding")
+    pooled = {b: keras.layers.GlobalAveragePooling2D(name=f"{b}_pool")(m) for b, m in zip(inner, middles)}
+    return keras.Model(pixels, [x, *(pooled_top if b == HEAD_INPUT else pooled[b] for b in blocks)], name="tapped")
+
+
+def embedding_model(model, block: str | None) -> keras.Model:
+    """pixels (float32 0..255) -> [logits, embedding]: the pooled output of ``block`` (None: the head's
+    input), what every exported graph gives as its ``embedding``."""
+    return tapped_model(model, (block or HEAD_INPUT,))
 
 
 def head_model(model: keras.Model) -> keras.Model:
