@@ -54,8 +54,21 @@ DECODE_SPEC = {
     "color": "RGB (grayscale expanded; alpha composited over white)",
     "depth": "16-bit samples keep their high byte (v >> 8); float samples 0..1 are scaled by 255 and rounded",
     "resize": "bilinear, to exactly height x width (aspect ratio not kept)",
+    # A camera's JPEG is 100 times the pixels a model takes: decoding it whole and filtering it
+    # down cost 30 times the model (issue 36). libjpeg's reduced DCT scaling and an integer box
+    # reduction do most of the shrinking at a fraction of the cost (see DRAFT_GAP, REDUCING_GAP).
+    "jpeg_scale": "decoded at libjpeg's smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least "
+                  "2x the target's longer side",
+    "reduce": "box-reduced by whole factors first, to at least 3x the target (Pillow reducing_gap 3)",
     "dtype": "uint8",
 }
+
+#: A JPEG is decoded at the smallest DCT scale that keeps both its sides at least this many
+#: times the target's longer side (DECODE_SPEC["jpeg_scale"]).
+DRAFT_GAP = 2
+#: The resize first box-reduces by whole factors while at least this many times the target is
+#: left, then filters bilinearly (Pillow's ``reducing_gap``; DECODE_SPEC["reduce"]).
+REDUCING_GAP = 3.0
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -178,18 +191,47 @@ def _over_white(img: Image.Image) -> Image.Image:
     return out
 
 
+def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``img`` resized to ``size`` = (height, width) the one way training and the device share:
+    whole-factor box reduction down to REDUCING_GAP times the target, then bilinear."""
+    if (img.height, img.width) == tuple(size):
+        return img
+    return img.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+
+
+def _draft(img: Image.Image, size: tuple[int, int]) -> None:
+    """Ask libjpeg to decode ``img`` (opened, not loaded) at a reduced DCT scale, no smaller than
+    DRAFT_GAP times the target's longer side on either side (whatever the EXIF orientation)."""
+    if img.format == "JPEG":
+        side = DRAFT_GAP * max(size)
+        img.draft(None, (side, side))
+
+
 def load_image(source: ImageSource, size: tuple[int, int] | None = None,
                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode an image to a uint8 RGB array, resized to ``size`` = (height, width).
 
+    The two steps, :func:`decode_image` and :func:`resize_to`, are timed apart by ``bench``.
+    Errors are those of :func:`decode_image`.
+    """
+    img = decode_image(source, size, max_pixels)
+    try:
+        return np.asarray(img if size is None else resize_to(img, size), dtype=np.uint8)
+    except MemoryError:
+        raise ImageDecodeError(f"image is too large to resize in the memory left. Received: {_describe(source)}") \
+            from None
+
+
+def decode_image(source: ImageSource, size: tuple[int, int] | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image to an RGB PIL image, a JPEG at the reduced scale ``size`` allows.
+
     Args:
         source: a file path, encoded bytes, or a PIL image.
-        size: target (height, width); ``None`` keeps the decoded size.
+        size: the target (height, width) it will be resized to, if any: a JPEG is then decoded
+            at libjpeg's reduced DCT scale (DECODE_SPEC["jpeg_scale"]).
         max_pixels: the pixel budget: an image declaring more (width x height, read from its
             header) is refused before any pixel is decoded.
-
-    Returns:
-        ``np.ndarray`` of shape (height, width, 3), dtype uint8.
 
     Raises:
         ImageDecodeError: the file is missing, empty, truncated, not an image, over the pixel
@@ -221,13 +263,12 @@ def load_image(source: ImageSource, size: tuple[int, int] | None = None,
             with fh:
                 img = _open(fh)  # the header only: nothing decoded yet
                 check_pixel_budget(img.size, max_pixels, name)
+                if size is not None:
+                    _draft(img, size)
                 img.load()  # the first frame, fully now: truncated files fail here, not later
             int_is_16_bit = _sixteen_bit_int(img)  # before the transpose, which forgets the file format
             ImageOps.exif_transpose(img, in_place=True)  # no copy of the pixels when there is nothing to turn
-        img = to_rgb(img, name, int_is_16_bit)
-        if size is not None and (img.height, img.width) != tuple(size):
-            img = img.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return to_rgb(img, name, int_is_16_bit)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -79,6 +79,8 @@ RANGES: dict[str, Range] = {
     "duration": Range(0, 3600, low_open=True, unit="seconds"),
     "warmup": Range(0, 600, unit="seconds"),
     "threads": Range(1, 1024, integer=True),
+    # each decodes one image at a time, up to ~200 MB at the default pixel budget
+    "decode_threads": Range(1, 16, integer=True),
     "top_k": Range(1, 10_000, integer=True),
     "instances": Range(1, 256, integer=True),
     "queue_delay_us": Range(0, 10_000_000, integer=True, unit="microseconds"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from edgeclf.errors import EdgeclfError
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
+from edgeclf.runtime.decode_ahead import DEFAULT_DECODE_THREADS, decode_ahead
 from edgeclf.runtime.inputs import image_frames
 
 
@@ -43,7 +45,8 @@ def _missing_reason(path: Path) -> str:
 
 def predict_paths(predictor, inputs: Iterable[str | os.PathLike], top_k: int = 1) -> Iterator[dict[str, Any]]:
     """One record per file, in input order: ``{"file", "label", "index", "confidence"[, "top_k"]}``
-    or ``{"file", "error"}``. Files are decoded one by one and inferred in batches."""
+    or ``{"file", "error"}``. Files are decoded on the predictor's decode threads, a batch ahead
+    of the backend, and inferred in batches."""
     pending: list[tuple[Path, np.ndarray | str]] = []  # a frame, or the error that replaced it
 
     def flush() -> Iterator[dict[str, Any]]:
@@ -66,16 +69,18 @@ def predict_paths(predictor, inputs: Iterable[str | os.PathLike], top_k: int = 1
 
     decoded = 0
     max_pixels = getattr(predictor, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)  # each file's pixel budget
-    for path, problem in image_paths(inputs):
-        if problem is None:
-            try:
-                pending.append((path, image_frames(path, predictor.image_size, str(path), max_pixels)))
-                decoded += 1
-            except EdgeclfError as exc:
-                pending.append((path, str(exc)))
-        else:
-            pending.append((path, problem))
-        if decoded >= predictor.batch_size:
-            yield from flush()
-            decoded = 0
+
+    def frames(entry: tuple[Path, str | None]) -> np.ndarray | str:
+        path, problem = entry
+        return problem if problem is not None else image_frames(path, predictor.image_size, str(path), max_pixels)
+
+    # The next batch decodes on the decode threads while the backend runs this one.
+    threads = getattr(predictor, "decode_threads", DEFAULT_DECODE_THREADS)
+    with closing(decode_ahead(image_paths(inputs), frames, threads, 2 * predictor.batch_size)) as ahead:
+        for (path, _), item in ahead:
+            pending.append((path, str(item) if isinstance(item, EdgeclfError) else item))
+            decoded += isinstance(item, np.ndarray)
+            if decoded >= predictor.batch_size:
+                yield from flush()
+                decoded = 0
     yield from flush()

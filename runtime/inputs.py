@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from edgeclf.errors import ImageDecodeError, InvalidInputError
-from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS, load_image, resize_to
 
 
 def is_batch(x: Any) -> bool:
@@ -60,6 +60,11 @@ def _pixels(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_frame(arr: np.ndarray, name: str) -> None:
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        raise InvalidInputError(f"{name}: image array has 4 channels (RGBA, or a camera's 32-bit frame); expected "
+                                f"HxWx3 RGB. Drop the fourth in your source's order: RGBA and picamera2's XBGR8888 "
+                                f"frame[..., :3], OpenCV's BGRA and picamera2's XRGB8888 frame[..., 2::-1]. "
+                                f"Received: shape={arr.shape}")
     if arr.ndim != 3 or arr.shape[-1] != 3:
         channels = f"{arr.shape[-1]} channels" if arr.ndim == 3 else f"{arr.ndim} dimensions"
         raise InvalidInputError(f"{name}: image array has {channels}; expected HxWx3 RGB (or NxHxWx3). "
@@ -72,8 +77,7 @@ def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if frame.shape[:2] == size:
         return frame
     # The decoder's resize, so arrays and files give the same pixels.
-    return np.asarray(Image.fromarray(np.ascontiguousarray(frame)).resize((size[1], size[0]),
-                                                                          Image.Resampling.BILINEAR))
+    return np.asarray(resize_to(Image.fromarray(np.ascontiguousarray(frame)), size))
 
 
 def image_frames(x: Any, size: tuple[int, int], name: str,

@@ -9,13 +9,15 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeclf.errors import IncompatibleArtifactError, InvalidInputError
+from edgeclf.errors import EdgeclfError, IncompatibleArtifactError, InvalidInputError
 from edgeclf import limits
 from edgeclf.bundle import Bundle, artifact_files
 from edgeclf.runtime.backends import BackendOptions, create_backend
@@ -23,7 +25,8 @@ from edgeclf.runtime.backends.base import run_in_chunks
 from edgeclf.decoding import check_decoding, decode_indices, probabilities_of
 from edgeclf.runtime.hardware import detect
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
-from edgeclf.runtime.inputs import is_batch, to_batch
+from edgeclf.runtime.decode_ahead import check_decode_threads, decode_ahead
+from edgeclf.runtime.inputs import image_frames, is_batch, to_batch
 from edgeclf.runtime.metadata import check_artifact_metadata, check_model_path
 from edgeclf.runtime.selection import Choice, choose, needs_int8_dot_product
 from edgeclf.trust import (DEFAULT_ALPHA, DEFAULT_COVERAGE, conformal_quantile, intervals,
@@ -85,7 +88,7 @@ class Predictor:
     def __init__(self, backend, choice: Choice, labels: list[int], image_size: tuple[int, int],
                  batch_size: int, reason: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  decoding: str = "argmax", trust: Trust | None = None, alpha: float = DEFAULT_ALPHA,
-                 coverage: float | None = DEFAULT_COVERAGE) -> None:
+                 coverage: float | None = DEFAULT_COVERAGE, decode_threads: int | None = None) -> None:
         self.backend = backend
         self.choice = choice
         self.labels = list(labels)
@@ -95,6 +98,8 @@ class Predictor:
         self._reason = reason
         #: The pixel budget of each image file, bytes or PIL image, checked before it is decoded.
         self.max_image_pixels = max_image_pixels
+        #: Threads decoding and resizing images while the backend runs (lists, streams, predict's files).
+        self.decode_threads = check_decode_threads(decode_threads)
         #: "argmax" (the graphs' own ``label`` output) or "median" (see edgeclf.decoding).
         self.decoding = check_decoding(decoding)
         #: The bundle's calibration (None: exported before edgeclf fitted one) and how it is applied.
@@ -111,7 +116,7 @@ class Predictor:
              batch_size: int = 32, threads: int | None = None, verify: bool = True,
              allow_unvalidated: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
              decoding: str = "argmax", alpha: float = DEFAULT_ALPHA,
-             coverage: float | None = DEFAULT_COVERAGE) -> Predictor:
+             coverage: float | None = DEFAULT_COVERAGE, decode_threads: int | None = None) -> Predictor:
         """Load a bundle directory or one artifact file.
 
         Args:
@@ -132,6 +137,8 @@ class Predictor:
                 (its conformal p-value; default 0.01, the false-alarm rate on images like the training data).
             coverage: the probability the reading's interval holds the true label (default 0.9); None: no
                 interval.
+            decode_threads: threads that decode and resize images while the backend runs the ones
+                before (default: one per core, at most 4).
 
         Raises:
             BundleError: the path, the bundle or the artifact is missing, corrupt or altered.
@@ -142,6 +149,7 @@ class Predictor:
         path = Path(path)
         check_decoding(decoding)
         limits.check("batch", batch_size, "batch_size")
+        check_decode_threads(decode_threads)  # checked before anything loads
         if threads is not None:
             limits.check("threads", threads, "threads")
         if precision not in (None, "fp32", "fp16", "bf16", "int8"):
@@ -177,7 +185,7 @@ class Predictor:
             runner.close()
             raise
         return cls(runner, choice, labels, size, batch_size, choice.reason, max_image_pixels, decoding,
-                   trust, alpha, coverage)
+                   trust, alpha, coverage, decode_threads)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -240,9 +248,55 @@ class Predictor:
         return predictions if is_batch(images) else predictions[0]
 
     def predict_batch(self, images: Any, top_k: int = 1) -> list[Prediction]:
-        """Always a list, one :class:`Prediction` per image."""
-        logits, embedding = self.infer_outputs(to_batch(images, self.image_size, self.max_image_pixels))
-        return self.decode(logits, top_k, embedding)
+        """Always a list, one :class:`Prediction` per image. A list is decoded on the decode
+        threads, the next ``batch_size`` images while the backend runs the last ones."""
+        if not isinstance(images, (list, tuple)) or len(images) <= 1:
+            logits, embedding = self.infer_outputs(to_batch(images, self.image_size, self.max_image_pixels))
+            return self.decode(logits, top_k, embedding)
+        out: list[Prediction] = []
+        for batch in self._decoded_batches(images):
+            logits, embedding = self.infer_outputs(batch)
+            out.extend(self.decode(logits, top_k, embedding))
+        return out
+
+    def _decoded_batches(self, images: list | tuple) -> Iterator[np.ndarray]:
+        """``images`` as uint8 batches of about ``batch_size``, decoded ahead; the first input that
+        cannot be decoded raises, as :func:`to_batch` would."""
+        def frames(i: int) -> np.ndarray:
+            return image_frames(images[i], self.image_size, f"input {i}", self.max_image_pixels)
+
+        ready: list[np.ndarray] = []
+        with closing(decode_ahead(range(len(images)), frames, self.decode_threads, 2 * self.batch_size)) as decoded:
+            for _, frame in decoded:
+                if isinstance(frame, EdgeclfError):
+                    raise frame
+                ready.append(frame)
+                if sum(len(f) for f in ready) >= self.batch_size:
+                    yield np.concatenate(ready)
+                    ready = []
+        if ready:
+            yield np.concatenate(ready)
+
+    def stream(self, frames: Iterable[Any], top_k: int = 1) -> Iterator[tuple[Any, Prediction | EdgeclfError]]:
+        """(input, its :class:`Prediction` or the error that replaced it) for each of ``frames``
+        (one image each), in order, as they come: a camera loop. Each is decoded and resized on
+        the decode threads while the backend runs the one before, at most ``decode_threads`` + 1
+        ahead (memory stays flat, whatever the stream's length), and inferred alone: batch 1, a
+        reading's latency. A frame that fails is handed back with its error and the rest go on.
+        """
+        def one(x: Any) -> np.ndarray:
+            frame = image_frames(x, self.image_size, "frame", self.max_image_pixels)
+            if len(frame) != 1:
+                raise InvalidInputError(f"a stream takes one image per item. Received: {len(frame)} images")
+            return frame
+
+        with closing(decode_ahead(frames, one, self.decode_threads, self.decode_threads + 1)) as decoded:
+            for item, frame in decoded:
+                if isinstance(frame, EdgeclfError):
+                    yield item, frame
+                    continue
+                logits, embedding = self.infer_outputs(frame)
+                yield item, self.decode(logits, top_k, embedding)[0]
 
     # -- description and lifetime ---------------------------------------------------------
 

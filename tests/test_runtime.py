@@ -278,7 +278,7 @@ def test_bad_images_get_typed_errors_naming_the_input(tiny_exported, tmp_path, t
             p.predict(pixels.astype(np.float32))
         with pytest.raises(InvalidInputError, match="holds NaN"):
             p.predict(np.full((75, 75, 3), np.nan, np.float32))
-        with pytest.raises(InvalidInputError, match=r"4 channels; expected HxWx3.*\(75, 75, 4\)"):
+        with pytest.raises(InvalidInputError, match=r"4 channels .*expected HxWx3 RGB.*2::-1.*\(75, 75, 4\)"):
             p.predict(np.zeros((75, 75, 4), np.uint8))
         with pytest.raises(InvalidInputError, match=r"2 dimensions"):
             p.predict(np.zeros((75, 75), np.uint8))

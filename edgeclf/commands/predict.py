@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
 
     with Predictor.load(args.model, args.backend, precision=args.precision, batch_size=args.batch_size,
                         threads=args.threads, allow_unvalidated=args.allow_unvalidated, decoding=args.decode,
-                        max_image_pixels=args.max_image_pixels, **trust_options(args)) as predictor:
+                        max_image_pixels=args.max_image_pixels, decode_threads=args.decode_threads,
+                        **trust_options(args)) as predictor:
         described = predictor.describe()
         print(f"[edgeclf] {described['backend']} running {described['artifact']}: {described['reason']}",
               file=sys.stderr)
@@ -63,6 +64,7 @@ def _line(record: dict) -> str:
 
 def register(sub) -> None:
     from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
+    from edgeclf.runtime.decode_ahead import DEFAULT_DECODE_THREADS
 
     p = sub.add_parser("predict", help="predict integers for image files with an exported model (no TensorFlow)",
                        description="Prints one line per image (JSON lines with --json); a file that fails is "
@@ -76,6 +78,9 @@ def register(sub) -> None:
                         "the median of the predicted distribution over the ordered labels, which minimises the "
                         "expected absolute error")
     p.add_argument("--batch-size", type=limits.option("batch"), default=32, help="images per backend call (default 32)")
+    p.add_argument("--decode-threads", type=limits.option("decode_threads"), default=None, metavar="N",
+                   help="threads decoding and resizing the next images while the model runs (default: one per "
+                        f"core, at most 4; here {DEFAULT_DECODE_THREADS})")
     p.add_argument("--allow-unvalidated", action="store_true", help="also run artifacts export did not validate")
     p.add_argument("--json", action="store_true",
                    help="JSON lines: file, label, index, confidence[, interval, coverage][, familiar, p_value]")
