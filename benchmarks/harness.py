@@ -5,7 +5,8 @@ each artifact's raw backend call and its whole ``Predictor`` call, decoding an i
 scoring familiarity (:mod:`edgeclf.trust`) on a batch's embeddings, and, where TensorFlow
 is installed, the Keras baselines (``model.predict`` per call, as the seed article
 predicts, and the model under ``tf.function``). Interleaving keeps the ratios honest on a
-noisy machine. Accuracy and top-1 agreement with Keras come from the bundle's
+noisy machine. Then the whole path from a camera's picture (benchmarks/end_to_end.py).
+Accuracy and top-1 agreement with Keras come from the bundle's
 verification set (held-out real images with the Keras logits), so bench runs on a
 device without TensorFlow. A contestant that fails is recorded as a failed row; the
 others carry on.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgeclf import limits
+from edgeclf.benchmarks.end_to_end import end_to_end
 from edgeclf.benchmarks.environment import environment
 from edgeclf.benchmarks.timing import time_interleaved
 from edgeclf.bundle import Bundle, artifact_files
@@ -56,6 +58,12 @@ class BenchConfig:
     baselines: bool | None = None
     #: Add OpenVINO BF16 (the FP32 IR with a BF16 hint); None: only on CPUs with AMX or AVX512_BF16.
     bf16: bool | None = None
+    #: Time the whole path from a camera picture too (benchmarks/end_to_end.py).
+    end_to_end: bool = True
+    #: Camera JPEGs for it; None: pictures made there.
+    images: Path | None = None
+    #: Pictures predicted as one list (the folder row).
+    folder_images: int = 200
 
     def __post_init__(self) -> None:
         if not self.batches:
@@ -68,6 +76,7 @@ class BenchConfig:
             limits.check("threads", self.threads, "threads")
         if isinstance(self.min_runs, bool) or not isinstance(self.min_runs, int) or not 1 <= self.min_runs <= 10_000:
             raise InvalidInputError(f"min_runs must be an integer in 1..10000. Received: {self.min_runs!r}")
+        limits.check("images", self.folder_images, "folder images")
 
 
 def _rss_mb() -> float:
@@ -214,6 +223,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
         for name, error in failed.items():
             rows.append({"name": name, "batch": batch_size, "machine": machine, "status": "failed", "error": error,
                          "artifact": dict((n, a) for n, a, _ in entries)[name]})
+    whole_path = end_to_end(predictors, config, machine) if config.end_to_end and predictors else None
     for predictor in predictors.values():
         predictor.close()
     _speedups(rows)
@@ -230,8 +240,9 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dic
     return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "environment": env, "bundle": str(bundle.path), "macs_per_image": macs,
             "image_size": list(bundle.image_size), "heldout_images": len(heldout),
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
-            "rows": rows}
+            "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                       for k, v in config.__dict__.items()},
+            "rows": rows, "end_to_end": whole_path}
 
 
 def _tensorflow_here() -> bool:

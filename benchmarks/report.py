@@ -45,6 +45,35 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{_fp32_layers(r)} | {_f(r.get('accuracy'), '.4f')} | "
             f"{_f(r.get('agreement'), '.4f')} | {_f(r.get('size_mb'), '.1f')} | {_f(r.get('load_s'), '.2f')} |"
         )
+    return "\n".join(lines) + "\n" + end_to_end_table(result)
+
+
+def end_to_end_table(result: dict[str, Any]) -> str:
+    """The whole path from a camera picture, per artifact at batch 1, and the folder row."""
+    whole = result.get("end_to_end")
+    if not whole or not whole.get("rows"):
+        return ""
+    first = next((r for r in whole["rows"] if r["status"] == "ok"), whole["rows"][0])
+    jw, jh = first.get("jpeg_size") or ("?", "?")
+    fw, fh = first.get("frame_size") or ("?", "?")
+    lines = ["", f"End to end at batch 1, `Predictor.predict` to the integer: from a {jw}x{jh} JPEG file, a PNG "
+             f"of the same picture, a {fw}x{fh} uint8 array ({whole.get('pictures', '')}). x model: over the "
+             f"backend's own call on a ready frame, timed interleaved with it.", "",
+             "| name | model ms | JPEG ms | x model | decode ms | resize ms | PNG ms | x model | frame ms | x model |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in whole["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |" + " |" * 8)
+            continue
+        lines.append(f"| {r['name']} | {r['model_p50_ms']:.2f} | {r['jpeg_p50_ms']:.1f} | {r['jpeg_x_model']:.2f} | "
+                     f"{r['decode_p50_ms']:.1f} | {r['resize_p50_ms']:.1f} | {r['png_p50_ms']:.1f} | "
+                     f"{r['png_x_model']:.2f} | {r['frame_p50_ms']:.1f} | {r['frame_x_model']:.2f} |")
+    folder = whole.get("folder")
+    if folder:
+        lines += ["", f"`Predictor.predict` over {folder['images']} camera JPEGs as one list ({folder['name']}, batch "
+                      f"{folder['batch']}, {folder['decode_threads']} decode threads): {folder['images_per_s']:.1f} "
+                      f"images/s, {100 * folder['share_of_model']:.0f}% of the backend's "
+                      f"{folder['model_images_per_s']:.1f} images/s on ready frames at that batch."]
     return "\n".join(lines) + "\n"
 
 

@@ -80,8 +80,14 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
     from edgeclf.runtime.hardware import detect
     from edgeclf.runtime.fingerprint import machine_key
 
+    from edgeclf.benchmarks.end_to_end import camera_picture
+
+    cameras = tmp_path / "cameras"  # the user's own pictures (--images): three small ones keep this fast
+    cameras.mkdir()
+    for i in range(3):
+        camera_picture((640, 480), i).save(cameras / f"camera_{i}.jpg", quality=92)
     config = BenchConfig(artifacts=("onnx", "onnx-int8", "openvino-int8"), batches=(1, 4), duration_s=0.5,
-                         warmup_s=0.2, min_runs=3)
+                         warmup_s=0.2, min_runs=3, images=cameras, folder_images=3)
     result = run_bench(bench_bundle, config)
     paths = write_results(result, tmp_path / "out", bench_bundle)
     saved = json.loads(paths["json"].read_text())
@@ -107,8 +113,18 @@ def test_bench_writes_well_formed_results_and_stores_them(bench_bundle, tmp_path
     for row in (r for r in saved["rows"] if r["name"] == "onnx-int8"):
         assert row["speedup_vs_backend_fp32"] == pytest.approx(p50[("onnx", row["batch"])] / row["p50_ms"])
         assert 0 <= row["fp32_layers"] <= 0.1 * row["quantizable_layers"]
+    # The whole path from a camera picture, per artifact, beside its own backend call.
+    whole = saved["end_to_end"]
+    assert [r["name"] for r in whole["rows"]] == ["onnx", "onnx-int8", "openvino-int8"]
+    for row in whole["rows"]:
+        assert row["status"] == "ok" and row["jpeg_size"] == [640, 480] and row["frame_size"] == [1920, 1080]
+        assert row["jpeg_x_model"] == pytest.approx(row["jpeg_p50_ms"] / row["model_p50_ms"])
+        assert row["decode_p50_ms"] > 0 and row["resize_p50_ms"] > 0 and row["png_p50_ms"] > 0
+    fastest = min(whole["rows"], key=lambda r: r["model_p50_ms"])["name"]
+    assert whole["folder"]["name"] == fastest and whole["folder"]["images"] == 3 and whole["folder"]["images_per_s"] > 0
     table = paths["markdown"].read_text()
-    assert table.count("\n| onnx-int8 |") == 2 and "x model.predict" in table
+    assert table.count("\n| onnx-int8 |") == 3 and "x model.predict" in table  # two batch sizes, end to end
+    assert "End to end at batch 1" in table and "camera JPEGs as one list" in table
     assert "x own FP32 | FP32 layers" in table and "| overhead | familiarity |" in table
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from edgeclf.benchmarks.publish import render
@@ -233,8 +249,9 @@ def test_bench_command_prints_the_table_and_writes_the_files(bench_bundle, tmp_p
     from tests.conftest import run_cli
 
     out = run_cli("bench", str(bench_bundle), "--backends", "onnx,openvino", "--batch", "1,2", "--duration", "0.5",
-                  "--warmup", "0.2", "--no-baselines", "--out", str(tmp_path / "out"))
+                  "--warmup", "0.2", "--no-baselines", "--no-end-to-end", "--out", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "End to end" not in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith(("| onnx |", "| openvino |"))]
     assert len(rows) == 4  # two artifacts at two batch sizes
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())

@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
     batches = int_list(args.batch, "--batch")
     config = BenchConfig(artifacts=tuple(args.backends.split(",")) if args.backends else None, batches=batches,
                          duration_s=args.duration, warmup_s=args.warmup, threads=args.threads,
-                         baselines=False if args.no_baselines else None)
+                         baselines=False if args.no_baselines else None, end_to_end=not args.no_end_to_end,
+                         images=Path(args.images) if args.images else None, folder_images=args.folder_images)
     contestants(Bundle.load(args.bundle), config)  # a bad name fails before TensorFlow loads (seconds)
     quiet_tensorflow(args, load=not args.no_baselines)  # only the Keras baselines need it
     result = run_bench(args.bundle, config)
@@ -49,5 +50,11 @@ def register(sub) -> None:
     p.add_argument("--threads", type=limits.option("threads"), default=None, help="CPU threads per inference (default: all)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the Keras baselines (left out anyway where TensorFlow is not installed)")
+    p.add_argument("--no-end-to-end", action="store_true",
+                   help="skip the whole path from a camera picture (12 MP JPEG, PNG, 1080p array) to the integer")
+    p.add_argument("--images", metavar="DIR", help="camera JPEGs for the end-to-end rows (default: made here, "
+                                                    "photo-like 4000x3000)")
+    p.add_argument("--folder-images", type=limits.option("images"), default=defaults.folder_images, metavar="N",
+                   help="pictures predicted as one list by the fastest artifact (default %(default)s)")
     p.add_argument("--out", default=None, help="directory for bench.json/.md/.png (default BUNDLE/benchmarks)")
     p.set_defaults(func=run)
