@@ -95,20 +95,22 @@ def test_cli_trains_from_a_config_with_overrides_and_tensorboard_logs(noncontigu
         assert list((tmp_path / "tb" / phase).rglob("events.out.tfevents.*")), phase
 
 
-def test_the_defaults_train_help_names_are_trainconfigs():
-    """Train options default to None (so a flag not given overrides no config); their help names
-    TrainConfig's defaults, which must not drift from the library's."""
+def test_every_train_option_is_declared_once_for_the_cli_the_config_file_and_trainconfig():
     import dataclasses
-    import re
 
-    # Left unset (None), an option follows the fine-tuning recipe (the from-scratch one is named beside it).
-    fields = {f.name: RECIPES["fine-tuning"].get(f.name) if f.default is None else f.default
-              for f in dataclasses.fields(TrainConfig)}
-    parser = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
-    named = 0
-    for action in parser._actions:
-        match = re.search(r"\(default ([-+0-9.e]+)[;)]", action.help or "")
-        if match and fields.get(action.dest) is not None:
-            assert float(match.group(1)) == float(fields[action.dest]), action.option_strings
-            named += 1
-    assert named >= 8
+    from edgeclf.train.options import BY_FIELD, KEYS, OPTIONS
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert [o.field for o in OPTIONS] == list(dict.fromkeys(o.field for o in OPTIONS))  # none twice
+    assert set(BY_FIELD) == set(fields) - {"verbose"}  # the library's only extra: Keras' verbosity
+    assert all(fields[f] == o.default for f, o in BY_FIELD.items() if f not in ("data", "out"))
+    # The config keys are the flags' names; the command line's --resume has none.
+    assert KEYS["val_dir"][0] == "val_data" and KEYS["feature_cache"][0] == "cache_features"
+    assert "resume" not in KEYS and len(KEYS) == len(OPTIONS) - 1
+    # Help texts show the declared defaults, and the recipes' for options a recipe decides.
+    helps = {a.dest: a.help for a in next(a for a in build_parser()._actions if a.dest == "command")
+             .choices["train"]._actions}
+    assert helps["epochs_frozen"].endswith("(default 10)") and helps["lr_frozen"].endswith("(default 1e-3)")
+    assert helps["lr_finetune"].endswith("(default 1e-5; 1e-3 with --weights none)")
+    assert helps["unfreeze_at"].endswith("; 0 with --weights none)") and "(default 300)" in helps["peer_timeout"]
+    assert helps["loss"].startswith("crossentropy (default): one-hot targets; ordinal: soft ordinal")

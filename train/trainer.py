@@ -29,6 +29,7 @@ from edgeclf.train.data import INPUT_MODES, ImageSet, LabelMap, load_dataset, sp
 from edgeclf.train.checkpoint import (STATE_FILE, EpochCheckpoints, ResumableEarlyStopping, RunCheckpoint,
                                       best_weights, checkpoint_dir, restore_variables)
 from edgeclf.train.evaluate import load_keras_model, predict_logits
+from edgeclf.train.options import RECIPES, default
 from edgeclf.train.ordinal import check_loss, ordinal_loss
 from edgeclf.train.metrics import classification_metrics, format_metrics, save_confusion_png
 from edgeclf.train.feature_cache import FeatureCache, default_cache_dir, images_sha256, weights_sha256
@@ -50,7 +51,9 @@ BN_CALIBRATION_IMAGES = 512
 
 @dataclass
 class TrainConfig:
-    """Everything ``train`` needs; the CLI maps its options one to one onto these fields.
+    """Everything ``train`` needs; the CLI maps its options one to one onto these fields, and
+    every default is the one :data:`edgeclf.train.options.OPTIONS` declares for the CLI and
+    config files too.
 
     ``data`` and ``val_data`` are a directory of label folders, a ``.csv`` of
     path,label, ``"digits"``, or an :class:`ImageSet` (e.g. from ``from_arrays``).
@@ -58,48 +61,47 @@ class TrainConfig:
 
     data: Any
     out: str | Path
-    labels: Sequence[int] | None = None
-    image_size: int | tuple[int, int] = 299
-    backbone: str = "inception_v3"
-    weights: str | Path | None = "imagenet"
+    labels: Sequence[int] | None = default("labels")
+    image_size: int | tuple[int, int] = default("image_size")
+    backbone: str = default("backbone")
+    weights: str | Path | None = default("weights")
     #: A bundle whose weights start this training (same backbone and labels, any input size).
-    init_from: str | Path | None = None
-    epochs_frozen: int = 10
-    epochs_finetune: int = 5
-    batch_size: int = 32
-    lr_frozen: float = 1e-3
+    init_from: str | Path | None = default("init_from")
+    epochs_frozen: int = default("epochs_frozen")
+    epochs_finetune: int = default("epochs_finetune")
+    batch_size: int = default("batch_size")
+    lr_frozen: float = default("lr_frozen")
     #: None, like ``unfreeze_at`` and ``train_batchnorm``: the recipe's (see RECIPES).
-    lr_finetune: float | None = None
-    unfreeze_at: int | None = None
-    val_split: float = 0.2
-    val_data: Any = None
-    seed: int = 0
-    strategy: str = "default"
-    class_weights: str | None = None  # None or "balanced"
-    augment: bool = False
-    augment_flip: bool = False
-    train_batchnorm: bool | None = None  # phase 2 BatchNormalization on batch statistics (from scratch)
-    cache_features: bool = True
+    lr_finetune: float | None = default("lr_finetune")
+    unfreeze_at: int | None = default("unfreeze_at")
+    val_split: float = default("val_split")
+    val_data: Any = default("val_data")
+    seed: int = default("seed")
+    strategy: str = default("strategy")
+    class_weights: str | None = default("class_weights")  # None or "balanced"
+    augment: bool = default("augment")
+    augment_flip: bool = default("augment_flip")
+    #: Phase 2 trains BatchNormalization on batch statistics (the from-scratch recipe's).
+    train_batchnorm: bool | None = default("train_batchnorm")
+    cache_features: bool = default("cache_features")
     #: Where phase 1's features are kept between runs; None: $EDGECLF_CACHE_DIR, else ~/.cache/edgeclf.
-    feature_cache_dir: str | Path | None = None
+    feature_cache_dir: str | Path | None = default("feature_cache_dir")
     #: "memory": decode every image up front; "stream": decode batch by batch from the files
     #: (memory flat in the number of images); "auto": stream above IN_MEMORY_MAX_BYTES of pixels.
-    input: str = "auto"
-    patience: int = 3
-    tensorboard: str | Path | None = None  # a folder for TensorBoard logs of both phases
+    input: str = default("input")
+    patience: int = default("patience")
+    tensorboard: str | Path | None = default("tensorboard")  # a folder for TensorBoard logs of both phases
     #: "crossentropy" (one-hot targets) or "ordinal": soft ordinal labels (SORD, see ordinal.py),
     #: softmax over classes of -ordinal_alpha * phi(true value, class value), phi = ordinal_distance.
-    loss: str = "crossentropy"
-    # Chosen on validation images (benchmarks/ordinal_study.py): squared distance at alpha 0.5 had the lowest
-    # MAE of abs 0.5/1/2 and squared 0.5/1 on the gauges; README's table reports it on test images.
-    ordinal_alpha: float = 0.5
-    ordinal_distance: str = "squared"
+    loss: str = default("loss")
+    ordinal_alpha: float = default("ordinal_alpha")
+    ordinal_distance: str = default("ordinal_distance")
     #: Multi-worker: seconds to wait for every peer in TF_CONFIG to accept a connection.
-    peer_timeout: float = 300.0
+    peer_timeout: float = default("peer_timeout")
     #: Continue the interrupted run writing ``out`` from its last finished epoch (see checkpoint.py).
-    resume: bool = False
-    overwrite: bool = False
-    strict: bool = False
+    resume: bool = default("resume")
+    overwrite: bool = default("overwrite")
+    strict: bool = default("strict")
     verbose: int | None = None  # Keras verbosity; None: bars on a terminal, one line per epoch otherwise
 
     @property
@@ -157,12 +159,6 @@ class TrainConfig:
 #: Values of the options left unset (None), by whether the backbone starts pretrained.
 #: A frozen random backbone gives features little better than noise: on a Fashion-MNIST
 #: subset the fine-tuning recipe reached 40% test accuracy from scratch, this one 67%.
-RECIPES: dict[str, dict[str, Any]] = {
-    "fine-tuning": {"unfreeze_at": None, "train_batchnorm": False, "lr_finetune": 1e-5},
-    "from scratch": {"unfreeze_at": 0, "train_batchnorm": True, "lr_finetune": 1e-3},
-}
-
-
 def resolve_recipe(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the options it leaves unset taken from its recipe; from scratch, says so
     on one line when that changes what the fine-tuning recipe would train."""
