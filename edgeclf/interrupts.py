@@ -34,11 +34,41 @@ def is_supervised() -> bool:
     return os.environ.get(SUPERVISED_ENV) == "1"
 
 
+#: Interpreter options whose value may be the next argument.
+_VALUED = "XW"
+
+
+def interpreter_options(orig_argv: Sequence[str] | None = None) -> list[str]:
+    """The options this interpreter was started with (``-I``, ``-X dev``, ``-W error`` ...), read
+    from ``sys.orig_argv`` up to the script, ``-m`` or ``-c``: what a child must be given to run
+    as this process does."""
+    args = list(sys.orig_argv if orig_argv is None else orig_argv)[1:]
+    options: list[str] = []
+    while args:
+        arg = args.pop(0)
+        if arg == "--check-hash-based-pycs" and args:  # the one long option that takes a value
+            options += [arg, args.pop(0)]
+            continue
+        if not arg.startswith("-") or arg in ("-", "--") or arg.startswith("--"):
+            return options  # the script, stdin, or --help/--version (which end the run anyway)
+        letters = arg[1:]
+        for i, letter in enumerate(letters):  # a cluster such as -Im or -bbX dev
+            if letter in "mc":
+                return options + ([f"-{letters[:i]}"] if i else [])
+            if letter in _VALUED:
+                value = letters[i + 1:] or (args.pop(0) if args else "")
+                options += ([f"-{letters[:i]}"] if i else []) + [f"-{letter}", value]
+                break
+        else:
+            options.append(arg)
+    return options
+
+
 def run_supervised(argv: Sequence[str], grace_s: float = 30.0, program: Sequence[str] | None = None) -> int:
     """Run ``python -m edgeclf ARGV`` (or ``program ARGV``) as a child; return its exit status (130 if
     stopped by a signal)."""
     # The child runs as this interpreter was started (-S, -I, -X ...), as multiprocessing's spawn does.
-    interpreter = (sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "edgeclf")
+    interpreter = (sys.executable, *interpreter_options(), "-m", "edgeclf")
     command = [*(program or interpreter), *argv]
     received: list[int] = []
     started: list[subprocess.Popen] = []

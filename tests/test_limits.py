@@ -210,6 +210,27 @@ import sys
 from edgeclf.interrupts import run_supervised
 sys.exit(run_supervised([sys.argv[2]], grace_s=float(sys.argv[3]), program=[sys.executable, sys.argv[1]]))
 """
+@pytest.mark.parametrize("argv,options", [
+    (["python", "-m", "edgeclf", "train", "-X"], []),
+    (["python", "-I", "-X", "dev", "-Wdefault", "-m", "edgeclf"], ["-I", "-X", "dev", "-W", "default"]),
+    (["python", "-Im", "edgeclf"], ["-I"]),  # a cluster that ends in -m
+    (["python", "-bbXutf8", "-c", "pass"], ["-bb", "-X", "utf8"]),
+    (["python", "--check-hash-based-pycs", "always", "-O", "script.py", "-I"],
+     ["--check-hash-based-pycs", "always", "-O"]),
+])
+def test_the_supervised_child_gets_the_interpreters_own_options(argv, options):
+    from edgeclf.interrupts import interpreter_options
+
+    assert interpreter_options(argv) == options
+
+
+def test_the_supervised_child_runs_as_this_interpreter_was_started():
+    probe = "import sys; from edgeclf.interrupts import interpreter_options; print(interpreter_options())"
+    out = subprocess.run([sys.executable, "-X", "utf8", "-W", "error", "-c", probe], capture_output=True,
+                         text=True, timeout=HANG_S, check=True).stdout
+    assert out.strip() == "['-X', 'utf8', '-W', 'error']"
+
+
 def _supervise(tmp_path: Path, where: str, grace_s: float) -> subprocess.Popen:
     """The supervisor over a child that is ready (its SIGINT handling set up, the supervisor's handlers too)."""
     (tmp_path / "child.py").write_text(_CHILD)
