@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -84,18 +83,32 @@ def _declared() -> tuple[list[str], dict[str, list[str]]]:
     if pyproject.is_file():
         project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
         return project["dependencies"], project["optional-dependencies"]
-    from importlib.metadata import requires
+    from importlib.metadata import metadata
 
+    info = metadata("edgeclf")
+    extras = info.get_all("Provides-Extra") or []
     core: list[str] = []
     optional: dict[str, list[str]] = {}
-    for line in requires("edgeclf") or []:
-        requirement, _, marker = (part.strip() for part in line.partition(";"))
-        extra = re.search(r"""extra\s*==\s*["']([\w-]+)["']""", marker)
-        if extra:  # edgeclf's extras carry no other marker
-            optional.setdefault(extra.group(1), []).append(requirement.replace(" ", ""))
+    for line in info.get_all("Requires-Dist") or []:
+        requirement = _requirement(line)
+        wanted_by = [extra for extra in extras if requirement.marker and requirement.marker.evaluate({"extra": extra})
+                     and not requirement.marker.evaluate({"extra": ""})]
+        if wanted_by:  # edgeclf's extras carry no other marker
+            requirement.marker = None
+            for extra in wanted_by:
+                optional.setdefault(extra, []).append(str(requirement))
         else:  # a core requirement keeps its own marker (tomli on Python 3.10)
-            core.append(requirement.replace(" ", "") + (f"; {marker}" if marker else ""))
+            core.append(str(requirement))
     return core, optional
+
+
+def _requirement(text: str):
+    """``text`` parsed as a PEP 508 requirement (packaging, the library pip itself vendors)."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        raise SystemExit("python -m edgeclf.platforms needs the packaging library: pip install packaging") from None
+    return Requirement(text)
 
 
 def extra_requirements(extra: str) -> list[str]:
@@ -104,9 +117,10 @@ def extra_requirements(extra: str) -> list[str]:
 
     def expand(name: str) -> list[str]:
         out = []
-        for requirement in optional[name]:
-            inner = re.fullmatch(r"edgeclf\[([\w,-]+)\]", requirement.replace(" ", ""))
-            out += [r for part in inner.group(1).split(",") for r in expand(part)] if inner else [requirement]
+        for text in optional[name]:
+            requirement = _requirement(text)
+            out += ([r for part in sorted(requirement.extras) for r in expand(part)] if requirement.name == "edgeclf"
+                    else [text])
         return out
 
     return list(dict.fromkeys([*core, *expand(extra)]))
@@ -114,7 +128,7 @@ def extra_requirements(extra: str) -> list[str]:
 
 def resolve(platform: Platform, requirements: list[str]) -> dict[str, Any]:
     """pip's resolution of ``requirements`` for ``platform``: {"ok", "versions"} or {"ok": False, "error"}."""
-    wanted = [r for r in requirements if re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] not in UNRESOLVABLE]
+    wanted = [r for r in requirements if _requirement(r).name not in UNRESOLVABLE]
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
