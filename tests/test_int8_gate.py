@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from edgeclf.errors import InvalidInputError
 from edgeclf.runtime.checks import Tolerance, compare, tolerance_for
@@ -34,6 +35,28 @@ def test_binomial_tail_matches_hand_computed_values():
     assert binomial_sf(3, 4, 0.5) == pytest.approx(5 / 16)
     assert binomial_sf(0, 7, 0.3) == 1.0 and binomial_sf(8, 7, 0.3) == 0.0
     assert binomial_sf(10, 10, 0.75) == pytest.approx(0.75 ** 10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 600), data=st.data())
+def test_the_device_statistics_equal_scipys(n, data):
+    """runtime/fidelity.py stays numpy-only for the device; here SciPy holds it to account."""
+    from scipy.stats import beta, binom, binomtest
+
+    k = data.draw(st.integers(0, n), label="k")
+    p = data.draw(st.floats(0.001, 0.999), label="p")
+    assert binomial_sf(k, n, p) == pytest.approx(binom.sf(k - 1, n, p), rel=1e-9, abs=1e-300)
+    # Clopper-Pearson's one-sided lower bound is the alpha quantile of Beta(k, n - k + 1).
+    assert clopper_pearson_lower(k, n) == pytest.approx(beta.ppf(0.05, k, n - k + 1) if k else 0.0, abs=1e-9)
+    lost = data.draw(st.integers(0, n), label="lost")
+    won = data.draw(st.integers(0, n - lost), label="won")
+    keras_right = np.r_[np.ones(lost, bool), np.zeros(won, bool), np.ones(n - lost - won, bool)]
+    artifact_right = np.r_[np.zeros(lost, bool), np.ones(won, bool), np.ones(n - lost - won, bool)]
+    result = paired_accuracy_test(keras_right, artifact_right, max_drop=0.005)
+    if lost + won:
+        p0 = min(1.0, (1.0 + n * 0.005 / (lost + won)) / 2)
+        expected = binomtest(lost, lost + won, p0, alternative="greater").pvalue
+        assert result["p_value"] == pytest.approx(expected, rel=1e-9, abs=1e-300)
 
 
 @pytest.mark.parametrize("lost,won,significant", [
