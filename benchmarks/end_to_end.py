@@ -97,8 +97,10 @@ def _artifact_rows(name: str, predictor, jpeg: Path, png: Path, frame: np.ndarra
     log(f"end to end: {name}")
     errors: dict[str, str] = {}
     timings = time_interleaved(fns, config.warmup_s, config.duration_s / 2, config.min_runs, errors=errors)
+    with Image.open(jpeg) as header:
+        jpeg_size = list(header.size)
     row: dict[str, Any] = {"name": name, "artifact": predictor.choice.format, "machine": machine,
-                           "jpeg_size": list(Image.open(jpeg).size), "frame_size": [frame.shape[1], frame.shape[0]]}
+                           "jpeg_size": jpeg_size, "frame_size": [frame.shape[1], frame.shape[0]]}
     if errors:
         return {**row, "status": "failed", "error": "; ".join(f"{k}: {v}" for k, v in errors.items())}
     p50 = {k: t.stats()["p50_ms"] for k, t in timings.items()}

@@ -47,6 +47,13 @@ PILLOW_LIMIT = int(limits.RANGES["image_pixels"].high)
 #: 344 KB PNG of 9400x9400 took 1.87 GB in ``predict``.
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
 
+#: A JPEG is decoded at the smallest DCT scale that keeps both its sides at least this many
+#: times the target's longer side (DECODE_SPEC["jpeg_scale"]).
+DRAFT_GAP = 2
+#: The resize first box-reduces by whole factors while at least this many times the target is
+#: left, then filters bilinearly (Pillow's ``reducing_gap``; DECODE_SPEC["reduce"]).
+REDUCING_GAP = 3.0
+
 #: How pixels reach the model; recorded in bundle.json so every consumer can check it.
 DECODE_SPEC = {
     "decoder": "Pillow",
@@ -56,19 +63,12 @@ DECODE_SPEC = {
     "resize": "bilinear, to exactly height x width (aspect ratio not kept)",
     # A camera's JPEG is 100 times the pixels a model takes: decoding it whole and filtering it
     # down cost 30 times the model (issue 36). libjpeg's reduced DCT scaling and an integer box
-    # reduction do most of the shrinking at a fraction of the cost (see DRAFT_GAP, REDUCING_GAP).
-    "jpeg_scale": "decoded at libjpeg's smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least "
-                  "2x the target's longer side",
-    "reduce": "box-reduced by whole factors first, to at least 3x the target (Pillow reducing_gap 3)",
+    # reduction do most of the shrinking at a fraction of the cost.
+    "jpeg_scale": f"decoded at libjpeg's smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least "
+                  f"{DRAFT_GAP}x the target's longer side",
+    "reduce": f"box-reduced by whole factors first, to at least {REDUCING_GAP:g}x the target (Pillow reducing_gap)",
     "dtype": "uint8",
 }
-
-#: A JPEG is decoded at the smallest DCT scale that keeps both its sides at least this many
-#: times the target's longer side (DECODE_SPEC["jpeg_scale"]).
-DRAFT_GAP = 2
-#: The resize first box-reduces by whole factors while at least this many times the target is
-#: left, then filters bilinearly (Pillow's ``reducing_gap``; DECODE_SPEC["reduce"]).
-REDUCING_GAP = 3.0
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 

@@ -21,8 +21,9 @@ from edgeclf.errors import EdgeclfError
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Decode threads unless asked otherwise: one per core, at most 4 (a 12 MP JPEG takes one core
-#: about 40 ms; four keep up with an INT8 model at 299 px on any CPU measured).
+#: Decode threads unless asked otherwise: one per core, at most 4. A 12 MP JPEG takes one core
+#: about 25 ms to decode and resize to 299 px (AMD EPYC Zen 5), longer than the INT8 model
+#: there: the backend is kept fed only by decoding several at once.
 DEFAULT_DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 

@@ -1,4 +1,6 @@
-"""Train options from a TOML file (``train --config FILE``), checked key by key.
+"""train's options, declared once (:data:`OPTIONS`), and read from a TOML file (``train --config
+FILE``) key by key. The command line's flags, the config file's keys and TrainConfig's defaults
+are all made from the declaration.
 
 The file holds any option of ``edgeclf train``, named as the flag without its dashes
 (``epochs-frozen = 5`` or ``epochs_frozen = 5``), plus ``data`` and ``out``. Flags
@@ -23,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeclf.compat import tomllib
-
 from edgeclf import limits
+from edgeclf.compat import tomllib
 from edgeclf.errors import InvalidInputError
 
 
