@@ -68,9 +68,11 @@ benchmarks: install
 	$(EDGECLF) dataset digits $(BENCH_DIR)/data --overwrite
 	$(EDGECLF) train $(BENCH_DIR)/data/train --out $(BENCH_DIR)/b75 --overwrite \
 	    --image-size 75 --weights none $(DEMO_TRAIN_ARGS)
+	@# --val-split 0.3 as b75's: the same held-out images (none that b75 trained on), 431 of them, as
+	@# verify's 95% bound needs 299 (0.2 held out 288, and verify failed that check).
 	$(EDGECLF) train $(BENCH_DIR)/data/train --out $(BENCH_DIR)/b299 --overwrite --image-size 299 \
 	    --weights none --init-from $(BENCH_DIR)/b75 --epochs-frozen 0 --epochs-finetune 2 --unfreeze-at 0 \
-	    --train-batchnorm --lr-finetune 3e-4
+	    --train-batchnorm --lr-finetune 3e-4 --val-split 0.3
 	$(EDGECLF) export $(BENCH_DIR)/b299 --format all
 	$(EDGECLF) bench $(BENCH_DIR)/b299 --batch 1,8,32 --duration 20
 	@# Kept as docs/bench_299.<machine>.{json,png}: this kind of machine's section is replaced, others stay.
