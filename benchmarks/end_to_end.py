@@ -8,7 +8,8 @@ JPEGs as one list, as images/s beside its backend's throughput on ready frames a
 
 The pictures are made here, deterministic and photo-like (one of scikit-learn's photographs,
 cropped by the seed, enlarged, with a seeded sensor grain; noise would compress three times
-worse than a camera's picture), unless the user gives camera JPEGs (``--images DIR``).
+worse than a camera's picture; on a device without scikit-learn, pictures drawn from the seed),
+unless the user gives camera JPEGs (``--images DIR``). The result says which.
 """
 
 from __future__ import annotations
@@ -33,18 +34,43 @@ DISTINCT = 8
 
 def camera_picture(size: tuple[int, int], seed: int) -> Image.Image:
     """A photo-like RGB picture of ``size`` (width, height): one of scikit-learn's photographs,
-    cropped by the seed, enlarged bicubically, with Gaussian sensor grain (sigma 3 levels)."""
-    from sklearn.datasets import load_sample_images
-
+    cropped by the seed, enlarged bicubically, with Gaussian sensor grain (sigma 3 levels); where
+    scikit-learn is not installed (a device), :func:`drawn_picture`."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        return drawn_picture(size, seed)
     photos = load_sample_images().images
     rng = np.random.default_rng(seed)
     photo = photos[seed % len(photos)]
     h, w = photo.shape[:2]
     ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    big = np.asarray(Image.fromarray(photo[y:y + ch, x:x + cw]).resize(size, Image.Resampling.BICUBIC), np.float32)
-    big += rng.normal(0.0, 3.0, big.shape).astype(np.float32)
-    return Image.fromarray(np.clip(big, 0, 255).astype(np.uint8))
+    return _with_grain(Image.fromarray(photo[y:y + ch, x:x + cw]).resize(size, Image.Resampling.BICUBIC), rng)
+
+
+def drawn_picture(size: tuple[int, int], seed: int) -> Image.Image:
+    """A picture drawn from the seed alone (numpy and Pillow): a smooth colour field, shapes with
+    edges at every scale, softened as a lens would, and the same sensor grain."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    small = field.resize((max(1, width // 4), max(1, height // 4)))
+    draw = ImageDraw.Draw(small)
+    for _ in range(60):
+        x0, y0 = rng.integers(0, small.width), rng.integers(0, small.height)
+        x1, y1 = x0 + rng.integers(4, max(5, small.width // 4)), y0 + rng.integers(4, max(5, small.height // 4))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    shapes = small.resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(1.5))
+    return _with_grain(Image.blend(field, shapes, 0.7), rng)
+
+
+def _with_grain(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    pixels = np.asarray(img, np.float32) + rng.normal(0.0, 3.0, (img.height, img.width, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def camera_folder(folder: Path, count: int) -> list[Path]:
@@ -81,9 +107,17 @@ def end_to_end(predictors: dict[str, Any], config, machine: str) -> dict[str, An
                 for name, predictor in predictors.items()]
         fastest = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["model_p50_ms"], default=None)
         folder = _folder(fastest["name"], predictors[fastest["name"]], jpegs, config) if fastest else None
-    return {"rows": rows, "folder": folder,
-            "pictures": "given (--images)" if config.images is not None else
-            "made here: scikit-learn photographs enlarged with sensor grain, JPEG quality 92"}
+    return {"rows": rows, "folder": folder, "pictures": "given (--images)" if config.images is not None else
+            f"made here: {_PICTURES[_drawn()]}, enlarged with sensor grain, JPEG quality 92"}
+
+
+_PICTURES = {False: "scikit-learn's photographs", True: "drawn pictures (no scikit-learn here)"}
+
+
+def _drawn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sklearn") is None
 
 
 def _artifact_rows(name: str, predictor, jpeg: Path, png: Path, frame: np.ndarray, config,

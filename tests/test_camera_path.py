@@ -15,7 +15,7 @@ from edgeclf.errors import ImageDecodeError, InvalidInputError
 from edgeclf.images import DRAFT_GAP, load_image, resize_to
 from edgeclf.runtime.decode_ahead import decode_ahead
 from edgeclf.runtime.inputs import image_frames
-from edgeclf.benchmarks.end_to_end import camera_picture
+from edgeclf.benchmarks.end_to_end import camera_picture, drawn_picture
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,13 @@ def test_arrays_and_files_give_the_same_pixels(tmp_path):
     path = tmp_path / "frame.png"  # lossless, and no DCT scaling: the same pixels as the array
     picture.save(path)
     np.testing.assert_array_equal(image_frames(np.asarray(picture), (75, 75), "frame")[0], load_image(path, (75, 75)))
+
+
+def test_a_device_without_scikit_learn_draws_its_pictures_from_the_seed():
+    picture = np.asarray(drawn_picture((320, 240), seed=4))
+    assert picture.shape == (240, 320, 3) and (picture == np.asarray(drawn_picture((320, 240), seed=4))).all()
+    # Photo-like: smooth regions and edges, not noise (neighbouring pixels close, the picture varied).
+    assert np.abs(np.diff(picture.astype(np.int16), axis=1)).mean() < 12 and picture.std() > 20
 
 
 def test_decode_ahead_keeps_order_reports_errors_and_bounds_the_work_in_flight():
