@@ -236,8 +236,8 @@ def test_a_device_install_verifies_and_benches_without_tensorflow(bundle_copy, t
         assert result["top1_agreement"] == validation[name]["top1_agreement"]
         assert result["accuracy"] == validation[name]["accuracy"]
     bench = subprocess.run([edgeclf, "bench", str(bundle_copy), "--batch", "1", "--duration", "1", "--warmup",
-                            "0.2", "--out", str(tmp_path / "bench")], capture_output=True, text=True, cwd=tmp_path,
-                           timeout=600)
+                            "0.2", "--folder-images", "4", "--out", str(tmp_path / "bench")], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=600)
     assert bench.returncode == 0, bench.stderr
     result = json.loads((tmp_path / "bench" / "bench.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
@@ -245,6 +245,8 @@ def test_a_device_install_verifies_and_benches_without_tensorflow(bundle_copy, t
     assert rows["onnx"]["agreement"] == validation["onnx"]["top1_agreement"]
     assert rows["onnx"]["machine"] == machine_key()
     assert not (tmp_path / "bench" / "bench.png").exists()  # no matplotlib on a device
+    # The whole path too, on pictures drawn from the seed (no scikit-learn on a device).
+    assert "drawn pictures" in result["end_to_end"]["pictures"] and result["end_to_end"]["folder"]["images"] == 4
 
 
 def test_bad_verify_and_export_arguments_are_refused_up_front(bundle_copy):
