@@ -123,8 +123,8 @@ def _drawn() -> bool:
 def _artifact_rows(name: str, predictor, jpeg: Path, png: Path, frame: np.ndarray, config,
                    machine: str) -> dict[str, Any]:
     size = predictor.image_size
-    ready = np.asarray(resize_to(decode_image(jpeg, size), size))[None]
     decoded = decode_image(jpeg, size)
+    ready = np.asarray(resize_to(decoded, size))[None]
     fns = {"model": lambda: predictor.backend.infer(ready), "jpeg": lambda: predictor.predict(jpeg),
            "png": lambda: predictor.predict(png), "frame": lambda: predictor.predict(frame),
            "decode": lambda: decode_image(jpeg, size), "resize": lambda: resize_to(decoded, size)}

@@ -28,8 +28,9 @@ TRUST_FORMAT = "edgeclf-trust/1"
 #: held-out interval scores [n], the Keras model's familiarity scores of the verification images [V].
 MEMBERS = ("means.npy", "basis.npy", "eigenvalues.npy", "residual.npy", "familiarity_calibration.npy",
            "interval_calibration.npy", "reference_scores.npy")
-#: How trust records written before ``familiarity.block`` existed named an inner block.
-LEGACY_BLOCK_TEXT = "global average pool of "
+#: How a trust record describes an inner block's embedding; records written before
+#: ``familiarity.block`` existed name the block only this way.
+POOLED_BLOCK_TEXT = "global average pool of "
 #: A 2048-wide embedding at rank 256 takes about 2 MB; a full-rank 4096-wide one 64 MB.
 MAX_TRUST_BYTES = 96 << 20
 
@@ -114,7 +115,7 @@ def embedding_block(record: Any) -> str | None:
         return familiarity["block"]
     # Exported before export chose the block: the record only described it.
     described = str(familiarity.get("embedding", ""))
-    return described.removeprefix(LEGACY_BLOCK_TEXT) if described.startswith(LEGACY_BLOCK_TEXT) else None
+    return described.removeprefix(POOLED_BLOCK_TEXT) if described.startswith(POOLED_BLOCK_TEXT) else None
 
 
 def _positive(value: Any) -> bool:

@@ -61,12 +61,12 @@ def foreign_frames(size: tuple[int, int], probe_frames: int) -> dict[str, np.nda
             "photo crops": photo_crops(PHOTO_CROPS, size, CHOICE_SEED)}
 
 
-def judge(model: Familiarity, heldout: np.ndarray, foreign: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Per foreign kind: the share flagged at DEFAULT_ALPHA and the AUROC of the score against the
-    held-out images (``model`` is calibrated on those; embeddings in, one array per kind)."""
+def judge(model: Familiarity, foreign: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per foreign kind (embeddings, one array per kind): the share flagged at DEFAULT_ALPHA and the
+    AUROC of the score against the held-out images' scores, which ``model`` is calibrated on."""
     from sklearn.metrics import roc_auc_score
 
-    base = model.scores(heldout)
+    base = model.calibration
     judged = {}
     for kind, embedding in foreign.items():
         scores = model.scores(embedding)
@@ -88,7 +88,7 @@ def choose_block(blocks: tuple[str, ...], training: dict[str, np.ndarray], train
     models, table = {}, {}
     for block in blocks:
         models[block] = with_calibration(fit_familiarity(training[block], train_index, classes), heldout[block])
-        judged = judge(models[block], heldout[block], {kind: x[block] for kind, x in foreign.items()})
+        judged = judge(models[block], {kind: x[block] for kind, x in foreign.items()})
         table[block] = {"dimension": models[block].dimension, "foreign": judged}
         log(f"familiarity candidate {block} ({models[block].dimension} wide): flagged at p <= {DEFAULT_ALPHA} "
             + ", ".join(f"{kind} {j['flagged']:.0%}" for kind, j in judged.items()))

@@ -17,7 +17,7 @@ import numpy as np
 from edgeclf.errors import DataError
 from edgeclf.probe import KINDS as PROBE_KINDS
 from edgeclf.trust import Familiarity, expected_calibration_error, interval_scores, scaled_probabilities
-from edgeclf.trust_file import Trust
+from edgeclf.trust_file import POOLED_BLOCK_TEXT, Trust
 
 #: Temperatures searched (log-uniform bounds): far outside them a model is broken, not miscalibrated.
 TEMPERATURE_RANGE = (0.05, 50.0)
@@ -175,7 +175,7 @@ def fit_trust(model, bundle, training, heldout, reference_index: np.ndarray, max
             "variance_floor": f"every direction's variance at least {VARIANCE_FLOOR:g} x the mean direction's",
             "block": block,
             "embedding": "the head's input (global average pool of the backbone)" if block == HEAD_INPUT
-            else f"global average pool of {block}",
+            else POOLED_BLOCK_TEXT + block,
             "dimension": dimension, "rank": int(familiarity.basis.shape[1]), "training_images": int(len(keep)),
             "calibration_images": int(len(heldout)),
             "p_value": "(1 + held-out images scoring at least as high) / (held-out images + 1)",

@@ -215,7 +215,7 @@ OPTIONS: tuple[Option, ...] = (
            help="phase 2 trains BatchNormalization on batch statistics, re-estimated each epoch (default: with "
                 "--weights none only, where the whole network trains from scratch)"),
     Option("cache_features", True, convert=_flag, flag="--no-feature-cache", key="feature_cache",
-           cli=(("action", "store_false"), ("dest", "cache_features")),
+           cli=(("action", "store_false"),),
            help="run the frozen backbone every phase-1 epoch instead of caching its features"),
     Option("feature_cache_dir", cli=(("metavar", "DIR"),),
            help="where phase 1's features are kept for later runs with the same backbone, weights, size and "
