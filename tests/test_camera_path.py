@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from edgeclf.errors import ImageDecodeError, InvalidInputError
-from edgeclf.images import DRAFT_GAP, load_image, resize_to
+from edgeclf import images
+from edgeclf.images import DRAFT_GAP, REDUCING_GAP, load_image, resize_to
 from edgeclf.runtime.decode_ahead import decode_ahead
 from edgeclf.runtime.inputs import image_frames
 from edgeclf.benchmarks.end_to_end import camera_picture, drawn_picture
@@ -46,6 +47,36 @@ def test_arrays_and_files_give_the_same_pixels(tmp_path):
     path = tmp_path / "frame.png"  # lossless, and no DCT scaling: the same pixels as the array
     picture.save(path)
     np.testing.assert_array_equal(image_frames(np.asarray(picture), (75, 75), "frame")[0], load_image(path, (75, 75)))
+
+
+def _pillow_filters_across_first(source: tuple[int, int], target: tuple[int, int]) -> bool:
+    """Whether Pillow's one resize call filters across first (always before Pillow 13; from 13,
+    unless the reduced height shrinks by more than twice what the width does)."""
+    (w, h), (tw, th) = source, target
+    factor_x, factor_y = int(w / tw / REDUCING_GAP) or 1, int(h / th / REDUCING_GAP) or 1
+    shrink_w, shrink_h = -(-w // factor_x) - tw, -(-h // factor_y) - th
+    return not (shrink_h > 0 and shrink_h > 2 * shrink_w)
+
+
+def test_the_resize_in_bands_on_threads_gives_pillows_pixels(monkeypatch):
+    rng = np.random.default_rng(7)
+    monkeypatch.setattr(images, "BAND_MIN_PIXELS", 0)  # bands even for these small images
+    compared = 0
+    for _ in range(60):
+        source = (int(rng.integers(1, 700)), int(rng.integers(1, 700)))
+        target = (int(rng.integers(1, 120)), int(rng.integers(1, 120)))
+        img = Image.fromarray(rng.integers(0, 256, (source[1], source[0], 3), dtype=np.uint8))
+        results = []
+        for threads in (1, 2, 3):
+            monkeypatch.setattr(images, "RESIZE_THREADS", threads)
+            results.append(np.asarray(resize_to(img, (target[1], target[0]))))
+        # Bands or not, the same pixels; and Pillow's own wherever it takes the same pass order.
+        assert all(np.array_equal(results[0], r) for r in results[1:]), (source, target)
+        if _pillow_filters_across_first(source, target):
+            pillow = img.resize(target, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+            np.testing.assert_array_equal(results[0], np.asarray(pillow), err_msg=f"{source} -> {target}")
+            compared += 1
+    assert compared >= 30
 
 
 def test_a_device_without_scikit_learn_draws_its_pictures_from_the_seed():
