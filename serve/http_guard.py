@@ -1,37 +1,41 @@
 """The public HTTP endpoint of ``edgeclf serve``: the guard's rules (:mod:`edgeclf.serve.guard`)
 in front of Triton's private HTTP port, with bounded connections and threads.
 
-One selector thread holds every open HTTP connection: it accepts, reads each request's line and headers (and a
-body up to ``BUFFERED_BODY_BYTES``) without blocking, and closes a connection idle past
-``--idle-timeout`` or whose head (then body) is not complete within ``--header-timeout``; a
-larger body is read by a worker and must arrive at ``MIN_BODY_RATE`` or better. Only a
-complete request goes to the fixed pool of ``--guard-threads`` workers; after the answer a
-kept-alive connection goes back to the selector. So idle and slow clients (slowloris) cost a
-socket and a few hundred bytes, never a thread; a worker waits on a client only for such a
-large body, at that rate. At ``--max-connections`` a new connection closes the one that has waited longest for its
-request (a slow one is answered 503 first), so held connections cannot lock new clients
-out; only when every connection carries a request being answered is the new one refused,
-503 with one line of JSON, at once and without a thread. Clients that disconnect or time out
-are logged as one debug line, never a traceback; refusals as one warning line per 10 s.
-The gRPC endpoint has the same kind of bounds from grpcio (:mod:`edgeclf.serve.grpc_guard`).
+Each request is parsed once, by h11: an HTTP/1.1 protocol machine in pure Python that does no
+I/O of its own, so the guard keeps its threads and its bounds. One selector thread holds every
+open connection: it accepts, feeds each connection's bytes to its parser without blocking, and
+closes a connection idle past ``--idle-timeout`` or whose head (then body, up to
+``BUFFERED_BODY_BYTES``) is not complete within ``--header-timeout``. Only a request whose head
+is complete goes to the fixed pool of ``--guard-threads`` workers; a larger body is read there
+and must arrive at ``MIN_BODY_RATE`` or better. After the answer a kept-alive connection goes
+back to the selector. So idle and slow clients (slowloris) cost a socket and about a kilobyte,
+never a thread.
+
+At ``--max-connections`` a new connection closes the one that has waited longest for its
+request (a slow one is answered 503 first), so held connections cannot lock new clients out;
+only when every connection carries a request being answered is the new one refused, 503 with
+one line of JSON, at once and without a thread. Clients that disconnect or time out are logged
+as one debug line, never a traceback; refusals as one warning line per 10 s. The gRPC endpoint
+has the same kind of bounds from grpcio (:mod:`edgeclf.serve.grpc_guard`).
 """
 
 from __future__ import annotations
 
+import enum
 import http
 import http.client
 import json
 import logging
 import math
 import queue
-import re
 import selectors
 import socket
 import threading
 import time
 from collections import Counter, OrderedDict
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
+
+import h11
 
 from edgeclf.serve.guard import (_INFER_PATH, ConnectionLimits, Limits, RequestRefused, check_http_infer,
                                  one_line_error)
@@ -43,124 +47,87 @@ MAX_HEAD_BYTES = 64 * 1024
 BUFFERED_BODY_BYTES = 256 * 1024
 #: A larger body, read by a worker, must arrive within the header timeout plus one second per this many bytes.
 MIN_BODY_RATE = 256 * 1024
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-#: A client connection's socket errors (reset, broken pipe, timed out; closed at shutdown): one debug line,
-#: never a traceback. The upstream's are answered 502 where they happen.
-_CLIENT_GONE = (OSError,)
-_WAIT, _HEAD, _BODY = "wait", "head", "body"
+#: A client connection's socket errors (reset, broken pipe, timed out; closed at shutdown) and a body it
+#: broke off: one debug line, never a traceback. The upstream's are answered 502 where they happen.
+_CLIENT_GONE = (OSError, h11.RemoteProtocolError)
 #: Connections refused or closed to make room are logged as one line at most this often.
 PRESSURE_LOG_S = 10.0
+#: The methods passed on (GET and HEAD to the read-only endpoints, POST to inference), and those refused 405.
+_PASSED, _REFUSED = ("GET", "HEAD", "POST"), ("PUT", "DELETE", "PATCH")
+#: Request headers passed to Triton, and response headers passed back.
+_FORWARDED = ("content-type", "inference-header-content-length", "accept", "accept-encoding")
+_RETURNED = ("Content-Type", "Inference-Header-Content-Length", "Content-Encoding")
 logger = logging.getLogger("edgeclf.serve.guard")
 
 
+class _Phase(enum.Enum):
+    """Where a connection held by the selector thread is, which decides its deadline."""
+
+    IDLE = "idle"  # between requests: --idle-timeout
+    HEAD = "head"  # a request line and headers begun: --header-timeout
+    BODY = "body"  # a small body being collected: a header timeout of its own
+
+
+def _answer(parser: h11.Connection, status: int, body: bytes, headers: list[tuple[str, str]],
+            close: bool = False, head: bool = False) -> bytes:
+    """The bytes of one whole response, through ``parser``; none of the body for a HEAD request."""
+    headers = [*headers, ("Content-Length", str(len(body)))] + ([("Connection", "close")] if close else [])
+    data = parser.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+    if body and not head:
+        data += parser.send(h11.Data(data=body))
+    return data + parser.send(h11.EndOfMessage())
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:  # a status Triton invented: the line without a phrase
+        return ""
+
+
+def error_answer(parser: h11.Connection, status: int, message: str, close: bool = False, head: bool = False,
+                 headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """The guard's every refusal: ``status`` and one line of JSON, ``{"error": message}``."""
+    body = json.dumps({"error": message}).encode()
+    return _answer(parser, status, body, [("Content-Type", "application/json"), *headers], close, head)
+
+
 def _busy_answer(max_connections: int) -> bytes:
-    body = json.dumps({"error": f"the server holds its maximum of {max_connections} connections "
-                                f"(--max-connections); try again later"}).encode()
-    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Retry-After: 1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
-def _body_length(head: bytes) -> int | None:
-    """The Content-Length a selector thread may collect before a worker takes the request; None: hand over now
-    (a body the worker streams or refuses, chunked encoding, ``Expect: 100-continue``)."""
-    length = None
-    for line in head.split(b"\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name in (b"transfer-encoding", b"expect"):
-            return None
-        if name == b"content-length" and length is None:  # the first, as the handler reads it
-            try:
-                length = int(value.strip())
-            except ValueError:
-                return None
-    length = length or 0
-    return length if 0 <= length <= BUFFERED_BODY_BYTES else None
+    """The 503 a connection over the cap gets before it sends anything (made once: h11 lets a server answer
+    a connection that has sent no request, as for a malformed one)."""
+    return error_answer(h11.Connection(h11.SERVER), 503, f"the server holds its maximum of {max_connections} "
+                        f"connections (--max-connections); try again later", close=True,
+                        headers=(("Retry-After", "1"),))
 
 
 class _Connection:
-    """A client connection: its socket, the bytes received and not yet handled, and when it is dropped."""
+    """A client connection: its socket, its parser, the request being received, and when it is dropped."""
 
-    __slots__ = ("sock", "address", "buffer", "state", "deadline", "scanned", "need")
+    __slots__ = ("sock", "address", "parser", "phase", "deadline", "request", "body")
 
     def __init__(self, sock: socket.socket, address: Any, deadline: float) -> None:
         self.sock = sock
         self.address = address
-        self.buffer = bytearray()
-        self.state = _HEAD
+        self.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.phase = _Phase.HEAD
         self.deadline = deadline
-        self.scanned = 0  # bytes of ``buffer`` searched for the end of the headers
-        self.need = 0  # bytes of ``buffer`` that make the whole request (state _BODY)
+        self.request: h11.Request | None = None
+        self.body = bytearray()  # the request's body as far as it has come
 
-
-class _Reader:
-    """The handler's ``rfile``: the bytes the selector thread collected, then the socket, under one deadline."""
-
-    def __init__(self, sock: socket.socket, data: bytes, deadline: float) -> None:
-        self._sock = sock
-        self._buffer = bytearray(data)
-        self.deadline = deadline
-
-    def _fill(self) -> bool:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the client did not send its request in time")
-        self._sock.settimeout(remaining)
-        chunk = self._sock.recv(65536)
-        self._buffer += chunk
-        return bool(chunk)
-
-    def _take(self, size: int) -> bytes:
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
-
-    def readline(self, limit: int = -1) -> bytes:
-        scanned = 0
-        while True:
-            end = self._buffer.find(b"\n", scanned)
-            if end >= 0:
-                size = end + 1
-                break
-            scanned = len(self._buffer)
-            if 0 <= limit <= scanned or not self._fill():
-                size = scanned
-                break
-        return self._take(size if limit < 0 else min(size, limit))
-
-    def read(self, size: int = -1) -> bytes:
-        while (size < 0 or len(self._buffer) < size) and self._fill():
-            pass
-        return self._take(len(self._buffer) if size < 0 else min(size, len(self._buffer)))
-
-    def left(self) -> bytes:
-        """Bytes received beyond the request handled (a pipelined next request)."""
-        return bytes(self._buffer)
-
-
-class _Writer:
-    """The handler's ``wfile``: unbuffered, each write sent whole within ``timeout`` seconds."""
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        self._sock = sock
-        self._timeout = timeout
-
-    def write(self, data: bytes) -> int:
-        self._sock.settimeout(self._timeout)
-        self._sock.sendall(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
+    @property
+    def begun(self) -> bool:
+        """Whether part of a request (its line, headers or body) has come and not all of it."""
+        return self.parser.their_state is not h11.IDLE or bool(self.parser.trailing_data[0])
 
 
 class HttpGuard:
     """The public HTTP endpoint: checks each request, forwards it to Triton's private port.
 
-    One selector thread holds every open connection (accepting, collecting request heads and
-    small bodies, timing out idle and slow clients); ``connections.threads`` worker threads
-    take complete requests from a queue. Same interface as ``socketserver``'s servers:
-    ``serve_forever`` in a thread of the caller's, then ``shutdown`` and ``server_close``.
+    One selector thread holds every open connection (accepting, parsing request heads and
+    collecting small bodies, timing out idle and slow clients); ``connections.threads`` worker
+    threads take requests whose head is complete from a queue. Same interface as
+    ``socketserver``'s servers: ``serve_forever`` in a thread of the caller's, then ``shutdown``
+    and ``server_close``.
     """
 
     request_queue_size = 1024  # listen backlog: many clients connect at once
@@ -217,7 +184,7 @@ class HttpGuard:
     @property
     def incomplete_requests(self) -> int:
         """Held connections that have sent part of a request (its line, headers or body), not all of it."""
-        return sum(1 for conn in tuple(self._held.values()) if conn.buffer)
+        return sum(1 for conn in tuple(self._held.values()) if conn.begun)
 
     # -- the selector thread ------------------------------------------------------------
 
@@ -280,7 +247,7 @@ class HttpGuard:
                 oldest = next(iter(self._held.values()))
                 self._note(f"closed waiting connections to make room (--max-connections "
                            f"{self.connections.max_connections})")
-                if oldest.buffer:
+                if oldest.begun:
                     self._answer_and_drop(oldest, 503, "the server closed this connection, slow to send its "
                                                        "request, to make room for others; send it again")
                 else:
@@ -318,29 +285,34 @@ class HttpGuard:
         if not data:  # the client closed (or reset) the connection
             self._drop(conn)
             return
-        if conn.state == _WAIT:
-            conn.state, conn.deadline = _HEAD, self._clock() + self.connections.header_timeout_s
-        conn.buffer += data
+        if conn.phase is _Phase.IDLE:
+            conn.phase, conn.deadline = _Phase.HEAD, self._clock() + self.connections.header_timeout_s
+        conn.parser.receive_data(data)
         self._advance(conn)
 
     def _advance(self, conn: _Connection) -> None:
-        """Hand the connection to the workers once its request (head, and a small body) is here."""
-        if conn.state in (_WAIT, _HEAD):
-            end = _HEAD_END.search(conn.buffer, max(0, conn.scanned - 3))
-            conn.scanned = len(conn.buffer)
-            if end is None:
-                if len(conn.buffer) > MAX_HEAD_BYTES:
-                    self._answer_and_drop(conn, 431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
+        """Parse what has come; hand the connection to the workers once its request's head is here, and a
+        small body whole."""
+        while True:
+            try:
+                event = conn.parser.next_event()
+            except h11.RemoteProtocolError as exc:  # a malformed request, or a head over MAX_HEAD_BYTES
+                self._answer_and_drop(conn, exc.error_status_hint, f"malformed HTTP request: {exc}")
                 return
-            length = _body_length(bytes(conn.buffer[:end.end()]))
-            if length is None:
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                conn.request = event
+                if not _collected_here(conn):
+                    self._dispatch(conn)
+                    return
+                # The body (up to BUFFERED_BODY_BYTES) gets a header timeout of its own.
+                conn.phase, conn.deadline = _Phase.BODY, self._clock() + self.connections.header_timeout_s
+            elif isinstance(event, h11.Data):
+                conn.body += event.data
+            elif isinstance(event, h11.EndOfMessage):
                 self._dispatch(conn)
                 return
-            # The body (up to BUFFERED_BODY_BYTES) gets a header timeout of its own.
-            conn.state, conn.need = _BODY, end.end() + length
-            conn.deadline = self._clock() + self.connections.header_timeout_s
-        if conn.state == _BODY and len(conn.buffer) >= conn.need:
-            self._dispatch(conn)
 
     def _dispatch(self, conn: _Connection) -> None:
         self._selector.unregister(conn.sock)
@@ -361,11 +333,10 @@ class HttpGuard:
                 return
             conn.sock.setblocking(False)
             now = self._clock()
-            if conn.buffer:  # a pipelined request began already
-                conn.state, conn.deadline = _HEAD, now + self.connections.header_timeout_s
+            if conn.begun:  # a pipelined request began already
+                conn.phase, conn.deadline = _Phase.HEAD, now + self.connections.header_timeout_s
             else:
-                conn.state, conn.deadline = _WAIT, now + self.connections.idle_timeout_s
-            conn.scanned = 0
+                conn.phase, conn.deadline = _Phase.IDLE, now + self.connections.idle_timeout_s
             self._hold(conn)
             self._advance(conn)
 
@@ -373,7 +344,7 @@ class HttpGuard:
         """Close the connections idle past --idle-timeout or slow past --header-timeout; log the pressure."""
         for conn in [c for c in self._held.values() if c.deadline <= now]:
             logger.debug("HTTP guard: closed %s connection from %s (timed out)",
-                         "an idle" if conn.state == _WAIT else "a slow", conn.address)
+                         "an idle" if conn.phase is _Phase.IDLE else "a slow", conn.address)
             self._drop(conn)
         self._log_pressure(now)
 
@@ -385,12 +356,10 @@ class HttpGuard:
             self._pressure_logged_at = now
 
     def _answer_and_drop(self, conn: _Connection, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
-        phrase = http.HTTPStatus(status).phrase
+        head = conn.request is not None and conn.request.method == b"HEAD"
         try:
-            conn.sock.send(f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        except OSError:
+            conn.sock.send(error_answer(conn.parser, status, message, close=True, head=head))
+        except (OSError, h11.LocalProtocolError):
             pass
         self._drop(conn)
 
@@ -422,14 +391,15 @@ class HttpGuard:
                 self._close(conn)
 
     def _serve_one(self, conn: _Connection) -> bool:
-        """Answer the connection's request; whether to keep the connection open."""
-        timeout = self.connections.header_timeout_s
+        """Answer the connection's request; whether to keep the connection open (the next request may
+        have begun already: the parser holds its bytes)."""
         try:
             conn.sock.setblocking(True)
-            reader = _Reader(conn.sock, bytes(conn.buffer), time.monotonic() + timeout)
-            handler = _HttpHandler(reader, _Writer(conn.sock, timeout), conn.address, self)
-            conn.buffer = bytearray(reader.left())
-            return not handler.close_connection
+            _Exchange(self, conn).answer()
+            if conn.parser.our_state is h11.DONE and conn.parser.their_state is h11.DONE:
+                conn.parser.start_next_cycle()
+                conn.request, conn.body = None, bytearray()
+                return True
         except _CLIENT_GONE as exc:
             logger.debug("HTTP guard: client %s went away (%s)", conn.address, type(exc).__name__)
         except Exception:  # noqa: BLE001 - a bug: its traceback, once; the other clients are served on
@@ -467,105 +437,107 @@ class HttpGuard:
         self._wake_w.close()
 
 
-class _HttpHandler(BaseHTTPRequestHandler):
-    """One request of a connection (the guard's worker calls it once per request)."""
+def _header(request: h11.Request, name: str) -> str | None:
+    """The first value of the header ``name`` (lower case; h11 lowers every name)."""
+    wanted = name.encode()
+    return next((value.decode("latin-1") for key, value in request.headers if key == wanted), None)
 
-    protocol_version = "HTTP/1.1"  # keep-alive, as Triton's own endpoint
-    server: HttpGuard
-    _FORWARDED = ("Content-Type", "Inference-Header-Content-Length", "Accept", "Accept-Encoding")
-    _RETURNED = ("Content-Type", "Inference-Header-Content-Length", "Content-Encoding")
 
-    def __init__(self, rfile: _Reader, wfile: _Writer, client_address: Any, server: HttpGuard) -> None:
-        self.rfile, self.wfile = rfile, wfile
-        self.client_address = client_address
-        self.server = server
-        self.close_connection = True
-        self.handle_one_request()
+def _declared_length(request: h11.Request) -> int | None:
+    """The request's Content-Length (h11 has checked it is one non-negative integer), None if absent."""
+    value = _header(request, "content-length")
+    return None if value is None else int(value)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet, as Triton's endpoint is
-        pass
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The standard library's errors (a malformed request line, headers too long) as one line of JSON."""
-        self.close_connection = True
-        data = json.dumps({"error": message or self.responses.get(code, ("error",))[0]}).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+def _collected_here(conn: _Connection) -> bool:
+    """Whether the selector thread collects the body before a worker takes the request: a small one it
+    can hold, with nothing to refuse or answer first (chunked encoding, ``Expect: 100-continue``)."""
+    request = conn.request
+    length = _declared_length(request)
+    return (bool(length) and length <= BUFFERED_BODY_BYTES and _header(request, "transfer-encoding") is None
+            and not conn.parser.they_are_waiting_for_100_continue)
 
-    def do_GET(self) -> None:  # noqa: N802
-        self._handle()
 
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._handle()
+class _Exchange:
+    """One request of a connection, answered by a worker: checked, its body read, forwarded, answered."""
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._handle()
+    def __init__(self, guard: HttpGuard, conn: _Connection) -> None:
+        self.guard, self.conn = guard, conn
+        self.request = conn.request
+        self.method = self.request.method.decode("ascii", "replace")
+        self.path = self.request.target.decode("latin-1")
+        self.close = False  # answer with Connection: close (the body is left unread)
 
-    def do_PUT(self) -> None:  # noqa: N802
-        self._refuse(RequestRefused("method not allowed through edgeclf serve", 405))
-
-    do_DELETE = do_PATCH = do_PUT
-
-    def _handle(self) -> None:
+    def answer(self) -> None:
+        parser, head = self.conn.parser, self.method == "HEAD"
         try:
-            body = self._read_body()
-            if self.command == "POST":
-                if not _INFER_PATH.match(self.path.split("?")[0]):
-                    raise RequestRefused(f"POST {self.path[:80]} is not allowed through edgeclf serve; "
-                                         f"only inference requests are", 403)
-                check_http_infer(body, self.headers.get("Inference-Header-Content-Length"), self.server.limits)
-            elif not self.path.startswith("/v2"):
-                raise RequestRefused(f"no such endpoint: {self.path[:80]}", 404)
+            status, data, headers = self._forward(self._checked_body())
+            reply = _answer(parser, status, data, headers, head=head)
         except RequestRefused as refused:
-            self._refuse(refused)
-            return
-        self._forward(body)
+            reply = error_answer(parser, refused.status, str(refused), close=self.close, head=head)
+        self._send(reply)
 
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise RequestRefused("chunked request bodies are not accepted; send Content-Length", 411)
-        if self.headers.get("Content-Encoding", "identity").lower() != "identity":
-            self.close_connection = True
-            raise RequestRefused("compressed request bodies are not accepted; send them uncompressed", 415)
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            raise RequestRefused("Content-Length must be a non-negative integer")
-        if length > self.server.limits.max_request_bytes:
-            self.close_connection = True  # the body is never read: drop the connection after answering
-            raise RequestRefused(f"request body of {length} bytes exceeds the server's limit of "
-                                 f"{self.server.limits.max_request_bytes} bytes (--max-request-mb)", 413)
-        if not length:
-            return b""
-        # A body the selector thread did not collect whole: at least MIN_BODY_RATE bytes/s after the header timeout.
-        self.rfile.deadline = (time.monotonic() + self.server.connections.header_timeout_s
-                               + length / MIN_BODY_RATE)
-        body = self.rfile.read(length)
-        if len(body) < length:
-            raise ConnectionAbortedError("the client closed the connection before sending the whole body")
+    def _send(self, data: bytes) -> None:
+        self.conn.sock.settimeout(self.guard.connections.header_timeout_s)
+        self.conn.sock.sendall(data)
+
+    def _refuse_unread(self, message: str, status: int) -> RequestRefused:
+        self.close = True  # the body is never read: the connection is closed after the answer
+        return RequestRefused(message, status)
+
+    def _checked_body(self) -> bytes:
+        """The request's body, read once its head has passed; RequestRefused where it does not."""
+        request, limits = self.request, self.guard.limits
+        if self.method in _REFUSED:
+            raise RequestRefused("method not allowed through edgeclf serve", 405)
+        if self.method not in _PASSED:
+            raise self._refuse_unread(f"Unsupported method ({self.method!r})", 501)
+        if _header(request, "transfer-encoding") is not None:
+            raise self._refuse_unread("chunked request bodies are not accepted; send Content-Length", 411)
+        if (_header(request, "content-encoding") or "identity").lower() != "identity":
+            raise self._refuse_unread("compressed request bodies are not accepted; send them uncompressed", 415)
+        length = _declared_length(request) or 0
+        if length > limits.max_request_bytes:
+            raise self._refuse_unread(f"request body of {length} bytes exceeds the server's limit of "
+                                      f"{limits.max_request_bytes} bytes (--max-request-mb)", 413)
+        body = self._read_body(length)
+        if self.method == "POST":
+            if not _INFER_PATH.match(self.path.split("?")[0]):
+                raise RequestRefused(f"POST {self.path[:80]} is not allowed through edgeclf serve; "
+                                     f"only inference requests are", 403)
+            check_http_infer(body, _header(request, "inference-header-content-length"), limits)
+        elif not self.path.startswith("/v2"):
+            raise RequestRefused(f"no such endpoint: {self.path[:80]}", 404)
         return body
 
-    def _upstream(self) -> http.client.HTTPConnection:
-        connection = getattr(_connections, "connection", None)
-        if connection is None:
-            connection = _connections.connection = http.client.HTTPConnection(*self.server.upstream, timeout=300)
-        return connection
+    def _read_body(self, length: int) -> bytes:
+        """The rest of the body the selector thread did not collect, at MIN_BODY_RATE or better."""
+        conn, parser = self.conn, self.conn.parser
+        if parser.their_state is h11.DONE:
+            return bytes(conn.body)
+        if parser.they_are_waiting_for_100_continue:
+            self._send(parser.send(h11.InformationalResponse(status_code=100, headers=[])))
+        deadline = time.monotonic() + self.guard.connections.header_timeout_s + length / MIN_BODY_RATE
+        while True:
+            event = parser.next_event()
+            if isinstance(event, h11.Data):
+                conn.body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(conn.body)
+            elif event is h11.NEED_DATA:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the client did not send its request in time")
+                conn.sock.settimeout(remaining)
+                parser.receive_data(conn.sock.recv(65536))  # b"": h11 raises that the body broke off
 
-    def _forward(self, body: bytes) -> None:
-        headers = {k: self.headers[k] for k in self._FORWARDED if self.headers.get(k) is not None}
+    def _forward(self, body: bytes) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """Triton's answer to the request: its status, body and the headers passed back."""
+        headers = {name: value for name in _FORWARDED if (value := _header(self.request, name)) is not None}
         for attempt in (1, 2):  # a kept-alive upstream connection may have been closed meanwhile
             connection = self._upstream()
             try:
-                connection.request(self.command, self.path, body=body if self.command == "POST" else None,
+                connection.request(self.method, self.path, body=body if self.method == "POST" else None,
                                    headers=headers)
                 response = connection.getresponse()
                 data = response.read()
@@ -574,40 +546,22 @@ class _HttpHandler(BaseHTTPRequestHandler):
                 connection.close()
                 _connections.connection = None
                 if attempt == 2:
-                    self._refuse(RequestRefused("the inference server did not answer", 502))
-                    return
+                    raise RequestRefused("the inference server did not answer", 502) from None
         status = response.status
-        out_headers = {k: response.getheader(k) for k in self._RETURNED if response.getheader(k) is not None}
-        if status >= 400:  # Triton sends its errors as JSON or, from a model, as text/plain JSON
-            try:
-                message = json.loads(data).get("error", "")
-            except (ValueError, AttributeError):
-                message = data.decode("utf-8", "replace")
-            line, client_fault = one_line_error(message)
-            if client_fault and status >= 500:
-                status = 400
-            data = json.dumps({"error": line}).encode()
-            out_headers = {"Content-Type": "application/json"}
-        self.send_response(status)
-        for key, value in out_headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        if status < 400:
+            return status, data, [(k, v) for k in _RETURNED if (v := response.getheader(k)) is not None]
+        try:  # Triton sends its errors as JSON or, from a model, as text/plain JSON
+            message = json.loads(data).get("error", "")
+        except (ValueError, AttributeError):
+            message = data.decode("utf-8", "replace")
+        line, client_fault = one_line_error(message)
+        raise RequestRefused(line, 400 if client_fault and status >= 500 else status)
 
-    def _refuse(self, refused: RequestRefused) -> None:
-        data = json.dumps({"error": str(refused)}).encode()
-        self.send_response(refused.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+    def _upstream(self) -> http.client.HTTPConnection:
+        connection = getattr(_connections, "connection", None)
+        if connection is None:
+            connection = _connections.connection = http.client.HTTPConnection(*self.guard.upstream, timeout=300)
+        return connection
 
 
-_connections = threading.local()  # one upstream connection per handler thread
-
-
+_connections = threading.local()  # one upstream connection per worker thread

@@ -353,6 +353,46 @@ def test_slow_and_idle_clients_are_cut_off(upstream):
             kept.close()
 
 
+def _exchange(port: int, data: bytes) -> bytes:
+    """What the guard answers ``data`` on a new connection, until it closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_S) as sock:
+        sock.sendall(data)
+        return _read_all(sock)
+
+
+def test_every_request_goes_through_the_one_parser(upstream):
+    """Malformed heads, a head too large, HEAD, a method refused with its body unread, and a large body
+    after ``Expect: 100-continue``: each answered as HTTP/1.1 says, errors as one line of JSON."""
+    with _guard(upstream, threads=2) as guard:
+        port = guard.server_address[1]
+        for data, status in [(b"BLAH\r\n\r\n", 400), (b"GET /v2 HTTP/1.1\r\n\r\n", 400),  # no Host
+                             (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX: " + b"a" * (70 * 1024), 431),
+                             (b"POST /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400)]:
+            head, _, body = _exchange(port, data).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d" % status), head
+            assert "malformed HTTP request" in json.loads(body)["error"]
+        # HEAD: the headers a GET gets, no body, and the connection goes on.
+        answer = _exchange(port, b"HEAD /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+                                 b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, rest = answer.partition(b"\r\n\r\n")  # (the stand-in upstream answers HEAD 501)
+        assert head.startswith(b"HTTP/1.1 ") and b"Content-Length: " in head and rest.startswith(b"HTTP/1.1 200")
+        assert json.loads(rest.partition(b"\r\n\r\n")[2])["path"] == "/v2/health/live"
+        # A refused method whose body is never read: answered, then closed (its body is no next request).
+        answer = _exchange(port, b"PUT /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+                                 b"GET /v2/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 405") and answer.count(b"HTTP/1.1") == 1
+        # A body over what the selector thread collects, sent only after the worker's 100 Continue.
+        body = _body(shape=[1, 100_000], data=[[7] * 100_000])
+        with socket.create_connection(("127.0.0.1", port), timeout=HANG_S) as sock:
+            sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode())
+            assert sock.recv(64).startswith(b"HTTP/1.1 100 ")
+            sock.sendall(body)
+            head, _, answer = _read_all(sock).partition(b"\r\n\r\n")
+        assert len(body) > 256 * 1024 and head.startswith(b"HTTP/1.1 200")
+        assert json.loads(answer) == {"path": INFER, "received": len(body)}
+
+
 @pytest.mark.parametrize("field, value, option", [
     ("max_connections", 0, "--max-connections"), ("max_connections", 10**6, "--max-connections"),
     ("max_connections", 2.5, "--max-connections"), ("threads", 0, "--guard-threads"),
