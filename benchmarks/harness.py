@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -121,128 +121,185 @@ def sample_image_file(bundle: Bundle) -> Path | None:
     return None
 
 
+#: The two calls timed per artifact: its backend's own call on a ready batch, and the whole Predictor call.
+RAW, PREDICTOR = "raw", "predictor"
+
+
+class _Call(NamedTuple):
+    """One timed callable: the row it belongs to and its role there (RAW or PREDICTOR)."""
+
+    name: str
+    role: str
+
+
+@dataclass
+class _Lineup:
+    """Everything timed: the loaded artifacts' predictors, the Keras baselines, each row's facts that do
+    not depend on the batch size, and the artifacts that failed to load (their rows say why)."""
+
+    predictors: dict[str, Predictor] = field(default_factory=dict)
+    baselines: dict[str, Callable[[np.ndarray], Any]] = field(default_factory=dict)
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # row name -> artifact
+
+
 def run_bench(bundle_path: str | Path, config: BenchConfig | None = None) -> dict[str, Any]:
     """Benchmark the bundle's artifacts; returns {"environment", "config", "rows", "created"}."""
     config = config or BenchConfig()
     bundle = Bundle.load(bundle_path)
     check_package(bundle)  # a device package: every file as packed, as verify checks it
     entries = contestants(bundle, config)
-    # By default where TensorFlow is installed and the model is there (a device package has no model.keras).
-    baselines_wanted = _tensorflow_here() and bundle.model_path.is_file() if config.baselines is None \
-        else config.baselines
-    if baselines_wanted and not _tensorflow_here():
-        raise BackendUnavailableError("the Keras baselines need TensorFlow, which is not installed here: "
-                                      "pip install 'edgeclf[train]', or bench without them (--no-baselines)")
+    baselines_wanted = _baselines_wanted(bundle, config)
     heldout = _reference(bundle)
     env = environment()
     machine = env["machine"]["key"]  # every row says which machine measured it
-    table = np.asarray(bundle.labels)
-    keras_labels = table[heldout.logits.argmax(axis=1)]
+    keras_labels = np.asarray(bundle.labels)[heldout.logits.argmax(axis=1)]
     accuracy_keras = float(np.mean(keras_labels == heldout.values))
     log(f"{len(heldout)} verification images; Keras accuracy {accuracy_keras:.4f}"
         + ("" if baselines_wanted else " (from the stored reference: no TensorFlow baselines)"))
+    lineup = _load(bundle, entries, heldout, keras_labels, config.threads)
+    if baselines_wanted:
+        _add_baselines(lineup, bundle, accuracy_keras)
+    sample = sample_image_file(bundle)
+    rows = [row for batch_size in config.batches
+            for row in _time_batch(lineup, heldout, batch_size, bundle.image_size, sample, config, machine)]
+    whole_path = end_to_end(lineup.predictors, config, machine) if config.end_to_end and lineup.predictors else None
+    for predictor in lineup.predictors.values():
+        predictor.close()
+    _speedups(rows)
+    _familiarity_shares(rows)
+    return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "environment": env, "bundle": str(bundle.path), "macs_per_image": _macs(bundle),
+            "image_size": list(bundle.image_size), "heldout_images": len(heldout),
+            "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                       for k, v in config.__dict__.items()},
+            "rows": rows, "end_to_end": whole_path}
 
-    predictors: dict[str, Predictor] = {}
-    info: dict[str, dict[str, Any]] = {}
-    failed: dict[str, str] = {}
+
+def _baselines_wanted(bundle: Bundle, config: BenchConfig) -> bool:
+    """Whether to time Keras: by default where TensorFlow is installed and the model is there (a device
+    package has no model.keras).
+
+    Raises:
+        BackendUnavailableError: baselines asked for where TensorFlow is not installed.
+    """
+    if config.baselines is None:
+        return _tensorflow_here() and bundle.model_path.is_file()
+    if config.baselines and not _tensorflow_here():
+        raise BackendUnavailableError("the Keras baselines need TensorFlow, which is not installed here: "
+                                      "pip install 'edgeclf[train]', or bench without them (--no-baselines)")
+    return config.baselines
+
+
+def _load(bundle: Bundle, entries: list[tuple[str, str, str | None]], heldout: VerificationSet,
+          keras_labels: np.ndarray, threads: int | None) -> _Lineup:
+    """Each artifact's predictor, with its load time, memory, size and accuracy on the verification set;
+    one that cannot start is recorded as failed and the others carry on."""
+    lineup = _Lineup(artifacts={name: artifact for name, artifact, _ in entries})
     for name, artifact, hint in entries:
         log(f"loading {name}")
         before = _rss_mb()
         try:
             started = time.perf_counter()
-            predictor = Predictor.load(bundle.path, artifact, precision=hint, threads=config.threads)
+            predictor = Predictor.load(bundle.path, artifact, precision=hint, threads=threads)
             load_s = time.perf_counter() - started
             labels = np.asarray([p.label for p in predictor.predict_batch(heldout.images)])
         except Exception as exc:  # one backend that cannot start must not stop the others
-            failed[name] = f"{type(exc).__name__}: {exc}"
-            log(f"  {name} failed: {failed[name]}")
+            lineup.failed[name] = f"{type(exc).__name__}: {exc}"
+            log(f"  {name} failed: {lineup.failed[name]}")
             continue
-        predictors[name] = predictor
+        lineup.predictors[name] = predictor
         record = bundle.meta["artifacts"][artifact]
-        info[name] = {
+        lineup.info[name] = {
             "artifact": artifact, "backend": predictor.describe()["backend"],
             "precision": hint or record["precision"], "precision_hint": hint, "load_s": load_s,
             "memory_mb": max(0.0, _rss_mb() - before), "size_mb": record["size_bytes"] / 1e6,
             "accuracy": float(np.mean(labels == heldout.values)), "agreement": float(np.mean(labels == keras_labels)),
             **_fp32_layers(record),
         }
+    return lineup
 
-    baselines: dict[str, Any] = {}
-    if baselines_wanted:
-        import tensorflow as tf
 
-        from edgeclf.train.evaluate import load_keras_model
+def _add_baselines(lineup: _Lineup, bundle: Bundle, accuracy_keras: float) -> None:
+    """The Keras model as the seed article runs it (``model.predict`` per call) and under ``tf.function``."""
+    import tensorflow as tf
 
-        model = load_keras_model(bundle)
+    from edgeclf.train.evaluate import load_keras_model
 
-        serve = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        baselines = {PREDICT: lambda x: model.predict(x, verbose=0),
-                     TF_FUNCTION: lambda x: serve(tf.constant(x)).numpy()}
-        for name in baselines:
-            info[name] = {"artifact": None, "backend": "keras", "precision": "fp32", "precision_hint": None,
-                          "accuracy": accuracy_keras, "agreement": 1.0,
-                          "size_mb": bundle.model_path.stat().st_size / 1e6}
+    model = load_keras_model(bundle)
+    serve = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    lineup.baselines = {PREDICT: lambda x: model.predict(x, verbose=0),
+                        TF_FUNCTION: lambda x: serve(tf.constant(x)).numpy()}
+    for name in lineup.baselines:
+        lineup.info[name] = {"artifact": None, "backend": "keras", "precision": "fp32", "precision_hint": None,
+                             "accuracy": accuracy_keras, "agreement": 1.0,
+                             "size_mb": bundle.model_path.stat().st_size / 1e6}
 
-    sample = sample_image_file(bundle)
+
+def _calls(lineup: _Lineup, batch: np.ndarray, image_size: tuple[int, int],
+           sample: Path | None) -> dict[_Call, Callable[[], Any]]:
+    """Every callable timed at this batch: each artifact's RAW and PREDICTOR call, each baseline, decoding
+    the sample image file, and scoring familiarity on the batch's embeddings."""
+    floats = batch.astype(np.float32)
+    calls: dict[_Call, Callable[[], Any]] = {}
+    for name, predictor in lineup.predictors.items():
+        calls[_Call(name, RAW)] = lambda p=predictor: p.backend.infer(batch)
+        calls[_Call(name, PREDICTOR)] = lambda p=predictor: p.predict_batch(batch)
+    for name, fn in lineup.baselines.items():
+        calls[_Call(name, RAW)] = lambda f=fn: f(floats)
+    if sample is not None:
+        calls[_Call(DECODE, RAW)] = lambda: [load_image(sample, image_size) for _ in range(len(batch))]
+    scorer = next((p for p in lineup.predictors.values() if p.scores_familiarity), None)
+    if scorer is not None:  # the same numpy work whichever artifact gave the embeddings
+        embedding = scorer.infer_outputs(batch)[1]
+        calls[_Call(FAMILIARITY, RAW)] = lambda: scorer.trust.familiarity.p_values(embedding)
+    return calls
+
+
+def _time_batch(lineup: _Lineup, heldout: VerificationSet, batch_size: int, image_size: tuple[int, int],
+                sample: Path | None, config: BenchConfig, machine: str) -> list[dict[str, Any]]:
+    """The rows of one batch size: every call timed interleaved, a row per contestant."""
+    batch = heldout.images[np.arange(batch_size) % len(heldout)]
+    calls = _calls(lineup, batch, image_size, sample)
+    log(f"timing batch {batch_size}: {len(calls)} calls interleaved for {config.duration_s:.0f} s")
+    errors: dict[_Call, str] = {}
+    timings = time_interleaved(calls, config.warmup_s, config.duration_s, config.min_runs, errors=errors,
+                               group=lambda call: call.name)
+    auxiliary = {DECODE: "Pillow", FAMILIARITY: "numpy"}
     rows: list[dict[str, Any]] = []
-    for batch_size in config.batches:
-        batch = heldout.images[np.arange(batch_size) % len(heldout)]
-        floats = batch.astype(np.float32)
-        fns: dict[str, Any] = {}
-        for name, predictor in predictors.items():
-            fns[f"{name}|raw"] = lambda p=predictor: p.backend.infer(batch)
-            fns[f"{name}|predictor"] = lambda p=predictor: p.predict_batch(batch)
-        for name, fn in baselines.items():
-            fns[f"{name}|raw"] = lambda f=fn: f(floats)
-        if sample is not None:
-            size = bundle.image_size
-            fns[f"{DECODE}|raw"] = lambda: [load_image(sample, size) for _ in range(batch_size)]
-        scorer = next((p for p in predictors.values() if p.scores_familiarity), None)
-        if scorer is not None:  # the same numpy work whichever artifact gave the embeddings
-            embedding = scorer.infer_outputs(batch)[1]
-            fns[f"{FAMILIARITY}|raw"] = lambda: scorer.trust.familiarity.p_values(embedding)
-        log(f"timing batch {batch_size}: {len(fns)} calls interleaved for {config.duration_s:.0f} s")
-        errors: dict[str, str] = {}
-        timings = time_interleaved(fns, config.warmup_s, config.duration_s, config.min_runs, errors=errors,
-                                   group=lambda key: key.split("|")[0])
-        auxiliary = {DECODE: "Pillow", FAMILIARITY: "numpy"}
-        for name in [*predictors, *baselines, *(n for n in AUXILIARY if f"{n}|raw" in fns)]:
-            row: dict[str, Any] = {"name": name, "batch": batch_size, "machine": machine,
-                                   **info.get(name, {"backend": auxiliary.get(name), "artifact": None})}
-            error = errors.get(f"{name}|raw") or errors.get(f"{name}|predictor")
-            if error:
-                rows.append({**row, "status": "failed", "error": error})
-                continue
-            stats = timings[f"{name}|raw"].stats()
-            row.update(status="ok", **stats, throughput_ips=timings[f"{name}|raw"].throughput(batch_size))
-            if f"{name}|predictor" in timings:
-                pstats = timings[f"{name}|predictor"].stats()
-                row.update(predictor_p50_ms=pstats["p50_ms"], predictor_p99_ms=pstats["p99_ms"],
-                           overhead_pct=100.0 * (pstats["p50_ms"] - stats["p50_ms"]) / stats["p50_ms"])
-            rows.append(row)
-        for name, error in failed.items():
-            rows.append({"name": name, "batch": batch_size, "machine": machine, "status": "failed", "error": error,
-                         "artifact": dict((n, a) for n, a, _ in entries)[name]})
-    whole_path = end_to_end(predictors, config, machine) if config.end_to_end and predictors else None
-    for predictor in predictors.values():
-        predictor.close()
-    _speedups(rows)
-    _familiarity_shares(rows)
-    macs = None
-    onnx_record = bundle.meta.get("artifacts", {}).get("onnx")
-    if onnx_record is not None:
-        from edgeclf.benchmarks.macs import count_macs
+    for name in [*lineup.predictors, *lineup.baselines, *(n for n in AUXILIARY if _Call(n, RAW) in calls)]:
+        raw, whole = _Call(name, RAW), _Call(name, PREDICTOR)
+        row: dict[str, Any] = {"name": name, "batch": batch_size, "machine": machine,
+                               **lineup.info.get(name, {"backend": auxiliary.get(name), "artifact": None})}
+        error = errors.get(raw) or errors.get(whole)
+        if error:
+            rows.append({**row, "status": "failed", "error": error})
+            continue
+        stats = timings[raw].stats()
+        row.update(status="ok", **stats, throughput_ips=timings[raw].throughput(batch_size))
+        if whole in timings:
+            pstats = timings[whole].stats()
+            row.update(predictor_p50_ms=pstats["p50_ms"], predictor_p99_ms=pstats["p99_ms"],
+                       overhead_pct=100.0 * (pstats["p50_ms"] - stats["p50_ms"]) / stats["p50_ms"])
+        rows.append(row)
+    rows += [{"name": name, "batch": batch_size, "machine": machine, "status": "failed", "error": error,
+              "artifact": lineup.artifacts[name]} for name, error in lineup.failed.items()]
+    return rows
 
-        try:
-            macs = count_macs(artifact_files(bundle, onnx_record).entry)  # the recorded file, inside the bundle
-        except (BundleError, ImportError) as exc:  # the onnx package is not part of a device install
-            log(f"no MAC count ({exc}): counting reads the ONNX graph with the onnx package")
-    return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "environment": env, "bundle": str(bundle.path), "macs_per_image": macs,
-            "image_size": list(bundle.image_size), "heldout_images": len(heldout),
-            "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-                       for k, v in config.__dict__.items()},
-            "rows": rows, "end_to_end": whole_path}
+
+def _macs(bundle: Bundle) -> int | None:
+    """Multiply-accumulates per image, counted on the ONNX graph (None without it or the onnx package)."""
+    onnx_record = bundle.meta.get("artifacts", {}).get("onnx")
+    if onnx_record is None:
+        return None
+    from edgeclf.benchmarks.macs import count_macs
+
+    try:
+        return count_macs(artifact_files(bundle, onnx_record).entry)  # the recorded file, inside the bundle
+    except (BundleError, ImportError) as exc:  # the onnx package is not part of a device install
+        log(f"no MAC count ({exc}): counting reads the ONNX graph with the onnx package")
+        return None
 
 
 def _tensorflow_here() -> bool:

@@ -8,13 +8,15 @@ ratio holds even when absolute times drift.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from edgeclf.errors import InvalidInputError
+
+K = TypeVar("K", bound=Hashable)  # what names a callable: a string, or a (row, role) pair
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,10 @@ class Timing:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], warmup_s: float = 1.0, duration_s: float = 5.0, min_runs: int = 10,
+    fns: dict[K, Callable[[], Any]], warmup_s: float = 1.0, duration_s: float = 5.0, min_runs: int = 10,
     max_runs: int | None = None, clock: Callable[[], float] = time.perf_counter,
-    errors: dict[str, str] | None = None, group: Callable[[str], str] | None = None,
-) -> dict[str, Timing]:
+    errors: dict[K, str] | None = None, group: Callable[[K], str] | None = None,
+) -> dict[K, Timing]:
     """Warm each callable up for ``warmup_s`` (at least one call each), then time them.
 
     Timed rounds call every callable once, in turn, until ``duration_s`` has passed and
@@ -68,7 +70,7 @@ def time_interleaved(
                                 f"max_runs={max_runs}")
     live = list(fns)
 
-    def call(name: str) -> bool:
+    def call(name: K) -> bool:
         if errors is None:
             fns[name]()
             return True
@@ -86,13 +88,13 @@ def time_interleaved(
             call(name)
         if clock() - start >= warmup_s:
             break
-    samples: dict[str, list[float]] = {name: [] for name in live}
+    samples: dict[K, list[float]] = {name: [] for name in live}
     start = clock()
     rounds = 0
     while live:
         order = list(live)
         if group is not None:
-            groups: dict[str, list[str]] = {}
+            groups: dict[str, list[K]] = {}
             for name in order:
                 groups.setdefault(group(name), []).append(name)
             order = [n for members in groups.values() for n in (members if rounds % 2 == 0 else members[::-1])]
