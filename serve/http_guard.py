@@ -424,6 +424,11 @@ class HttpGuard:
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
 
+    def stop(self, timeout: float) -> None:
+        """:meth:`shutdown`, then :meth:`server_close` (the gRPC guard's one call)."""
+        self.shutdown(timeout)
+        self.server_close()
+
     def server_close(self) -> None:
         """Close the listening socket and every connection still open."""
         self._stopping = True

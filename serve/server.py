@@ -43,9 +43,8 @@ import numpy as np
 from edgeclf.decoding import check_decoding
 from edgeclf.errors import BackendUnavailableError, InvalidInputError, PortInUseError, ServerError
 from edgeclf.images import DEFAULT_MAX_IMAGE_PIXELS
-from edgeclf.serve.grpc_guard import grpc_guard
+from edgeclf.serve.grpc_guard import GrpcGuard
 from edgeclf.serve.guard import ConnectionLimits, Limits
-from edgeclf.serve.http_guard import HttpGuard
 from edgeclf.serve.triton_config import Batching, check_model_name
 from edgeclf.trust import DEFAULT_ALPHA, DEFAULT_COVERAGE
 
@@ -148,7 +147,9 @@ def use_own_libpython() -> None:
 
 
 def _pytriton():
+    """PyTriton's modules, once the serve extra is known to be there (h11 too: the HTTP guard's parser)."""
     try:
+        import h11  # noqa: F401 - imported again where the guards start
         from pytriton import model_config, triton
     except ImportError as exc:
         raise BackendUnavailableError(
@@ -349,6 +350,8 @@ def free_loopback_ports(count: int) -> list[int]:
 def _start_guards(options: ServeOptions, private_http: int, private_grpc: int, guards: list[Any]) -> None:
     """Start the public HTTP and gRPC endpoints, each checking requests before Triton sees them,
     appending each to ``guards`` as it starts (so a failure still stops the ones started)."""
+    from edgeclf.serve.http_guard import HttpGuard  # h11: not needed to parse serve's options
+
     limits = Limits(max_batch=options.batching.max_batch, max_request_bytes=int(options.max_request_mb * 2**20))
     connections = options.connection_limits()
     try:
@@ -360,7 +363,7 @@ def _start_guards(options: ServeOptions, private_http: int, private_grpc: int, g
     threading.Thread(target=http_guard.serve_forever, name="edgeclf-http-guard", daemon=True).start()
     host = f"[{options.host}]" if ":" in options.host else options.host
     try:
-        guards.append(grpc_guard(f"{host}:{options.grpc_port}", f"127.0.0.1:{private_grpc}", limits, connections))
+        guards.append(GrpcGuard(f"{host}:{options.grpc_port}", f"127.0.0.1:{private_grpc}", limits, connections))
     except RuntimeError as exc:  # grpcio: "Failed to bind to address"
         raise PortInUseError(f"gRPC port {options.grpc_port} on {options.host} is not available ({exc}); "
                              f"choose another with --grpc-port") from None
@@ -368,13 +371,7 @@ def _start_guards(options: ServeOptions, private_http: int, private_grpc: int, g
 
 def _stop_guards(guards: list[Any]) -> None:
     while guards:
-        guard = guards.pop()
-        if isinstance(guard, HttpGuard):
-            guard.shutdown(timeout=EXIT_TIMEOUT_S)
-            guard.server_close()
-        else:
-            guard.stop(grace=EXIT_TIMEOUT_S).wait()
-            guard.edgeclf_channel.close()
+        guards.pop().stop(EXIT_TIMEOUT_S)
 
 
 def _new_log_file() -> Path:

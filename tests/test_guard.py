@@ -426,7 +426,7 @@ def test_grpc_calls_over_the_bound_are_refused_at_once():
     pytest.importorskip("tritonclient.grpc")
     from concurrent.futures import ThreadPoolExecutor
 
-    from edgeclf.serve.grpc_guard import grpc_guard
+    from edgeclf.serve.grpc_guard import GrpcGuard
     from edgeclf.serve.guard import GRPC_SERVICE
     from edgeclf.serve.server import free_loopback_ports
 
@@ -448,7 +448,7 @@ def test_grpc_calls_over_the_bound_are_refused_at_once():
     upstream.add_insecure_port(f"127.0.0.1:{upstream_port}")
     upstream.start()
     connections = ConnectionLimits(threads=2)
-    guard = grpc_guard(f"127.0.0.1:{port}", f"127.0.0.1:{upstream_port}", LIMITS, connections)
+    guard = GrpcGuard(f"127.0.0.1:{port}", f"127.0.0.1:{upstream_port}", LIMITS, connections)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         open_stream = channel.stream_stream(f"/{GRPC_SERVICE}/ModelStreamInfer")
@@ -471,5 +471,4 @@ def test_grpc_calls_over_the_bound_are_refused_at_once():
         release.set()
         channel.close()
         guard.stop(0)
-        guard.edgeclf_channel.close()
         upstream.stop(0)
