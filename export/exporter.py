@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from edgeclf.export.builders import Builders, RecordFields, TrainingSide
 from edgeclf.export.int8_gate import MarginRule
 from edgeclf.export.int8_search import Int8Target
 from edgeclf.export.tensorrt_engine import EngineOptions, header_record
@@ -144,114 +145,6 @@ def _buildable_only(formats: list[Format], options: ExportOptions) -> list[Forma
         else:
             warnings.warn(f"'all' skips {fmt.name}: {error}", stacklevel=3)
     return kept
-
-
-class RecordFields(dict):
-    """Fields a builder adds to its artifact's bundle.json record."""
-
-
-@dataclass
-class TrainingSide:
-    """The training-side images INT8 is made with, kept apart from the verification set:
-    ``calibration`` (uint8 images the activation ranges come from) and ``tuning`` (other
-    training images with their Keras logits, which the searches judge candidates on and the
-    gate's decided margin is derived on)."""
-
-    calibration: np.ndarray | None
-    tuning: VerificationSet | None
-    margin: dict[str, Any] | None = None  # the decided-margin record, derived on first use
-
-    def decided_margin(self, onnx_fp32: Path, rule: MarginRule) -> dict[str, Any]:
-        """The gate's decided margin, derived once (from the FP32 ONNX ``onnx_fp32``) and recorded."""
-        from edgeclf.export.int8_gate import derive_margin
-
-        if self.margin is None:
-            self.margin = derive_margin(onnx_fp32, self.tuning.images, self.tuning.logits, rule)
-            how = (f"the floor; {rule.scale:g} x emulated BF16's shift gave {self.margin['from_bf16']:.3g}"
-                   if self.margin.get("floored") else self.margin["derived_from"].split(" (")[0])
-            log(f"INT8 gate: decided images have a Keras logit margin >= {self.margin['margin']:.3g} "
-                f"({self.margin['decided_share']:.0%} of {len(self.tuning)} tuning images; {how})")
-        return self.margin
-
-
-def _builders(model, bundle: Bundle, options: ExportOptions, side: TrainingSide,
-              reference: VerificationSet, serving: ServingSavedModel, stage: Path) -> dict[str, Callable]:
-    """Each format's builder. ``model`` gives [logits, embedding] (:func:`edgeclf.train.model.embedding_model`)."""
-    from edgeclf.export.int8_search import (LayerRanking, figures_of, litert_quantizer, nncf_quantizer,
-                                            qdq_quantizer, quantize_to_target)
-    from edgeclf.export.onnx_fp16 import onnx_to_fp16
-    from edgeclf.export.onnx_fp32 import keras_to_onnx
-    from edgeclf.export.metadata import artifact_metadata
-    from edgeclf.export.openvino_ir import onnx_to_openvino
-    from edgeclf.export.tensorrt_engine import onnx_to_engine, onnx_to_int8_engine
-    from edgeclf.export.tflite import keras_to_tflite
-    from edgeclf.export.tflite_int8 import LiteRTInt8
-
-    rankings: dict[Path, LayerRanking] = {}  # one per FP32 ONNX: both INT8 searches share it
-    first_method = options.calibration_method or "minmax"  # what the ranking and the TensorRT QDQ calibrate with
-    calibration = side.calibration
-    cpu_class = options.int8_class(detect())
-    reduce_range = cpu_class == "avx2"
-
-    def fp32_onnx(src: Path | None) -> Path:
-        """An FP32 ONNX to derive the margin from: ``src``, else one made in the staging folder."""
-        if src is not None:
-            return src
-        made = stage / "margin.fp32.onnx"
-        if not made.exists():
-            keras_to_onnx(model, bundle, made, options.opset)
-        return made
-
-    def searched(quantizer, out: Path, src: Path | None, ranking=None) -> RecordFields:
-        ranking = ranking or rankings.setdefault(src, LayerRanking(src, calibration, first_method, reduce_range))
-        margin = side.decided_margin(fp32_onnx(src), options.decided)
-        report = quantize_to_target(quantizer, src, out, ranking, side.tuning, bundle.labels, options.int8_target,
-                                    margin["margin"])
-        report["decided"] = margin
-        fields = RecordFields(quantization=report, calibration={
-            "images": len(calibration), **quantizer.calibration_record(report["calibration"])})
-        if quantizer.backend != "tflite":  # LiteRT picks its own weight range, whatever the CPU
-            fields["int8_cpu_class"] = cpu_class
-        return fields
-
-    def int8_engine(out: Path, src: Path) -> RecordFields:
-        _, qdq = onnx_to_int8_engine(src, out, calibration, first_method,
-                                     artifact_metadata(bundle, "int8"), options.engine)
-        try:  # what the engine's quantization costs, as far as a CPU can tell: its QDQ graph on ONNX Runtime
-            on_cpu = figures_of(check_entry(qdq, "onnxruntime", None, reference, bundle.labels,
-                                            options.int8_target.tolerance()))
-        finally:
-            qdq.unlink(missing_ok=True)
-        note = ("the QDQ graph the engine was built from, run by ONNX Runtime on the CPU; the engine itself "
-                "is validated only by a run on an NVIDIA GPU")
-        if detect().int8_saturates:
-            # Measured on the main job's model: 0.56 agreement here, where the 7-bit CPU artifact reaches 0.98.
-            note += ("; this CPU has no VNNI, so ONNX Runtime sums pairs of 8-bit products in 16 bits and "
-                     "saturates on these full-range weights: a lower bound, not what a GPU computes")
-        return RecordFields(
-            calibration={"images": len(calibration), "method": first_method, "reduce_range": False},
-            quantization={"layout": "QDQ, int8 symmetric activations, int8 per-channel weights, float biases",
-                          "qdq_graph_on_onnxruntime": on_cpu, "note": note})
-
-    def litert_int8(out: Path, src: None) -> RecordFields:
-        litert = LiteRTInt8(model, bundle, calibration, source=serving)  # calibrates once; also ranks LiteRT's layers
-        return searched(litert_quantizer(litert), out, None, litert)
-
-    # Each builder takes (output path, path of the artifact it is converted from); the
-    # RecordFields one returns (the INT8 search's report) join the artifact's record.
-    return {
-        "onnx": lambda out, src: keras_to_onnx(model, bundle, out, options.opset),
-        "onnx-fp16": lambda out, src: onnx_to_fp16(src, out),
-        "onnx-int8": lambda out, src: searched(
-            qdq_quantizer(calibration, options.calibration_method, reduce_range), out, src),
-        "openvino": lambda out, src: onnx_to_openvino(src, out),
-        "openvino-int8": lambda out, src: searched(nncf_quantizer(calibration, reduce_range), out, src),
-        "tensorrt": lambda out, src: onnx_to_engine(src, out, artifact_metadata(bundle, "fp16"), options.engine),
-        "tensorrt-int8": int8_engine,
-        "tflite": lambda out, src: keras_to_tflite(model, bundle, out, "fp32", source=serving),
-        "tflite-fp16": lambda out, src: keras_to_tflite(model, bundle, out, "fp16", source=serving),
-        "tflite-int8": litert_int8,
-    }
 
 
 def _artifact_files(fmt: Format, entry: Path) -> list[Path]:
@@ -380,7 +273,7 @@ def export_bundle(bundle_path: str | Path, formats: str | list[str] = "all",
     # Every graph gives the embedding of the block the familiarity check was fitted on.
     served = embedding_model(model, embedding_block(trust.record))
     with staging_directory(bundle.path, "export") as stage, ServingSavedModel(served, bundle, stage) as serving:
-        builders = _builders(served, bundle, options, side, reference, serving, stage)
+        builders = Builders(served, bundle, options, side, reference, serving, stage)
         run = _Run(bundle, stage, builders, reference, drawn, options, tools, needed, detect(), side, trust)
         for fmt in wanted:
             record, kept = _export_one(run, fmt, built)
@@ -419,7 +312,7 @@ class _Run:
 
     bundle: Bundle
     stage: Path  # the private staging directory inside the bundle
-    builders: dict[str, Callable]
+    builders: Builders
     reference: VerificationSet  # what validation runs on, kept in the bundle with the first artifact
     drawn: dict[str, Any]
     options: ExportOptions

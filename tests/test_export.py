@@ -217,6 +217,13 @@ def test_unknown_format_lists_the_valid_ones():
     assert [f.name for f in parse_formats("tensorrt")] == ["onnx", "onnx-fp16", "tensorrt"]
 
 
+def test_every_format_has_its_builder():
+    from edgeclf.export.builders import Builders
+
+    for name in FORMATS:
+        assert callable(getattr(Builders, name.replace("-", "_"), None)), name
+
+
 def test_bundle_missing_or_corrupt(tmp_path):
     with pytest.raises(BundleError, match="not found"):
         export_bundle(tmp_path / "nothing", "onnx")
