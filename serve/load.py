@@ -136,61 +136,13 @@ def run_load(samples: list[Sample], *, http_url: str, grpc_url: str, name: str =
     if clients < 1 or requests < 1 or malformed_every < 0:
         raise InvalidInputError(f"clients and requests must be >= 1 and malformed_every >= 0. "
                                 f"Received: {clients}, {requests}, {malformed_every}")
-    report = LoadReport(clients, requests)
-    lock = threading.Lock()
+    run = _LoadRun(samples, {"http": http_url, "grpc": grpc_url}, name, requests, malformed_every, timeout_s,
+                   LoadReport(clients, requests))
     start = threading.Barrier(clients + 1)
-    models = {"pixels": name, "image": f"{name}_image"}
 
     def client_loop(k: int) -> None:
         start.wait()  # all clients begin together
-        protocol = "http" if k % 2 == 0 else "grpc"
-        try:
-            client = _Client(protocol, http_url if protocol == "http" else grpc_url, timeout_s)
-        except Exception as exc:
-            with lock:
-                report.unexpected_errors.append(f"client {k} ({protocol}) could not connect: {exc}")
-            return
-        try:
-            for j in range(requests):
-                _one_request(client, k, j)
-        finally:
-            client.close()
-
-    def _one_request(client: _Client, k: int, j: int) -> None:
-        sample = samples[(k * requests + j) % len(samples)]
-        if malformed_every and j % malformed_every == malformed_every - 1:
-            kind = MALFORMED_KINDS[(k + j // malformed_every) % len(MALFORMED_KINDS)]
-            input_name, data, datatype = _malformed(kind, sample)
-            try:
-                label = client.infer(models[input_name], input_name, data, datatype)["label"]
-            except Exception:  # an error response is what a malformed request must get
-                answered = None
-            else:
-                answered = f"{client.protocol} {kind}: answered {label}"
-            with lock:
-                report.malformed_sent += 1
-                if answered is None:
-                    report.malformed_rejected += 1
-                else:
-                    report.malformed_answered.append(answered)
-            return
-        input_name = "pixels" if j % 2 == 0 else "image"
-        data, datatype = ((sample.pixels[None], "UINT8") if input_name == "pixels"
-                          else (np.array([[sample.encoded]], dtype=np.object_), "BYTES"))
-        expected = sample.answer()
-        started = time.perf_counter()
-        try:
-            got = client.infer(models[input_name], input_name, data, datatype, tuple(expected))
-        except Exception as exc:
-            with lock:
-                report.unexpected_errors.append(f"{client.protocol} {input_name}: {str(exc)[-300:]}")
-            return
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        with lock:
-            report.answered += 1
-            report.latencies_ms.append(elapsed_ms)
-            if got != expected:
-                report.wrong.append(f"{client.protocol} {input_name}: got {got}, expected {expected}")
+        run.client(k)
 
     threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(clients)]
     for thread in threads:
@@ -199,8 +151,74 @@ def run_load(samples: list[Sample], *, http_url: str, grpc_url: str, name: str =
     began = time.perf_counter()
     for thread in threads:
         thread.join()
-    report.seconds = time.perf_counter() - began
-    return report
+    run.report.seconds = time.perf_counter() - began
+    return run.report
+
+
+class _LoadRun:
+    """What the clients of one load run share: the images, where to send them, and the report they fill."""
+
+    def __init__(self, samples: list[Sample], urls: dict[str, str], name: str, requests: int,
+                 malformed_every: int, timeout_s: float, report: LoadReport) -> None:
+        self.samples, self.urls, self.requests = samples, urls, requests
+        self.malformed_every, self.timeout_s, self.report = malformed_every, timeout_s, report
+        self.models = {"pixels": name, "image": f"{name}_image"}
+        self.lock = threading.Lock()
+
+    def client(self, k: int) -> None:
+        """Client ``k`` (even: HTTP, odd: gRPC) sends its requests one after another."""
+        protocol = "http" if k % 2 == 0 else "grpc"
+        try:
+            client = _Client(protocol, self.urls[protocol], self.timeout_s)
+        except Exception as exc:
+            with self.lock:
+                self.report.unexpected_errors.append(f"client {k} ({protocol}) could not connect: {exc}")
+            return
+        try:
+            for j in range(self.requests):
+                sample = self.samples[(k * self.requests + j) % len(self.samples)]
+                every = self.malformed_every
+                if every and j % every == every - 1:
+                    self._malformed(client, sample, MALFORMED_KINDS[(k + j // every) % len(MALFORMED_KINDS)])
+                else:
+                    self._valid(client, sample, "pixels" if j % 2 == 0 else "image")
+        finally:
+            client.close()
+
+    def _malformed(self, client: _Client, sample: Sample, kind: str) -> None:
+        """A malformed request of ``kind``: it must get an error, never an answer."""
+        input_name, data, datatype = _malformed(kind, sample)
+        try:
+            label = client.infer(self.models[input_name], input_name, data, datatype)["label"]
+        except Exception:  # an error response is what a malformed request must get
+            answered = None
+        else:
+            answered = f"{client.protocol} {kind}: answered {label}"
+        with self.lock:
+            self.report.malformed_sent += 1
+            if answered is None:
+                self.report.malformed_rejected += 1
+            else:
+                self.report.malformed_answered.append(answered)
+
+    def _valid(self, client: _Client, sample: Sample, input_name: str) -> None:
+        """A valid request, as pixels or as the encoded file: timed, and checked against the Predictor's answer."""
+        data, datatype = ((sample.pixels[None], "UINT8") if input_name == "pixels"
+                          else (np.array([[sample.encoded]], dtype=np.object_), "BYTES"))
+        expected = sample.answer()
+        started = time.perf_counter()
+        try:
+            got = client.infer(self.models[input_name], input_name, data, datatype, tuple(expected))
+        except Exception as exc:
+            with self.lock:
+                self.report.unexpected_errors.append(f"{client.protocol} {input_name}: {str(exc)[-300:]}")
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        with self.lock:
+            self.report.answered += 1
+            self.report.latencies_ms.append(elapsed_ms)
+            if got != expected:
+                self.report.wrong.append(f"{client.protocol} {input_name}: got {got}, expected {expected}")
 
 
 def samples_from_files(paths: list, predictor) -> list[Sample]:

@@ -450,12 +450,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
     keras.utils.set_random_seed(cfg.seed)
     strategy = make_strategy(cfg.strategy, cfg.peer_timeout)
-    class_weight = None
-    if cfg.class_weights == "balanced":
-        from sklearn.utils.class_weight import compute_class_weight
-
-        weights = compute_class_weight("balanced", classes=np.arange(len(label_map.labels)), y=y_train)
-        class_weight = {i: float(w) for i, w in enumerate(weights)}
+    class_weight = _class_weight(cfg.class_weights, y_train, len(label_map.labels))
     augment = augmenter(cfg.augment_flip) if cfg.augment else None
     val_ds = validation_batches(val_set, y_val, cfg.batch_size)
     rng = np.random.default_rng(cfg.seed)
@@ -503,17 +498,32 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
     meta = _bundle_meta(cfg, spec, model, label_map, train_set, val_set, skipped, unfreeze_index, phases,
                         metrics, strategy)
+    _write_bundle(cfg, model, meta, weights, started)
+    checkpoint.remove()  # the bundle is complete: nothing left to resume
+    return Bundle.load(cfg.out)
+
+
+def _class_weight(how: str, y_train: np.ndarray, classes: int) -> dict[int, float] | None:
+    """Keras' class_weight: None, or for "balanced" each class weighted inversely to its frequency."""
+    if how != "balanced":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.arange(classes), y=y_train)
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def _write_bundle(cfg: TrainConfig, model: keras.Model, meta: dict[str, Any], weights: str, started: float) -> None:
+    """The bundle (model, confusion matrix, bundle.json) staged, then put in place at ``cfg.out`` whole."""
     with staged_directory(cfg.out, overwrite=cfg.overwrite) as stage:
         # For inference: uncompiled, so no optimizer state (twice the weights' size).
         model_lib.inference_copy(model).save(stage / MODEL_FILE)
-        save_confusion_png(metrics["confusion_matrix"], stage / CONFUSION_PNG, "validation")
+        save_confusion_png(meta["metrics"]["validation"]["confusion_matrix"], stage / CONFUSION_PNG, "validation")
         meta["model"]["sha256"] = sha256_file(stage / MODEL_FILE)
         meta["model"]["weights_sha256"] = weights
         meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 2)
         Bundle(stage, meta).save()
-    checkpoint.remove()  # the bundle is complete: nothing left to resume
     log(f"wrote bundle {cfg.out} in {meta['training']['wall_seconds']:.1f} s")
-    return Bundle.load(cfg.out)
 
 
 def _settings(cfg: TrainConfig) -> dict[str, Any]:
