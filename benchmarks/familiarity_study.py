@@ -51,7 +51,7 @@ def block_features(model, images: np.ndarray, blocks=BLOCKS, batch: int = 64) ->
     from edgeclf.export.trust_fit import keras_outputs
     from edgeclf.train.model import tapped_model
 
-    return dict(zip(blocks, keras_outputs(tapped_model(model, blocks), images, batch)[1:]))
+    return dict(zip(blocks, keras_outputs(tapped_model(model, blocks), images, batch)[1:], strict=True))
 
 
 def relative_scores(train: np.ndarray, index: np.ndarray, classes: int, rank: int):
@@ -105,9 +105,9 @@ def study(bundle_path: Path, foreign_count: int = 200, drawn_gauges: bool = True
         medians = [np.median(m.scores(feats["heldout"][b])) for b, m in parts]
         name = f"{block}+mixed10 summed rank 256"
         results[name] = {}
-        base = sum(m.scores(feats["heldout"][b]) / d for (b, m), d in zip(parts, medians))
+        base = sum(m.scores(feats["heldout"][b]) / d for (b, m), d in zip(parts, medians, strict=True))
         for k in foreign_images:
-            s = sum(m.scores(feats[k][b]) / d for (b, m), d in zip(parts, medians))
+            s = sum(m.scores(feats[k][b]) / d for (b, m), d in zip(parts, medians, strict=True))
             results[name][k] = _judge_arrays(base, s)
         print(name, {k: round(v["auroc"], 4) for k, v in results[name].items()},
               {k: round(v["flagged_at_95"], 3) for k, v in results[name].items()}, flush=True)
@@ -162,7 +162,7 @@ def report(bundle_path: Path, test: Path, foreign_count: int = 440, formats: lis
         with predictor:
             familiarity = predictor.trust.familiarity
 
-            def scores(images):
+            def scores(images, familiarity=familiarity, predictor=predictor):
                 return familiarity.scores(predictor.infer_outputs(images)[1])
 
             base = scores(own)

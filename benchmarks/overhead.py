@@ -38,8 +38,8 @@ def measure_overhead(bundle_path: str | Path, artifacts: list[str] | None = None
             frame = load_image(image, predictor.image_size)
             batch = frame[None]
             timings = time_interleaved({
-                "raw": lambda: predictor.backend.infer(batch),
-                "predictor": lambda: predictor.predict(frame),
+                "raw": lambda p=predictor, b=batch: p.backend.infer(b),
+                "predictor": lambda p=predictor, f=frame: p.predict(f),
                 "decode": lambda: load_image(image, predictor.image_size),
             }, warmup_s=1.0, duration_s=duration_s)
             raw, pred = timings["raw"].stats(), timings["predictor"].stats()

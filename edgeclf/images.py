@@ -237,7 +237,7 @@ def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
         rows = across(0, img.height)
     else:
         rows = Image.new(img.mode, (width, groups))
-        for top, part in zip(edges, _band_pool().map(across, edges[:-1], edges[1:])):
+        for top, part in zip(edges[:-1], _band_pool().map(across, edges[:-1], edges[1:]), strict=True):
             rows.paste(part, (0, top // factor_y))
     return rows.resize((width, height), Image.Resampling.BILINEAR, box=(0, 0, width, box_h))
 

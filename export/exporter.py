@@ -469,11 +469,11 @@ def _put_in_force(run: _Run, fmt: Format, out: Path, record: dict[str, Any]) -> 
     if len(names) > 1:
         record["weights_file"] = names[1]
     shas = [record["sha256"]] + ([record["weights_sha256"]] if len(files) > 1 else [])
-    kept = commit_artifact(bundle_path, fmt.name, record, list(zip(files, names, shas)))
+    kept = commit_artifact(bundle_path, fmt.name, record, list(zip(files, names, shas, strict=True)))
     if kept is None:
         return record, bundle_path / names[0]
     # A validated artifact is in force and this build is not validated: keep it beside, unused.
-    for src, name in zip(files, unvalidated):
+    for src, name in zip(files, unvalidated, strict=True):
         with storage_errors(bundle_path / name):
             os.replace(src, bundle_path / name)
     log(f"  {fmt.name:<13} the earlier validated {kept['file']} stays in use; this build is kept as {unvalidated[0]}")

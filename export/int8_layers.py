@@ -106,8 +106,8 @@ def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, skip: set
     noise: dict[str, float] = defaultdict(float)
     for start in range(0, len(images), batch_size):
         feed = {"pixels": images[start:start + batch_size]}
-        reference = dict(zip(float_names, float_run.run(None, feed)))
-        quantized = dict(zip(int8_names, int8_run.run(None, feed)))
+        reference = dict(zip(float_names, float_run.run(None, feed), strict=True))
+        quantized = dict(zip(int8_names, int8_run.run(None, feed), strict=True))
         for name in tensors:
             if name in reference and seen[name] in quantized and reference[name].dtype.kind == "f":
                 f = reference[name].astype(np.float64)

@@ -257,7 +257,7 @@ def quantize_to_target(quantizer: Quantizer, src: Path | None, out: Path, rankin
                            lambda keep, layers: trial(keep, layers, chosen["calibration"]), target, started)
         keep = [name for unit in units[:best] for name in unit]
         made = candidate(keep, chosen["calibration"])
-        for final, tmp in reversed(list(zip(quantizer.files(out), quantizer.files(made)))):
+        for final, tmp in reversed(list(zip(quantizer.files(out), quantizer.files(made), strict=True))):
             shutil.copyfile(tmp, final)  # weights first: the entry file never names missing weights
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -61,7 +61,7 @@ def _save(model, src: Path, out: Path, updates: dict | None = None) -> None:
     try:
         staged = stage / out.name
         ov.save_model(model, str(staged), compress_to_fp16=False)
-        for final, tmp in reversed(list(zip(ir_files(out), ir_files(staged)))):
+        for final, tmp in reversed(list(zip(ir_files(out), ir_files(staged), strict=True))):
             os.chmod(tmp, 0o644)
             os.replace(tmp, final)
     finally:

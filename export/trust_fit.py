@@ -143,12 +143,12 @@ def fit_trust(model, bundle, training, heldout, reference_index: np.ndarray, max
     blocks = (*get_backbone(bundle.meta["backbone"]["name"]).familiarity_candidates, HEAD_INPUT)
     tapped = tapped_model(model, blocks)
     keep = sample_indices(len(training), max_training)
-    train_embedding = dict(zip(blocks, keras_outputs(tapped, training.images[keep])[1:]))
+    train_embedding = dict(zip(blocks, keras_outputs(tapped, training.images[keep])[1:], strict=True))
     train_index = labels.encode(np.asarray(training.values)[keep])
     held_logits, *held = keras_outputs(tapped, heldout.images)
-    held_embedding = dict(zip(blocks, held))
+    held_embedding = dict(zip(blocks, held, strict=True))
     held_index = labels.encode(heldout.values)
-    foreign = {kind: dict(zip(blocks, keras_outputs(tapped, frames)[1:]))
+    foreign = {kind: dict(zip(blocks, keras_outputs(tapped, frames)[1:], strict=True))
                for kind, frames in foreign_frames(bundle.image_size, PROBE_FRAMES).items()}
     block, familiarity, candidates = choose_block(blocks, train_embedding, train_index, len(labels.labels),
                                                   held_embedding, foreign)

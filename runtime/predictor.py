@@ -233,7 +233,7 @@ class Predictor:
         p_values = (self.trust.familiarity.p_values(embedding).tolist()
                     if embedding is not None and self.trust is not None else [None] * len(probs))
         out = []
-        for row, ranked, index, span, p in zip(probs, order, chosen.tolist(), spans, p_values):
+        for row, ranked, index, span, p in zip(probs, order, chosen.tolist(), spans, p_values, strict=True):
             top = tuple((int(self._table[i]), float(row[i])) for i in ranked) if top_k > 1 else ()
             out.append(Prediction(
                 int(self._table[index]), index, float(row[index]), top,

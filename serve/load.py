@@ -249,4 +249,4 @@ def probe_samples(predictor, count: int = 2) -> list[Sample]:
 
 def _samples(encoded: list[bytes], pixels: np.ndarray, predictor) -> list[Sample]:
     return [Sample(e, px, int(p.label), p.familiar, p.interval)
-            for e, px, p in zip(encoded, pixels, predictor.predict_batch(pixels))]
+            for e, px, p in zip(encoded, pixels, predictor.predict_batch(pixels), strict=True)]

@@ -44,7 +44,7 @@ def test_folder_loader_reads_real_pngs(digits_dir):
     assert sorted(set(data.values.tolist())) == list(range(10))
     assert len(data) == 1437 and not data.skipped
     # The folder a file sits in is its label.
-    for source, value in zip(data.sources[:50], data.values[:50]):
+    for source, value in zip(data.sources[:50], data.values[:50], strict=True):
         assert source.split("/")[-2] == str(value)
     # Handwriting, not a blank: the ink is bright on a dark background.
     assert data.images.max() > 200 and data.images.min() < 30
@@ -56,7 +56,7 @@ def test_csv_loader_matches_folder_loader(digits_dir, tmp_path):
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label"])
-        for source, value in zip(folder.sources, folder.values):
+        for source, value in zip(folder.sources, folder.values, strict=True):
             writer.writerow([str(source).replace(str(digits_dir) + "/", ""), int(value)])
     data = load_dataset(csv_path, SIZE)
     np.testing.assert_array_equal(data.values, folder.values)

@@ -280,7 +280,7 @@ def _cache(tmp_path: Path, rows: tuple[int, int] = (28, 7), width: int = 16):
     cache = FeatureCache(tmp_path, description)
     cache.path.mkdir(parents=True)
     (cache.path / "meta.json").write_text(json.dumps({"description": description}))
-    for split, n in zip(("train", "val"), rows):
+    for split, n in zip(("train", "val"), rows, strict=True):
         np.save(cache.path / f"{split}.npy", np.ones((n, width), np.float32))
     return cache
 

@@ -86,7 +86,7 @@ def test_phase2_unfreezes_from_249_with_batchnorm_in_inference_mode(digits_dir):
     after = _weights_by_layer(base)
 
     changed = {name for name in before if any(
-        not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
+        not np.array_equal(a, b) for a, b in zip(before[name], after[name], strict=True))}
     index = {layer.name: i for i, layer in enumerate(base.layers)}
     assert changed, "phase 2 must update the top blocks"
     assert all(index[name] >= 249 for name in changed), sorted(changed)
@@ -147,7 +147,7 @@ def test_local_weights_file_round_trip(tmp_path, model):
     path = tmp_path / "inception_notop.weights.h5"
     model_lib.backbone_of(model).save_weights(path)
     loaded = model_lib.build_model(3, SIZE, weights=path)
-    for a, b in zip(model_lib.backbone_of(model).weights, model_lib.backbone_of(loaded).weights):
+    for a, b in zip(model_lib.backbone_of(model).weights, model_lib.backbone_of(loaded).weights, strict=True):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
 

@@ -58,7 +58,7 @@ def test_two_worker_processes_train_together_and_only_the_chief_writes(noncontig
             results.append(worker.communicate(timeout=600))
         finally:
             worker.kill()
-    for index, (worker, (_, err)) in enumerate(zip(workers, results)):
+    for index, (worker, (_, err)) in enumerate(zip(workers, results, strict=True)):
         assert worker.returncode == 0, f"worker {index}: {err[-3000:]}"
     digests = [[line for line in err.splitlines() if "final weights sha256" in line] for _, err in results]
     assert len(digests[0]) == 1 and digests[0] == digests[1]  # synchronous: the same weights on both

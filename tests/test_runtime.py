@@ -233,7 +233,7 @@ def test_eight_threads_give_the_serial_answers(tiny_exported, reference):
             serial = [predictor.predict(img).label for img in images[:48]]
             results: dict[int, list[int]] = {}
 
-            def work(worker: int) -> None:
+            def work(worker: int, results=results) -> None:
                 # Each thread walks the images from its own offset, so calls overlap differently.
                 order = np.roll(np.arange(48), worker * 6)
                 results[worker] = [None] * 48

@@ -37,7 +37,7 @@ def test_streaming_and_in_memory_pipelines_give_identical_batches(both):
     streamed = list(training_batches(files, y, batch, seed=7, augment=None, epochs=epochs))
     in_memory = list(training_batches(memory, y, batch, seed=7, augment=None, epochs=epochs))
     assert len(streamed) == len(in_memory) == epochs * steps_per_epoch(len(memory), batch)
-    for (xs, ys), (xm, ym) in zip(streamed, in_memory):
+    for (xs, ys), (xm, ym) in zip(streamed, in_memory, strict=True):
         assert np.array_equal(xs.numpy(), xm.numpy()) and np.array_equal(ys.numpy(), ym.numpy())
     # Each epoch is a permutation that depends on (seed, epoch) alone: the second epoch of a run
     # is what a run starting at epoch 1 reads first.

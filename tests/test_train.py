@@ -199,7 +199,7 @@ def test_init_from_another_bundle_at_another_size(trained_bundle, noncontiguous_
     source, started = load_keras_model(trained_bundle), load_keras_model(bundle)
     convs = lambda m: [w for w in m.weights if "conv2d" in w.path and "kernel" in w.path]  # noqa: E731
     # Phase 1 trains only the head: the backbone's convolutions are the source bundle's.
-    for a, b in zip(convs(source), convs(started)):
+    for a, b in zip(convs(source), convs(started), strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     with pytest.raises(InvalidInputError, match="same backbone and labels.*labels \\[-2, 3, 10\\].*\\[0, 1"):
         train(TrainConfig(data=digits_dir / "train", out=tmp_path / "x", image_size=75, weights=None,

@@ -249,7 +249,7 @@ def test_predictions_carry_trust_and_a_bundle_without_it_says_so_in_one_line(tin
         raw = predictor.logits([str(f) for f in test_files])
         assert predictor.scores_familiarity and "familiarity" in predictor.describe()["trust"]
     t = bundle.meta["trust"]["temperature"]
-    for p, row in zip(predictions, raw):
+    for p, row in zip(predictions, raw, strict=True):
         assert p.familiar is not None and 0 < p.p_value <= 1
         assert p.interval[0] <= p.label <= p.interval[1] and p.coverage == 0.9
         assert p.confidence == pytest.approx(scaled_probabilities(row[None], t)[0].max(), rel=1e-5)

@@ -64,8 +64,8 @@ def test_the_verification_set_is_the_held_out_reference_export_validated_on(tiny
     assert record["sha256"] == sha256_file(bundle.path / record["file"])
     assert record["drawn"]["held_out_images"] == len(heldout) and record["drawn"]["split"]["seed"] == 0
     # Real held-out images with their true labels, and the Keras model's own logits on them.
-    rows = {img.tobytes(): value for img, value in zip(heldout.images, heldout.values)}
-    assert all(rows[img.tobytes()] == value for img, value in zip(reference.images, reference.values))
+    rows = {img.tobytes(): value for img, value in zip(heldout.images, heldout.values, strict=True)}
+    assert all(rows[img.tobytes()] == value for img, value in zip(reference.images, reference.values, strict=True))
     keras = predict_logits(load_keras_model(bundle), reference.images)
     np.testing.assert_allclose(reference.logits, keras, rtol=1e-5, atol=1e-5)
     for r in records:

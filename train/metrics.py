@@ -92,7 +92,7 @@ def save_error_png(metrics: dict[str, Any], path: str | Path, title: str = "") -
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     try:
         bars = ax.bar(distribution["bins"], distribution["shares"], color="#4a7ab5")
-        for bar, count in zip(bars, distribution["counts"]):
+        for bar, count in zip(bars, distribution["counts"], strict=True):
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(count), ha="center", va="bottom",
                     fontsize=8)
         ax.set_xlabel("|predicted integer - true integer|")

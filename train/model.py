@@ -174,7 +174,7 @@ def tapped_model(model, blocks) -> keras.Model:
     x = pooled_top
     for name in ("head_dense", "head_dropout", "logits"):
         x = model.get_layer(name)(x)
-    pooled = {b: keras.layers.GlobalAveragePooling2D(name=f"{b}_pool")(m) for b, m in zip(inner, middles)}
+    pooled = {b: keras.layers.GlobalAveragePooling2D(name=f"{b}_pool")(m) for b, m in zip(inner, middles, strict=True)}
     return keras.Model(pixels, [x, *(pooled_top if b == HEAD_INPUT else pooled[b] for b in blocks)], name="tapped")
 
 
@@ -262,7 +262,7 @@ def calibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int 
                 x = preprocess[0](x)
             base(x, training=True)
     finally:
-        for layer, (momentum, trainable) in zip(batchnorms, saved):
+        for layer, (momentum, trainable) in zip(batchnorms, saved, strict=True):
             layer.momentum = momentum
             layer.trainable = trainable
 

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_metrics(metrics))
         shares = metrics["abs_error"]["shares"]
-        print("  |error|: " + "  ".join(f"{b}: {share:.1%}" for b, share in zip(metrics["abs_error"]["bins"], shares))
+        print("  |error|: " + "  ".join(f"{b}: {share:.1%}" for b, share in zip(metrics["abs_error"]["bins"], shares, strict=True))
               + f"  (decoding: {metrics['decoding']})")
         labels = metrics["confusion_matrix"]["labels"]
         for label in labels:

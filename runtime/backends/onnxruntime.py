@@ -51,7 +51,7 @@ class OnnxRuntimeBackend:
         return self.session.run(["logits"], {"pixels": batch})[0]
 
     def run(self, batch: np.ndarray, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
-        return dict(zip(outputs, self.session.run(list(outputs), {"pixels": batch})))
+        return dict(zip(outputs, self.session.run(list(outputs), {"pixels": batch}), strict=True))
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self.session.get_providers() if self.session else [],
