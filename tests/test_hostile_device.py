@@ -248,7 +248,8 @@ def test_4_platforms_offline_exits_with_one_line_and_writes_no_table(index, requ
     env = {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": url, "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
            "PIP_NO_INPUT": "1"}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "edgeclf.platforms"], capture_output=True, text=True, env={
+    tool = Path(__file__).resolve().parent.parent / "tools" / "platforms.py"
+    done = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, env={
         **os.environ, **env}, timeout=HANG_S, cwd=tmp_path)
     print(f"\nplatforms against a {index} index: exit {done.returncode}, {time.perf_counter() - started:.1f} s")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

@@ -1,6 +1,9 @@
 """What to install on each kind of device, checked against the package index.
 
-    python -m edgeclf.platforms [--json]
+    python tools/platforms.py [--json]
+
+A maintainer's tool, run in a checkout to regenerate the README's platform table: it is not
+part of the installed package, which a device gets.
 
 For every platform of :data:`PLATFORMS` and every device extra of pyproject.toml (``cpu``,
 ``openvino``, ``tflite``, ``gpu``), pip resolves the extra's requirements for that platform
@@ -77,29 +80,9 @@ PLATFORMS = (
 
 
 def _declared() -> tuple[list[str], dict[str, list[str]]]:
-    """(core requirements, extra -> requirements): from pyproject.toml in a checkout, else from the
-    installed distribution's metadata."""
-    pyproject = ROOT / "pyproject.toml"
-    if pyproject.is_file():
-        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-        return project["dependencies"], project["optional-dependencies"]
-    from importlib.metadata import metadata
-
-    info = metadata("edgeclf")
-    extras = info.get_all("Provides-Extra") or []
-    core: list[str] = []
-    optional: dict[str, list[str]] = {}
-    for line in info.get_all("Requires-Dist") or []:
-        requirement = _requirement(line)
-        wanted_by = [extra for extra in extras if requirement.marker and requirement.marker.evaluate({"extra": extra})
-                     and not requirement.marker.evaluate({"extra": ""})]
-        if wanted_by:  # edgeclf's extras carry no other marker
-            requirement.marker = None
-            for extra in wanted_by:
-                optional.setdefault(extra, []).append(str(requirement))
-        else:  # a core requirement keeps its own marker (tomli on Python 3.10)
-            core.append(str(requirement))
-    return core, optional
+    """(core requirements, extra -> requirements), from the checkout's pyproject.toml."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return project["dependencies"], project["optional-dependencies"]
 
 
 def _requirement(text: str):
@@ -107,7 +90,7 @@ def _requirement(text: str):
     try:
         from packaging.requirements import Requirement
     except ImportError:
-        raise SystemExit("python -m edgeclf.platforms needs the packaging library: pip install packaging") from None
+        raise SystemExit("tools/platforms.py needs the packaging library: pip install packaging") from None
     return Requirement(text)
 
 
