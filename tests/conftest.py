@@ -213,6 +213,20 @@ HANG_S = 600
 SEARCH_UNTIMED_S = 86_400
 
 
+
+class ManualClock:
+    """A clock that moves only when a test moves it: deadlines and log windows pass when the test says,
+    and a timed call costs what the test bills it, however busy the machine is."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 def pytest_make_parametrize_id(config, val, argname):
     """A long text parameter (a 17 MB JSON, 100,000 brackets) is named by its start and length, not
     written whole into every test id, log line and --durations row."""

@@ -7,23 +7,9 @@ import pytest
 
 from edgeclf.benchmarks.timing import Timing, time_interleaved
 from edgeclf.errors import InvalidInputError
-
-
-class FakeClock:
-    """A clock that each call of a timed function advances by that function's cost."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
+from tests.conftest import ManualClock
 def test_warm_up_is_excluded_and_calls_are_interleaved():
-    clock, calls = FakeClock(), []
+    clock, calls = ManualClock(), []
 
     def fn(name, cost):
         def call():
@@ -51,7 +37,7 @@ def test_statistics_are_the_percentiles_of_the_samples():
 
 
 def test_run_limits_and_bad_settings():
-    clock = FakeClock()
+    clock = ManualClock()
     timings = time_interleaved({"x": lambda: clock.advance(1.0)}, warmup_s=0, duration_s=1e9, min_runs=2,
                                max_runs=5, clock=clock)
     assert timings["x"].runs == 5
@@ -224,7 +210,7 @@ def test_mac_count_from_onnx_equals_the_keras_layers(exported):
 
 
 def test_switching_library_gets_an_untimed_settling_call_and_order_alternates():
-    clock, calls = FakeClock(), []
+    clock, calls = ManualClock(), []
 
     def fn(name):
         def call():

@@ -19,7 +19,7 @@ import pytest
 from edgeclf.errors import InvalidInputError
 from edgeclf.serve.guard import ConnectionLimits, Limits, RequestRefused, check_http_infer, one_line_error
 from edgeclf.serve.http_guard import HttpGuard
-from tests.conftest import HANG_S
+from tests.conftest import HANG_S, ManualClock
 
 LIMITS = Limits(max_batch=16, max_request_bytes=1 << 20)
 
@@ -110,19 +110,6 @@ def upstream():
     thread.join(HANG_S)
 
 
-class _Clock:
-    """The guard's clock, moved by hand: a deadline passes, and a log window ends, only when the test says."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @contextmanager
 def _guard(upstream, clock=time.monotonic, **connections):
     guard = HttpGuard(("127.0.0.1", 0), upstream, LIMITS, ConnectionLimits(**connections), clock=clock)
@@ -184,7 +171,7 @@ def test_slow_clients_hold_no_thread_and_cannot_lock_others_out(upstream, caplog
     workers = 4
     slow: list[socket.socket] = []
     # The guard's clock stands still: no slow client times out, so a valid request answered did not wait for one to.
-    with _guard(upstream, _Clock(), max_connections=320, threads=workers) as guard:
+    with _guard(upstream, ManualClock(1000.0), max_connections=320, threads=workers) as guard:
         port = guard.server_address[1]
         try:
             for i in range(300):
@@ -250,7 +237,7 @@ def test_connections_over_the_cap_are_refused_when_all_carry_requests(caplog):
     _Blocked.release.clear()
     busy: list[socket.socket] = []
     try:
-        clock = _Clock()
+        clock = ManualClock(1000.0)
         with _guard(server.server_address, clock, max_connections=3, threads=1) as guard:
             port = guard.server_address[1]
             for _ in range(3):
@@ -296,7 +283,7 @@ def _slow_clients(port: int) -> tuple[socket.socket, socket.socket, http.client.
 def test_a_slow_request_or_an_idle_connection_holds_no_worker(upstream):
     """With one worker: a slowloris head, a body sent a few bytes at a time and a kept-alive idle
     connection all wait in the selector; other clients are answered, pipelined requests too."""
-    with _guard(upstream, _Clock(), threads=1) as guard:  # the clock stands still: no one times out
+    with _guard(upstream, ManualClock(1000.0), threads=1) as guard:  # the clock stands still: no one times out
         port = guard.server_address[1]
         loris, trickle, kept = _slow_clients(port)
         try:
@@ -321,7 +308,7 @@ def test_slow_and_idle_clients_are_cut_off(upstream):
     """A client that sends nothing, a head and a body whose bytes keep coming but never end, and a kept-alive
     connection gone idle are each closed once their timeout has passed on the guard's clock, not before; the
     next client is answered. The clock moves only when the test moves it, so no step races the machine."""
-    clock = _Clock()
+    clock = ManualClock(1000.0)
     with _guard(upstream, clock, threads=1, idle_timeout_s=0.5, header_timeout_s=1.0) as guard:
         port = guard.server_address[1]
         silent = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
