@@ -6,10 +6,10 @@ busy machine): ``Predictor.predict`` from a 12 MP JPEG file, a PNG file of the s
 For the fastest artifact at batch 1: ``Predictor.predict`` over a folder's worth of camera
 JPEGs as one list, as images/s beside its backend's throughput on ready frames at the same batch.
 
-The pictures are made here, deterministic and photo-like (one of scikit-learn's photographs,
-cropped by the seed, enlarged, with a seeded sensor grain; noise would compress three times
-worse than a camera's picture; on a device without scikit-learn, pictures drawn from the seed),
-unless the user gives camera JPEGs (``--images DIR``). The result says which.
+The pictures are made here, deterministic and photo-like (one of the photographs scikit-learn
+and matplotlib ship, cropped by the seed, enlarged, with a seeded sensor grain; noise would
+compress three times worse than a camera's picture; on a device without scikit-learn, pictures
+drawn from the seed), unless the user gives camera JPEGs (``--images DIR``). The result says which.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from PIL import Image
 
 from edgeclf.benchmarks.timing import time_interleaved
 from edgeclf.images import decode_image, resize_to
+from edgeclf.photographs import sample_photographs
 from edgeclf.progress import log
 
 #: A 12 MP camera picture and a 1080p video frame, (width, height).
@@ -33,14 +34,14 @@ DISTINCT = 8
 
 
 def camera_picture(size: tuple[int, int], seed: int) -> Image.Image:
-    """A photo-like RGB picture of ``size`` (width, height): one of scikit-learn's photographs,
-    cropped by the seed, enlarged bicubically, with Gaussian sensor grain (sigma 3 levels); where
-    scikit-learn is not installed (a device), :func:`drawn_picture`."""
+    """A photo-like RGB picture of ``size`` (width, height): one of the photographs that ship in
+    scikit-learn and matplotlib (:func:`edgeclf.photographs.sample_photographs`), cropped by the
+    seed, enlarged bicubically, with Gaussian sensor grain (sigma 3 levels); where scikit-learn is
+    not installed (a device), :func:`drawn_picture`."""
     try:
-        from sklearn.datasets import load_sample_images
+        photos = sample_photographs()
     except ImportError:
         return drawn_picture(size, seed)
-    photos = load_sample_images().images
     rng = np.random.default_rng(seed)
     photo = photos[seed % len(photos)]
     h, w = photo.shape[:2]
@@ -111,7 +112,7 @@ def end_to_end(predictors: dict[str, Any], config, machine: str) -> dict[str, An
             f"made here: {_PICTURES[_drawn()]}, enlarged with sensor grain, JPEG quality 92"}
 
 
-_PICTURES = {False: "scikit-learn's photographs", True: "drawn pictures (no scikit-learn here)"}
+_PICTURES = {False: "the photographs of scikit-learn and matplotlib", True: "drawn pictures (no scikit-learn here)"}
 
 
 def _drawn() -> bool:

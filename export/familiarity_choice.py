@@ -28,20 +28,11 @@ CHOICE_SEED = 1
 
 def photo_crops(count: int, size: tuple[int, int], seed: int) -> np.ndarray:
     """``count`` square crops (10-60% of the short side, anywhere) of the real photographs that ship
-    in scikit-learn (china.jpg, flower.jpg) and matplotlib (grace_hopper.jpg), at the model's size."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
+    in scikit-learn and matplotlib (:func:`edgeclf.photographs.sample_photographs`), at the model's size."""
+    from edgeclf.photographs import sample_photographs
     from edgeclf.runtime.inputs import to_batch
 
-    photos = list(load_sample_images().images)
-    try:
-        from matplotlib import cbook
-
-        with cbook.get_sample_data("grace_hopper.jpg") as fh:
-            photos.append(np.asarray(Image.open(fh).convert("RGB")))
-    except ImportError:
-        pass
+    photos = sample_photographs()
     rng = np.random.default_rng(seed)
     crops = []
     for i in range(count):
