@@ -58,7 +58,7 @@ REDUCING_GAP = 3.0
 #: Threads a large resize is shared across (:func:`resize_to`): one per core, at most 4.
 RESIZE_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Below this many source pixels one call is as fast as bands on threads (a 1000x750 drafted
-#: JPEG gains 1 ms of 3.5; a 500x500 image nothing).
+#: JPEG gains 0.8 ms of 3.7; an 800x600 image nothing).
 BAND_MIN_PIXELS = 500_000
 
 #: How pixels reach the model; recorded in bundle.json so every consumer can check it.
@@ -212,8 +212,8 @@ def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     wherever it filters across first (every camera frame and picture bench makes).
 
     The reduction and the pass across go row by row, so a large image goes through them in
-    bands of rows on threads (:data:`RESIZE_THREADS`): a 1080p frame to 299 px takes 6.0 ms
-    instead of 8.5 on two cores (AMD EPYC Zen 5), with the same pixels.
+    bands of rows on threads (:data:`RESIZE_THREADS`): a 1080p frame to 299 px takes 4.8 ms
+    instead of 7.4 on two cores (AMD EPYC Zen 5), with the same pixels.
     """
     if (img.height, img.width) == tuple(size):
         return img
