@@ -112,10 +112,10 @@ def test_the_package_keeps_to_python_3_10_and_the_check_sees_a_3_11_call(tmp_pat
 
 
 def test_the_linter_finds_nothing_and_would_find_an_undefined_name(tmp_path):
-    """ruff, with pyproject.toml's rules (defects, not style), over the package and the tests."""
+    """ruff, with pyproject.toml's rules (defects, not style), over the package, the tests and tools/."""
     pytest.importorskip("ruff")
     ruff = [sys.executable, "-m", "ruff", "check", "--no-cache"]
-    done = subprocess.run([*ruff, *PACKAGE_DIRS, "tests"], capture_output=True, text=True, timeout=HANG_S, cwd=ROOT)
+    done = subprocess.run([*ruff, *PACKAGE_DIRS, "tools", "tests"], capture_output=True, text=True, timeout=HANG_S, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     planted = tmp_path / "planted.py"
     planted.write_text("def f():\n    return undefined_name\n")
