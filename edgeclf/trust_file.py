@@ -135,3 +135,37 @@ def _check_shapes(headers: dict, path: Path, classes: int) -> None:
         raise BundleError(f"{path.name} does not fit this model: expected float means [{classes}, D], basis [D, r], "
                           f"eigenvalues [r], a scalar residual and non-empty score vectors. Received: "
                           + ", ".join(f"{k} {d} {list(s)}" for k, (s, d) in shapes.items()))
+
+
+def offset_record(artifact: np.ndarray, keras: np.ndarray) -> dict[str, Any]:
+    """An artifact record's ``embedding_offset``: the mean of its embedding less Keras' over the same
+    training images (``artifact``, ``keras``: [N, D]), with how far that moves each channel."""
+    offset = (np.asarray(artifact, np.float64) - np.asarray(keras, np.float64)).mean(axis=0)
+    spread = np.asarray(keras, np.float64).std(axis=0)
+    relative = np.abs(offset) / np.where(spread > 0, spread, np.inf)
+    return {"values": [float(f"{v:.6g}") for v in offset], "images": int(len(keras)),
+            "measured_on": "training images (INT8 calibration): mean of the artifact's embedding less Keras'",
+            "median_shift_of_spread": float(np.median(relative)), "largest_shift_of_spread": float(relative.max())}
+
+
+def embedding_offset(record: dict[str, Any] | None, trust: Trust | None) -> np.ndarray | None:
+    """The offset an artifact's record says its embedding sits off Keras', as float32 [D]; None without
+    one (or without a trust file, which alone scores embeddings).
+
+    Raises:
+        BundleError: an offset that is not D finite numbers, D the familiarity model's width.
+    """
+    found = (record or {}).get("embedding_offset")
+    if found is None or trust is None:
+        return None
+    values = found.get("values") if isinstance(found, dict) else None
+    dimension = trust.familiarity.dimension
+    try:
+        offset = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        offset = np.empty(0, dtype=np.float32)
+    if offset.shape != (dimension,) or not np.isfinite(offset).all():
+        raise BundleError(f"bundle.json's embedding_offset must be {dimension} finite numbers (the familiarity "
+                          f"model's width); the bundle is damaged: export it again. Received: "
+                          f"{str(values)[:80]}")
+    return offset

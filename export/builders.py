@@ -41,6 +41,16 @@ class TrainingSide:
     calibration: np.ndarray | None
     tuning: VerificationSet | None
     margin: dict[str, Any] | None = None  # the decided-margin record, derived on first use
+    #: Keras' embedding of the calibration images, made on first use (:meth:`keras_embedding`).
+    calibration_embedding: np.ndarray | None = None
+
+    def keras_embedding(self, model) -> np.ndarray:
+        """The embedding ``model`` ([logits, embedding]) gives the calibration images, computed once."""
+        if self.calibration_embedding is None:
+            from edgeclf.export.trust_fit import keras_outputs
+
+            self.calibration_embedding = keras_outputs(model, self.calibration)[1]
+        return self.calibration_embedding
 
     def decided_margin(self, onnx_fp32: Path, rule: MarginRule) -> dict[str, Any]:
         """The gate's decided margin, derived once (from the FP32 ONNX ``onnx_fp32``) and recorded."""

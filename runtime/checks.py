@@ -53,14 +53,15 @@ TOLERANCES = {
 
 def artifact_outputs(predictor, images: np.ndarray,
                      embedding: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(logits, label output, embedding or None) of a loaded Predictor's backend on uint8 ``images``.
+    """(logits, label output, embedding or None) of a loaded Predictor's backend on uint8 ``images``
+    (the embedding in Keras' space: :meth:`Predictor.aligned`).
 
     The backend call the Predictor makes, in its own batch size; the ``label`` output
     (the graph's own decoding) is read too, to check it against ``labels[argmax]``.
     """
     names = ("logits", "label", "embedding") if embedding else ("logits", "label")
     out = run_in_chunks(predictor.backend, images, predictor.batch_size, names)
-    return out["logits"], out["label"], out.get("embedding")
+    return out["logits"], out["label"], predictor.aligned(out["embedding"]) if embedding else None
 
 
 def tolerance_for(precision: str, record: dict[str, Any] | None = None, hint: str | None = None) -> Tolerance:

@@ -31,7 +31,7 @@ from edgeclf.runtime.metadata import check_artifact_metadata, check_model_path
 from edgeclf.runtime.selection import Choice, choose, needs_int8_dot_product
 from edgeclf.trust import (DEFAULT_ALPHA, DEFAULT_COVERAGE, conformal_quantile, intervals,
                            scaled_probabilities)
-from edgeclf.trust_file import Trust, load_trust
+from edgeclf.trust_file import Trust, embedding_offset, load_trust
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ class Predictor:
     def __init__(self, backend, choice: Choice, labels: list[int], image_size: tuple[int, int],
                  batch_size: int, reason: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  decoding: str = "argmax", trust: Trust | None = None, alpha: float = DEFAULT_ALPHA,
-                 coverage: float | None = DEFAULT_COVERAGE, decode_threads: int | None = None) -> None:
+                 coverage: float | None = DEFAULT_COVERAGE, decode_threads: int | None = None,
+                 embedding_offset: np.ndarray | None = None) -> None:
         self.backend = backend
         self.choice = choice
         self.labels = list(labels)
@@ -110,6 +111,9 @@ class Predictor:
         self.scores_familiarity = trust is not None and "embedding" in outputs
         self._threshold = (conformal_quantile(trust.interval_calibration, coverage)
                            if trust is not None and coverage is not None else None)
+        #: What export measured this artifact's embedding to sit off Keras' (INT8 moves every channel by
+        #: a bias of its own), removed before familiarity is scored; None: nothing to remove.
+        self.embedding_offset = embedding_offset
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, precision: str | None = None,
@@ -181,11 +185,12 @@ class Predictor:
                                                 f"labels are {bundle.labels}: the artifact belongs to another model")
             limits.check_batch_memory(batch_size, size, "batch_size")
             trust = load_trust(bundle) if bundle is not None else None
+            offset = embedding_offset(choice.record, trust)
         except BaseException:
             runner.close()
             raise
         return cls(runner, choice, labels, size, batch_size, choice.reason, max_image_pixels, decoding,
-                   trust, alpha, coverage, decode_threads)
+                   trust, alpha, coverage, decode_threads, offset)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -209,7 +214,17 @@ class Predictor:
         if self.backend is None:
             raise InvalidInputError("this Predictor is closed")
         out = run_in_chunks(self.backend, batch, self.batch_size, ("logits", "embedding"))
-        return out["logits"], out["embedding"]
+        return out["logits"], self.aligned(out["embedding"])
+
+    def embeddings(self, batch: np.ndarray) -> np.ndarray:
+        """The artifact's embedding [N, D] of a uint8 NHWC batch, in Keras' space (:meth:`aligned`)."""
+        if self.backend is None:
+            raise InvalidInputError("this Predictor is closed")
+        return self.aligned(run_in_chunks(self.backend, batch, self.batch_size, ("embedding",))["embedding"])
+
+    def aligned(self, embedding: np.ndarray) -> np.ndarray:
+        """``embedding`` (the graph's own output) less :attr:`embedding_offset`: what familiarity scores."""
+        return embedding if self.embedding_offset is None else embedding - self.embedding_offset
 
     def probabilities(self, images: Any) -> np.ndarray:
         """Class probabilities [N, K] (temperature-calibrated where the bundle has a trust file);

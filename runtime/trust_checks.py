@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from edgeclf.probe import foreign_probe
-from edgeclf.runtime.backends.base import run_in_chunks
 from edgeclf.trust import DEFAULT_ALPHA, expected_calibration_error, p_values, scaled_probabilities
 from edgeclf.trust_file import Trust
 
@@ -25,10 +24,11 @@ MIN_FLAGGED = 0.99
 PROBE_FRAMES = 64
 
 
-def trust_checks(backend, step: int, trust: Trust, reference_images: np.ndarray, reference_logits: np.ndarray,
+def trust_checks(predictor, trust: Trust, reference_images: np.ndarray, reference_logits: np.ndarray,
                  reference_index: np.ndarray, embedding: np.ndarray,
                  alpha: float = DEFAULT_ALPHA) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(checks, figures) of the artifact's ``embedding`` of the verification images and of the probe.
+    """(checks, figures) of the artifact's ``embedding`` of the verification images and of the probe
+    (``predictor`` embeds the probe's frames: :meth:`edgeclf.runtime.predictor.Predictor.embeddings`).
 
     The figures: the decision agreement, the share of each probe kind flagged, and the ECE (15 bins)
     of the artifact's calibrated probabilities on the verification images (the temperature was fitted
@@ -48,7 +48,7 @@ def trust_checks(backend, step: int, trust: Trust, reference_images: np.ndarray,
     height, width = reference_images.shape[1:3]
     keras_flagged = trust.record.get("probe_flagged_by_keras") or {}
     for kind, frames in foreign_probe(height, width, PROBE_FRAMES).items():
-        flagged = float(np.mean(familiarity.p_values(run_in_chunks(backend, frames, step, ("embedding",))["embedding"]) <= alpha))
+        flagged = float(np.mean(familiarity.p_values(predictor.embeddings(frames)) <= alpha))
         figures[f"flagged {kind}"] = flagged
         check = {"check": f"{kind} flagged unfamiliar ({PROBE_FRAMES} frames)", "value": flagged,
                  "limit": MIN_FLAGGED, "passed": flagged >= MIN_FLAGGED}

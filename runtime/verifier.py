@@ -91,12 +91,13 @@ def _figure(value: Any) -> str:
 
 def check_entry(path: Path, backend: str, hint: str | None, reference: VerificationSet,
                 labels: list[int], tolerance: Tolerance, decoding: str = "argmax",
-                trust: Trust | None = None) -> dict[str, Any]:
+                trust: Trust | None = None, embedding_offset: np.ndarray | None = None) -> dict[str, Any]:
     """Load ``path`` (a bundle entry or a lone artifact file) exactly as the Predictor runs it,
     run it on the verification set and compare with the Keras logits (``decoding`` "median":
     the answers decoded by median too). With a trust file (``trust``, else the bundle's), the
     artifact's familiarity is checked too (:mod:`edgeclf.runtime.trust_checks`); an artifact
     without an ``embedding`` output (exported before it had one) is reported so, not failed.
+    ``embedding_offset``: the artifact's, where ``path`` is a lone file (export's staged artifact).
 
     Raises:
         EdgeclfError: the artifact cannot be loaded (altered, built for another machine,
@@ -106,6 +107,8 @@ def check_entry(path: Path, backend: str, hint: str | None, reference: Verificat
 
     with Predictor.load(path, backend, precision=hint, allow_unvalidated=True) as predictor:
         trust = trust or predictor.trust
+        if embedding_offset is not None:
+            predictor.embedding_offset = np.asarray(embedding_offset, dtype=np.float32)
         with_embedding = trust is not None and "embedding" in (getattr(predictor.backend, "graph", None) or {}).get(
             "outputs", ())
         logits, label_out, embedding = artifact_outputs(predictor, reference.images, with_embedding)
@@ -113,7 +116,7 @@ def check_entry(path: Path, backend: str, hint: str | None, reference: Verificat
                          decoding)
         if with_embedding:
             index = np.searchsorted(np.asarray(labels), reference.values)
-            checks, figures = trust_checks(predictor.backend, predictor.batch_size, trust, reference.images,
+            checks, figures = trust_checks(predictor, trust, reference.images,
                                            logits, index, embedding)
             report["checks"].extend(checks)
             report["trust"] = figures

@@ -16,7 +16,8 @@ from edgeclf.errors import BundleError, InvalidInputError
 from edgeclf.probe import foreign_probe
 from edgeclf.trust import (Familiarity, conformal_quantile, expected_calibration_error, interval_scores, intervals,
                            p_values, scaled_probabilities)
-from edgeclf.trust_file import TRUST_FILE, Trust, embedding_block, load_trust, write_trust
+from edgeclf.trust_file import (TRUST_FILE, Trust, embedding_block, embedding_offset, load_trust, offset_record,
+                                write_trust)
 from edgeclf.export.familiarity_choice import choose_block, photo_crops
 from edgeclf.export.trust_fit import fit_familiarity, fit_temperature, nll, with_calibration
 
@@ -263,3 +264,38 @@ def test_predictions_carry_trust_and_a_bundle_without_it_says_so_in_one_line(tin
         line = predictor.describe()["trust"]
     assert old.familiar is None and old.interval is None and "\n" not in line and "re-export" in line
     assert old.label == predictions[0].label
+
+
+def test_an_artifacts_embedding_offset_is_the_paired_mean_shift_and_a_damaged_one_is_refused(trust_bundle):
+    _, trust = trust_bundle
+    rng = np.random.default_rng(3)
+    keras = rng.normal(size=(200, trust.familiarity.dimension))
+    shift = rng.normal(scale=0.1, size=trust.familiarity.dimension)
+    found = offset_record(keras + shift + rng.normal(scale=1e-3, size=keras.shape), keras)
+    assert found["images"] == 200 and np.allclose(found["values"], shift, atol=1e-3)
+    assert found["median_shift_of_spread"] == pytest.approx(np.median(np.abs(shift) / keras.std(axis=0)), rel=0.05)
+    np.testing.assert_allclose(embedding_offset({"embedding_offset": found}, trust), shift, atol=1e-3)
+    assert embedding_offset({}, trust) is None and embedding_offset({"embedding_offset": found}, None) is None
+    for values in (found["values"][:-1], [float("nan")] * len(shift), "x", None):
+        with pytest.raises(BundleError, match="embedding_offset must be"):
+            embedding_offset({"embedding_offset": {**found, "values": values}}, trust)
+
+
+def test_int8_artifacts_carry_their_embedding_offset_and_the_predictor_removes_it(tiny_exported, digits_dir):
+    """Export measures each INT8 artifact's offset on training images; every consumer of the embedding
+    (predict, verify's checks, serve) gets it less that offset, in Keras' space."""
+    from edgeclf.runtime import Predictor
+    from edgeclf.runtime.backends.base import run_in_chunks
+    from edgeclf.runtime.inputs import to_batch
+
+    bundle, records = tiny_exported
+    int8 = [r for r in records if r["format"].endswith("int8") and r.get("validation", {}).get("checks")]
+    assert int8 and all(len(r["embedding_offset"]["values"]) == bundle.meta["trust"]["familiarity"]["dimension"]
+                        for r in int8)
+    assert not any("embedding_offset" in r for r in records if not r["format"].endswith("int8"))
+    batch = to_batch([str(f) for f in sorted((digits_dir / "test").rglob("*.png"))[:8]], bundle.image_size)
+    with Predictor.load(bundle.path, int8[0]["format"]) as predictor:
+        raw = run_in_chunks(predictor.backend, batch, 8, ("embedding",))["embedding"]
+        np.testing.assert_allclose(predictor.infer_outputs(batch)[1], raw - np.asarray(
+            int8[0]["embedding_offset"]["values"], np.float32), rtol=1e-6)
+        np.testing.assert_array_equal(predictor.embeddings(batch), predictor.infer_outputs(batch)[1])
