@@ -414,7 +414,7 @@ def _embedding_offset(run: _Run, fmt: Format, out: Path) -> dict[str, Any] | Non
 
     try:
         with Predictor.load(out, fmt.backend, allow_unvalidated=True) as predictor:
-            artifact = predictor.embeddings(run.side.calibration)
+            artifact = predictor.embeddings(run.side.offset_images)
     except EdgeclfError:  # it does not load: its validation says so
         return None
     found = offset_record(artifact, run.side.keras_embedding(run.builders.model))
