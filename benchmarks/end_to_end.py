@@ -116,9 +116,12 @@ _PICTURES = {False: "the photographs of scikit-learn and matplotlib", True: "dra
 
 
 def _drawn() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("sklearn") is None
+    """Whether :func:`camera_picture` drew its pictures (the photographs could not be read here)."""
+    try:
+        sample_photographs()
+    except ImportError:
+        return True
+    return False
 
 
 def _artifact_rows(name: str, predictor, jpeg: Path, png: Path, frame: np.ndarray, config,

@@ -4,11 +4,15 @@ makes its camera files from. Nothing is downloaded; scikit-learn is needed, matp
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
-def sample_photographs() -> list[np.ndarray]:
-    """The photographs as uint8 RGB arrays [height, width, 3], scikit-learn's first.
+@lru_cache(maxsize=1)
+def sample_photographs() -> tuple[np.ndarray, ...]:
+    """The photographs as uint8 RGB arrays [height, width, 3], scikit-learn's first; read from disk
+    once per process (bench draws a dozen pictures from them) and read-only, as they are shared.
 
     Raises:
         ImportError: scikit-learn is not installed (a device: bench then draws its pictures).
@@ -20,7 +24,10 @@ def sample_photographs() -> list[np.ndarray]:
         from matplotlib import cbook
         from PIL import Image
     except ImportError:
-        return photos
-    with cbook.get_sample_data("grace_hopper.jpg") as fh:
-        photos.append(np.asarray(Image.open(fh).convert("RGB")))
-    return photos
+        pass
+    else:
+        with cbook.get_sample_data("grace_hopper.jpg") as fh:
+            photos.append(np.asarray(Image.open(fh).convert("RGB")))
+    for photo in photos:
+        photo.flags.writeable = False
+    return tuple(photos)

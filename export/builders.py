@@ -49,7 +49,7 @@ class TrainingSide:
     tuning: VerificationSet | None
     margin: dict[str, Any] | None = None  # the decided-margin record, derived on first use
     #: Keras' embedding of :attr:`offset_images`, made on first use (:meth:`keras_embedding`).
-    calibration_embedding: np.ndarray | None = None
+    offset_embedding: np.ndarray | None = None
 
     @property
     def offset_images(self) -> np.ndarray:
@@ -58,11 +58,11 @@ class TrainingSide:
 
     def keras_embedding(self, model) -> np.ndarray:
         """The embedding ``model`` ([logits, embedding]) gives :attr:`offset_images`, computed once."""
-        if self.calibration_embedding is None:
+        if self.offset_embedding is None:
             from edgeclf.export.trust_fit import keras_outputs
 
-            self.calibration_embedding = keras_outputs(model, self.offset_images)[1]
-        return self.calibration_embedding
+            self.offset_embedding = keras_outputs(model, self.offset_images)[1]
+        return self.offset_embedding
 
     def decided_margin(self, onnx_fp32: Path, rule: MarginRule) -> dict[str, Any]:
         """The gate's decided margin, derived once (from the FP32 ONNX ``onnx_fp32``) and recorded."""
